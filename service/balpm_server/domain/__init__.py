@@ -1,0 +1,1 @@
+"""Domain layer: the service facade (`PoolService`), its records and validation."""

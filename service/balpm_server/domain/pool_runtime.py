@@ -1,0 +1,46 @@
+"""In-memory view of one pool: item index, features, kNN graph, posterior and score cache.
+
+Built lazily from storage and invalidated when items or the posterior change. All
+arrays are indexed by feature row r (0..N-1), which is the order items were stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from balpm_server.acquisition import KnnGraph
+
+
+@dataclass
+class PoolRuntime:
+    """Cached state of one pool; guarded by `lock` for acquisition and uploads."""
+
+    pool_id: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    item_ids: list[str] | None = None
+    row_of: dict[str, int] = field(default_factory=dict)
+    split_N: np.ndarray | None = None
+    heldout_target_N: np.ndarray | None = None
+    prompt_N_D: np.ndarray | None = None
+    a_N_D: np.ndarray | None = None
+    b_N_D: np.ndarray | None = None
+    graph: KnnGraph | None = None
+    posterior_version: int = 0
+    posterior_state: Any = None
+    epistemic_version: int = -1
+    epistemic_N: np.ndarray | None = None
+    probs_N_E: np.ndarray | None = None
+
+    def invalidate_items(self) -> None:
+        """Forget everything derived from the item set (after an upload)."""
+        self.item_ids = None
+        self.row_of = {}
+        self.split_N = self.heldout_target_N = None
+        self.prompt_N_D = self.a_N_D = self.b_N_D = None
+        self.graph = None
+        self.epistemic_version = -1
+        self.epistemic_N = self.probs_N_E = None

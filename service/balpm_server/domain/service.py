@@ -1,0 +1,1007 @@
+"""The domain facade: every RPC is one call here, whatever the transport.
+
+Owns pools, uploads, labels, leases, training operations and acquisition. It talks
+to storage (`SqliteStore`, `FeatureStore`, `PosteriorStore`), to a
+`FeatureExtractor`, and to the pure math packages (`acquisition`, `posterior`).
+Methods raise only `balpm_server.errors` types on purpose.
+
+Shapes: N pool items (feature rows), D feature dim, E ensemble members, L labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from balpm_server import errors
+from balpm_server.acquisition import (
+    AcquisitionParams,
+    AplInputs,
+    Strategy,
+    bald_from_probs,
+    build_knn_graph,
+    select_batch,
+)
+from balpm_server.domain import validation as v
+from balpm_server.domain.models import (
+    AcquiredItem,
+    AcquireResult,
+    AplScores,
+    EvaluationOut,
+    FeatureSource,
+    IngestResult,
+    ItemIn,
+    LabelIn,
+    Operation,
+    OperationState,
+    PoolInfo,
+    PoolSettings,
+    PoolState,
+    PredictionOut,
+    Preference,
+    Rejection,
+    Split,
+    StoredLabel,
+    UploadResult,
+)
+from balpm_server.domain.pool_runtime import PoolRuntime
+from balpm_server.features import FeatureExtractor
+from balpm_server.posterior import (
+    EnsembleConfig,
+    PosteriorStore,
+    TrainProgress,
+    evaluate,
+    predict_probs,
+    train_ensemble,
+)
+from balpm_server.settings import Settings
+from balpm_server.storage import FeatureStore, SqliteStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TENANT = "default"
+MAX_LABELS_PER_REQUEST = 10_000
+MIN_LABELS_TO_TRAIN = 2
+RESTART_REASON = "the server restarted while this operation was running; run UpdatePosterior again"
+
+
+def _digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def _page_token(value: int) -> str:
+    return base64.urlsafe_b64encode(str(value).encode()).decode()
+
+
+def _parse_page_token(token: str, field: str = "page_token") -> int:
+    if not token:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(token.encode()).decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.InvalidArgument("page_token is not a token this server issued", field=field) from e
+
+
+class PoolService:
+    """Acquisition service domain.
+
+    Args:
+        settings: Server settings.
+        extractor: Feature extractor for FEATURE_SOURCE_SERVER pools (None disables them).
+    """
+
+    def __init__(self, settings: Settings, extractor: FeatureExtractor | None) -> None:
+        self.settings = settings
+        self.extractor = extractor
+        self.root = settings.data_path
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = SqliteStore(self.root / "balpm.sqlite3")
+        self._runtimes: dict[str, PoolRuntime] = {}
+        self._operations: dict[str, Operation] = {}
+        self._op_events: dict[str, asyncio.Event] = {}
+        self._cancel_flags: dict[str, threading.Event] = {}
+        self._running_training: dict[str, str] = {}
+        self._featurize_tasks: dict[str, asyncio.Task[None]] = {}
+        self.ready = False
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore state: fail interrupted operations, resume featurisation."""
+        failed = self.store.fail_unfinished_operations(RESTART_REASON)
+        if failed:
+            log.warning("marked %d interrupted operations as failed", failed)
+        for pool_id in self.store.pool_ids():
+            row = self.store.pool_row(pool_id)
+            if row is not None and row[2] == PoolState.FEATURIZING:
+                self._schedule_featurize(pool_id)
+        self.ready = True
+
+    async def close(self) -> None:
+        """Stop background work and close storage."""
+        self.ready = False
+        for flag in self._cancel_flags.values():
+            flag.set()
+        for task in list(self._featurize_tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._featurize_tasks.values(), return_exceptions=True)
+        if self.extractor is not None:
+            await self.extractor.close()
+        self.store.close()
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _pool_dir(self, pool_id: str) -> Path:
+        # pool ids are validated against POOL_ID_RE before reaching here: no path tricks.
+        return self.root / "pools" / pool_id
+
+    def _require_pool(self, tenant: str, pool_id: str) -> PoolInfo:
+        v.pool_id(pool_id)
+        info = self.store.pool_info(pool_id)
+        if info is None or info.tenant != tenant:
+            raise errors.NotFound(f"pool {pool_id!r} does not exist", field="pool_id", reason="POOL_NOT_FOUND")
+        return info
+
+    def _runtime(self, pool_id: str) -> PoolRuntime:
+        rt = self._runtimes.get(pool_id)
+        if rt is None:
+            rt = self._runtimes[pool_id] = PoolRuntime(pool_id)
+        return rt
+
+    def _features(self, info: PoolInfo) -> FeatureStore:
+        return FeatureStore(self._pool_dir(info.pool_id) / "features", info.settings.feature_dim)
+
+    def _posterior_store(self, pool_id: str) -> PosteriorStore:
+        return PosteriorStore(self._pool_dir(pool_id) / "posterior")
+
+    def _load_items(self, info: PoolInfo, rt: PoolRuntime) -> None:
+        if rt.item_ids is not None:
+            return
+        ids, rows_N, split_N, target_N = self.store.item_index(info.pool_id)
+        if len(rows_N) and not np.array_equal(rows_N, np.arange(len(rows_N))):
+            raise errors.FailedPrecondition(
+                f"pool {info.pool_id!r} has non-contiguous feature rows", reason="CORRUPT_POOL"
+            )
+        fs = self._features(info)
+        n = len(ids)
+        rt.item_ids = ids
+        rt.row_of = {iid: i for i, iid in enumerate(ids)}
+        rt.split_N = split_N
+        rt.heldout_target_N = target_N
+        rt.prompt_N_D = fs.read("prompt", n)
+        rt.a_N_D = fs.read("a", n)
+        rt.b_N_D = fs.read("b", n)
+
+    def _load_posterior(self, rt: PoolRuntime, version: int) -> None:
+        if version == 0 or rt.posterior_version == version and rt.posterior_state is not None:
+            return
+        state, _manifest = self._posterior_store(rt.pool_id).load(version)
+        rt.posterior_state = state
+        rt.posterior_version = version
+        rt.epistemic_version = -1
+
+    def _ensure_ready(self, info: PoolInfo) -> None:
+        if info.state == PoolState.FEATURIZING:
+            total = info.item_count + info.heldout_count
+            raise errors.FailedPrecondition(
+                f"pool {info.pool_id!r} is still extracting features ({info.featurized_count}/{total} items); "
+                "retry when GetPool reports STATE_READY",
+                field="pool_id",
+                reason="POOL_FEATURIZING",
+                metadata={"featurized": str(info.featurized_count), "total": str(total)},
+            )
+
+    # ---- pools -------------------------------------------------------------------------
+
+    async def create_pool(self, tenant: str, pool_id: str, settings: PoolSettings) -> PoolInfo:
+        """Create a pool; fills the feature dim from the extractor for server features."""
+        v.pool_id(pool_id)
+        s = settings
+        v.int_range(s.ensemble_size, "settings.ensemble_size", 1, 64)
+        v.int_range(s.knn_k, "settings.knn_k", 1, 1024)
+        v.finite(s.beta, "settings.beta", low=0.0)
+        v.finite(s.d_ent, "settings.d_ent", low=0.0, low_open=True)
+        v.finite(s.temperature, "settings.temperature", low=0.0, low_open=True)
+        v.finite(s.apl_beta_dpo, "settings.apl_beta_dpo", low=0.0, low_open=True)
+        v.int_range(s.labels_per_item, "settings.labels_per_item", 1, 1000)
+        v.int_range(s.epochs, "settings.epochs", 1, 10_000)
+        if not s.hidden_sizes or len(s.hidden_sizes) > 8:
+            raise errors.InvalidArgument("settings.hidden_sizes needs 1-8 layers", field="settings.hidden_sizes")
+        for i, width in enumerate(s.hidden_sizes):
+            v.int_range(width, f"settings.hidden_sizes[{i}]", 1, 16_384)
+        if s.posterior_kind not in ("mlp_ensemble", "lora_ensemble"):
+            raise errors.InvalidArgument("unknown settings.posterior_kind", field="settings.posterior_kind")
+        if len(self.store.pool_ids(tenant)) >= self.settings.max_pools_per_tenant:
+            raise errors.ResourceExhausted(
+                f"tenant already holds max_pools_per_tenant={self.settings.max_pools_per_tenant} pools",
+                field="pool_id",
+                reason="MAX_POOLS_PER_TENANT",
+            )
+        if self.store.pool_row(pool_id) is not None:
+            raise errors.AlreadyExists(f"pool {pool_id!r} already exists", field="pool_id", reason="POOL_EXISTS")
+        extractor_name = ""
+        if s.feature_source == FeatureSource.CLIENT:
+            v.int_range(s.feature_dim, "settings.feature_dim", 1, v.MAX_FEATURE_DIM)
+        else:
+            if self.extractor is None:
+                raise errors.FailedPrecondition(
+                    "this server has no feature extractor; use FEATURE_SOURCE_CLIENT",
+                    field="settings.feature_source",
+                    reason="NO_EXTRACTOR",
+                )
+            dim = await self.extractor.dim()
+            s = dataclasses.replace(s, feature_dim=dim)
+            extractor_name = self.extractor.name
+        try:
+            self.store.insert_pool(pool_id, tenant, s, extractor_name)
+        except sqlite3.IntegrityError as e:
+            raise errors.AlreadyExists(f"pool {pool_id!r} already exists", field="pool_id", reason="POOL_EXISTS") from e
+        info = self.store.pool_info(pool_id)
+        assert info is not None
+        return info
+
+    async def get_pool(self, tenant: str, pool_id: str) -> PoolInfo:
+        """Return one pool."""
+        return self._require_pool(tenant, pool_id)
+
+    async def list_pools(self, tenant: str, page_size: int, page_token: str) -> tuple[list[PoolInfo], str]:
+        """Return a page of pools in id order and the next page token."""
+        if page_size < 0 or page_size > 1000:
+            raise errors.InvalidArgument("page_size must be in [0, 1000]", field="page_size")
+        size = page_size or 100
+        offset = _parse_page_token(page_token)
+        ids = self.store.pool_ids(tenant)
+        page = ids[offset : offset + size]
+        infos = [info for pid in page if (info := self.store.pool_info(pid)) is not None]
+        nxt = _page_token(offset + size) if offset + size < len(ids) else ""
+        return infos, nxt
+
+    async def delete_pool(self, tenant: str, pool_id: str) -> None:
+        """Delete a pool and all its data."""
+        info = self._require_pool(tenant, pool_id)
+        task = self._featurize_tasks.pop(pool_id, None)
+        if task is not None:
+            task.cancel()
+        op_id = self._running_training.get(pool_id)
+        if op_id is not None:
+            self._cancel_flags[op_id].set()
+        self.store.delete_pool(pool_id)
+        self._runtimes.pop(pool_id, None)
+        import shutil
+
+        shutil.rmtree(self._pool_dir(info.pool_id), ignore_errors=True)
+
+    # ---- uploads -----------------------------------------------------------------------
+
+    def _check_item(self, item: ItemIn, index: int, dim: int, client_features: bool) -> dict[str, np.ndarray]:
+        prefix = f"items[{index}]"
+        v.item_id(item.item_id, f"{prefix}.item_id")
+        v.text(item.prompt, f"{prefix}.prompt")
+        v.text(item.completion_a, f"{prefix}.completion_a")
+        v.text(item.completion_b, f"{prefix}.completion_b")
+        if item.split == Split.HELDOUT and item.heldout_preference is None:
+            raise errors.InvalidArgument(
+                f"{prefix}.heldout_preference is required for SPLIT_HELDOUT items",
+                field=f"{prefix}.heldout_preference",
+            )
+        if item.apl is not None:
+            for name in ("logp_policy_a", "logp_policy_b", "logp_ref_a", "logp_ref_b"):
+                v.finite(getattr(item.apl, name), f"{prefix}.apl_scores.{name}")
+        if not client_features:
+            if not item.prompt:
+                raise errors.InvalidArgument(f"{prefix}.prompt is empty", field=f"{prefix}.prompt")
+            return {}
+        return {
+            "prompt": v.features(item.prompt_features, dim, f"{prefix}.prompt_features"),
+            "a": v.features(item.completion_a_features, dim, f"{prefix}.completion_a_features"),
+            "b": v.features(item.completion_b_features, dim, f"{prefix}.completion_b_features"),
+        }
+
+    async def upload_items(
+        self, tenant: str, pool_id: str, chunks: AsyncIterator[Sequence[ItemIn]]
+    ) -> tuple[UploadResult, PoolInfo]:
+        """Store streamed items; per-item problems are reported, not fatal.
+
+        Each chunk is committed (features fsynced, then SQLite) before the next is read,
+        so everything acknowledged survives a crash.
+        """
+        info = self._require_pool(tenant, pool_id)
+        client_features = info.settings.feature_source == FeatureSource.CLIENT
+        dim = info.settings.feature_dim
+        fs = self._features(info)
+        rt = self._runtime(pool_id)
+        accepted = duplicates = index = 0
+        rejections: list[Rejection] = []
+        async for chunk in chunks:
+            if len(chunk) > self.settings.max_items_per_chunk:
+                raise errors.InvalidArgument(
+                    f"chunk has {len(chunk)} items, more than max_items_per_chunk="
+                    f"{self.settings.max_items_per_chunk}",
+                    field="chunk.items",
+                    reason="MAX_ITEMS_PER_CHUNK",
+                )
+            good: list[tuple[ItemIn, dict[str, np.ndarray], str]] = []
+            seen: set[str] = set()
+            for item in chunk:
+                try:
+                    feats = self._check_item(item, index, dim, client_features)
+                except errors.InvalidArgument as e:
+                    rejections.append(Rejection(item.item_id, index, e.field, e.reason, e.message))
+                    index += 1
+                    continue
+                digest = _digest(
+                    item.prompt, item.completion_a, item.completion_b, int(item.split),
+                    item.heldout_preference, *(f.tobytes() for f in feats.values()),
+                )
+                if item.item_id in seen:
+                    rejections.append(
+                        Rejection(item.item_id, index, f"items[{index}].item_id", "DUPLICATE_IN_STREAM",
+                                  "item_id appears twice in this chunk")
+                    )
+                else:
+                    seen.add(item.item_id)
+                    good.append((item, feats, digest))
+                index += 1
+            if not good:
+                continue
+            async with rt.lock:
+                stored = self.store.item_digests(pool_id, [g[0].item_id for g in good])
+                new: list[tuple[ItemIn, dict[str, np.ndarray], str]] = []
+                for item, feats, digest in good:
+                    old = stored.get(item.item_id)
+                    if old is None:
+                        new.append((item, feats, digest))
+                    elif old == digest:
+                        duplicates += 1
+                    else:
+                        rejections.append(
+                            Rejection(item.item_id, index, "item_id", "CONFLICT",
+                                      "an item with this item_id exists with different content")
+                        )
+                if not new:
+                    continue
+                with self.store.transaction() as conn:
+                    first = self.store.reserve_rows(conn, pool_id, len(new))
+                    rows_R = np.arange(first, first + len(new), dtype=np.int64)
+                    if client_features:
+                        fs.write_rows(rows_R, {k: np.stack([f[k] for _, f, _ in new]) for k in ("prompt", "a", "b")})
+                    self.store.insert_items(
+                        conn,
+                        pool_id,
+                        [
+                            (
+                                item.item_id, int(r), int(item.split), item.prompt, item.completion_a,
+                                item.completion_b,
+                                int(item.heldout_preference) if item.heldout_preference else None,
+                                1 if client_features else 0, digest,
+                                *(
+                                    (item.apl.logp_policy_a, item.apl.logp_policy_b, item.apl.logp_ref_a,
+                                     item.apl.logp_ref_b, item.apl.predictive_entropy)
+                                    if item.apl else (None,) * 5
+                                ),
+                            )
+                            for (item, _, digest), r in zip(new, rows_R, strict=True)
+                        ],
+                    )
+                    if not client_features:
+                        conn.execute("UPDATE pools SET state = ? WHERE pool_id = ?", (PoolState.FEATURIZING.value, pool_id))
+                accepted += len(new)
+                rt.invalidate_items()
+        if not client_features and accepted:
+            self._schedule_featurize(pool_id)
+        info = self._require_pool(tenant, pool_id)
+        return UploadResult(accepted, duplicates, tuple(rejections)), info
+
+    def _schedule_featurize(self, pool_id: str) -> None:
+        task = self._featurize_tasks.get(pool_id)
+        if task is not None and not task.done():
+            return
+        self._featurize_tasks[pool_id] = asyncio.get_running_loop().create_task(self._featurize(pool_id))
+
+    async def _featurize(self, pool_id: str) -> None:
+        """Extract features for unfeaturised rows in batches; resumable after a crash."""
+        assert self.extractor is not None
+        batch = max(1, self.settings.extract_batch_size)
+        try:
+            while True:
+                todo = self.store.unfeaturized(pool_id)
+                if not todo:
+                    break
+                info = self.store.pool_info(pool_id)
+                if info is None:
+                    return
+                fs = self._features(info)
+                for start in range(0, len(todo), batch):
+                    part = todo[start : start + batch]
+                    rows_R = np.array([r for r, *_ in part], dtype=np.int64)
+                    prompts = [p for _, p, _, _ in part]
+                    texts_a = [p + a for _, p, a, _ in part]
+                    texts_b = [p + b for _, p, _, b in part]
+                    feats = await self.extractor.embed(prompts + texts_a + texts_b)
+                    n = len(part)
+                    fs.write_rows(rows_R, {"prompt": feats[:n], "a": feats[n : 2 * n], "b": feats[2 * n :]})
+                    self.store.mark_featurized(pool_id, rows_R.tolist())
+            self.store.set_pool_state(pool_id, PoolState.READY)
+            self._runtime(pool_id).invalidate_items()
+        except asyncio.CancelledError:
+            raise
+        except errors.BalpmError as e:
+            log.error("featurisation of pool %s paused: %s; retrying in 5 s", pool_id, e.message)
+            await asyncio.sleep(5.0)
+            self._featurize_tasks.pop(pool_id, None)
+            if self.store.pool_row(pool_id) is not None:
+                self._schedule_featurize(pool_id)
+        except Exception:
+            log.exception("featurisation of pool %s failed; retrying in 5 s", pool_id)
+            await asyncio.sleep(5.0)
+            self._featurize_tasks.pop(pool_id, None)
+            if self.store.pool_row(pool_id) is not None:
+                self._schedule_featurize(pool_id)
+
+    async def wait_featurized(self, pool_id: str) -> None:
+        """Wait until the pool's background featurisation finishes (tests, CLI)."""
+        task = self._featurize_tasks.get(pool_id)
+        if task is not None:
+            await asyncio.shield(task)
+
+    # ---- labels ------------------------------------------------------------------------
+
+    async def ingest_labels(
+        self, tenant: str, pool_id: str, labels: Sequence[LabelIn], request_id: str = ""
+    ) -> IngestResult:
+        """Store labels atomically and idempotently; acknowledged only after commit."""
+        self._require_pool(tenant, pool_id)
+        if not labels:
+            raise errors.InvalidArgument("labels is empty", field="labels", reason="EMPTY_BATCH")
+        if len(labels) > MAX_LABELS_PER_REQUEST:
+            raise errors.InvalidArgument(
+                f"at most {MAX_LABELS_PER_REQUEST} labels per request", field="labels", reason="TOO_MANY_LABELS"
+            )
+        clean: list[LabelIn] = []
+        for i, lb in enumerate(labels):
+            v.item_id(lb.label_id, f"labels[{i}].label_id")
+            v.item_id(lb.item_id, f"labels[{i}].item_id")
+            ann = v.annotator_id(lb.annotator_id, f"labels[{i}].annotator_id")
+            clean.append(dataclasses.replace(lb, annotator_id=ann))
+        req_digest = _digest(*(dataclasses.astuple(c) for c in clean))
+        if request_id:
+            v.item_id(request_id, "request_id")
+            prior = self.store.get_request(pool_id, request_id)
+            if prior is not None:
+                if prior[0] != req_digest:
+                    raise errors.AlreadyExists(
+                        "request_id was used before with different labels", field="request_id",
+                        reason="REQUEST_ID_CONFLICT",
+                    )
+                body = json.loads(prior[1])
+                return IngestResult(0, body["stored_count"] + body["duplicate_count"], self.store.label_count(pool_id))
+        rt = self._runtime(pool_id)
+        async with rt.lock:
+            texts = self.store.item_texts(pool_id, [c.item_id for c in clean])
+            _ids, _rows, split_N, _t = self.store.item_index(pool_id)
+            split_of = dict(zip(_ids, split_N.tolist(), strict=True))
+            existing = self.store.existing_labels(pool_id, [c.label_id for c in clean])
+            fresh: list[LabelIn] = []
+            dup = 0
+            seen: dict[str, LabelIn] = {}
+            for i, c in enumerate(clean):
+                if c.item_id not in texts:
+                    raise errors.NotFound(
+                        f"labels[{i}].item_id {c.item_id!r} is not an item of pool {pool_id!r}; upload it first",
+                        field=f"labels[{i}].item_id",
+                        reason="ITEM_NOT_FOUND",
+                    )
+                if split_of.get(c.item_id) == int(Split.HELDOUT):
+                    raise errors.InvalidArgument(
+                        f"labels[{i}].item_id {c.item_id!r} is a held-out item; it is labelled at upload",
+                        field=f"labels[{i}].item_id",
+                        reason="HELDOUT_ITEM",
+                    )
+                old = existing.get(c.label_id) or (
+                    (seen[c.label_id].item_id, int(seen[c.label_id].preference), seen[c.label_id].annotator_id)
+                    if c.label_id in seen else None
+                )
+                if old is not None:
+                    if old == (c.item_id, int(c.preference), c.annotator_id):
+                        dup += 1
+                        continue
+                    raise errors.AlreadyExists(
+                        f"labels[{i}].label_id {c.label_id!r} exists with different content",
+                        field=f"labels[{i}].label_id",
+                        reason="LABEL_CONFLICT",
+                        metadata={
+                            "stored_item_id": old[0],
+                            "stored_preference": Preference(old[1]).name,
+                            "stored_annotator_id": old[2],
+                        },
+                    )
+                seen[c.label_id] = c
+                fresh.append(c)
+            with self.store.transaction() as conn:
+                if fresh:
+                    self.store.insert_labels(conn, pool_id, fresh)
+                if request_id:
+                    self.store.put_request(
+                        conn, pool_id, request_id, req_digest,
+                        json.dumps({"stored_count": len(fresh), "duplicate_count": dup}),
+                    )
+        return IngestResult(len(fresh), dup, self.store.label_count(pool_id))
+
+    async def export_labels(
+        self, tenant: str, pool_id: str, page_size: int, page_token: str
+    ) -> AsyncIterator[tuple[list[tuple[StoredLabel, dict[str, str]]], str]]:
+        """Yield pages of (label, item texts) with the token that resumes after each page."""
+        self._require_pool(tenant, pool_id)
+        if page_size < 0 or page_size > 10_000:
+            raise errors.InvalidArgument("page_size must be in [0, 10000]", field="page_size")
+        size = page_size or 1000
+        after = _parse_page_token(page_token)
+        while True:
+            page = self.store.labels_page(pool_id, after, size)
+            if not page:
+                return
+            texts = self.store.item_texts(pool_id, [lb.item_id for lb in page])
+            after = page[-1].seq
+            more = bool(self.store.labels_page(pool_id, after, 1))
+            yield (
+                [(lb, dataclasses.asdict(texts[lb.item_id])) for lb in page],
+                _page_token(after) if more else "",
+            )
+            if not more:
+                return
+
+    # ---- training ----------------------------------------------------------------------
+
+    async def update_posterior(
+        self, tenant: str, pool_id: str, *, seed: int, warm_start: bool, epochs: int
+    ) -> Operation:
+        """Start retraining the posterior; ABORTED if one is already running for the pool."""
+        info = self._require_pool(tenant, pool_id)
+        self._ensure_ready(info)
+        if pool_id in self._running_training:
+            raise errors.Aborted(
+                f"a training operation is already running for pool {pool_id!r}: "
+                f"{self._running_training[pool_id]}; watch it or cancel it",
+                field="pool_id",
+                reason="TRAINING_IN_PROGRESS",
+                metadata={"operation_id": self._running_training[pool_id]},
+            )
+        running_for_tenant = sum(
+            1 for op_id in self._running_training.values() if self._operations[op_id].tenant == tenant
+        )
+        if running_for_tenant >= self.settings.max_training_jobs_per_tenant:
+            raise errors.ResourceExhausted(
+                f"tenant already runs max_training_jobs_per_tenant={self.settings.max_training_jobs_per_tenant}",
+                reason="MAX_TRAINING_JOBS",
+            )
+        if info.label_count < MIN_LABELS_TO_TRAIN:
+            raise errors.FailedPrecondition(
+                f"pool {pool_id!r} has {info.label_count} labels; training needs at least {MIN_LABELS_TO_TRAIN}",
+                field="pool_id",
+                reason="NOT_ENOUGH_LABELS",
+            )
+        if epochs:
+            v.int_range(epochs, "epochs", 1, 10_000)
+        now = time.time()
+        op = Operation(
+            operation_id=f"train-{uuid.uuid4().hex[:16]}",
+            pool_id=pool_id,
+            tenant=tenant,
+            state=OperationState.RUNNING,
+            create_time_s=now,
+            update_time_s=now,
+            epochs=epochs or info.settings.epochs,
+        )
+        self.store.save_operation(op)
+        self._operations[op.operation_id] = op
+        self._op_events[op.operation_id] = asyncio.Event()
+        self._cancel_flags[op.operation_id] = threading.Event()
+        self._running_training[pool_id] = op.operation_id
+        asyncio.get_running_loop().create_task(self._train(info, op, seed=seed, warm_start=warm_start))
+        return op
+
+    def _notify(self, op: Operation) -> None:
+        event = self._op_events.get(op.operation_id)
+        if event is not None:
+            event.set()
+            self._op_events[op.operation_id] = asyncio.Event()
+
+    async def _train(self, info: PoolInfo, op: Operation, *, seed: int, warm_start: bool) -> None:
+        loop = asyncio.get_running_loop()
+        cancel = self._cancel_flags[op.operation_id]
+        rt = self._runtime(info.pool_id)
+        started = time.perf_counter()
+        try:
+            async with rt.lock:
+                self._load_items(info, rt)
+                rows_L, targets_L = self.store.label_targets(info.pool_id)
+                assert rt.a_N_D is not None and rt.b_N_D is not None
+                feats_a, feats_b = rt.a_N_D[rows_L], rt.b_N_D[rows_L]
+            s = info.settings
+            config = EnsembleConfig(
+                ensemble_size=s.ensemble_size,
+                hidden_sizes=tuple(s.hidden_sizes),
+                epochs=op.epochs,
+                warm_start=warm_start,
+                device=self.settings.device,
+            )
+            init = None
+            latest = self._posterior_store(info.pool_id).latest_version()
+            if warm_start and latest:
+                init, _ = self._posterior_store(info.pool_id).load(latest)
+
+            def on_progress(p: TrainProgress) -> None:
+                def apply() -> None:
+                    op.epoch, op.epochs = p.epoch, p.epochs
+                    op.train_loss, op.val_log_likelihood = p.train_loss, p.val_log_likelihood
+                    op.update_time_s = time.time()
+                    self._notify(op)
+
+                loop.call_soon_threadsafe(apply)
+
+            result = await asyncio.to_thread(
+                train_ensemble, feats_a, feats_b, targets_L, config,
+                seed=seed, init=init, progress=on_progress, should_stop=cancel.is_set,
+            )
+            train_s = time.perf_counter() - started
+            manifest = {
+                "pool_id": info.pool_id,
+                "seed": seed,
+                "label_count": int(len(rows_L)),
+                "warm_start": warm_start,
+                "settings": dataclasses.asdict(config),
+                "metrics": {
+                    "train_loss": result.train_loss,
+                    "val_log_likelihood": result.val_log_likelihood,
+                    "epochs_run": result.epochs_run,
+                    "train_s": train_s,
+                },
+                "created_s": time.time(),
+            }
+            version = await asyncio.to_thread(self._posterior_store(info.pool_id).save, result.state, manifest)
+            self.store.set_posterior_version(info.pool_id, version)
+            rt.posterior_state, rt.posterior_version = result.state, version
+            rt.epistemic_version = -1
+            op.state = OperationState.SUCCEEDED
+            op.result = {
+                "posterior_version": version,
+                "label_count": int(len(rows_L)),
+                "val_log_likelihood": result.val_log_likelihood,
+                "train_s": train_s,
+                "epochs_run": result.epochs_run,
+            }
+        except errors.Cancelled as e:
+            op.state, op.error_code, op.error_message = OperationState.CANCELLED, "CANCELLED", e.message
+        except errors.BalpmError as e:
+            op.state, op.error_code, op.error_message = OperationState.FAILED, e.code.name, e.message
+        except Exception as e:  # the operation reports it; the server keeps running
+            log.exception("training of pool %s failed", info.pool_id)
+            op.state, op.error_code, op.error_message = OperationState.FAILED, "INTERNAL", f"training failed: {e}"
+        finally:
+            op.update_time_s = time.time()
+            self._running_training.pop(info.pool_id, None)
+            if self.store.pool_row(info.pool_id) is not None:
+                self.store.save_operation(op)
+            self._notify(op)
+
+    def _require_operation(self, tenant: str, operation_id: str) -> Operation:
+        if not operation_id:
+            raise errors.InvalidArgument("operation_id is required", field="operation_id")
+        op = self._operations.get(operation_id) or self.store.load_operation(operation_id)
+        if op is None or op.tenant != tenant:
+            raise errors.NotFound(f"operation {operation_id!r} does not exist", field="operation_id")
+        return op
+
+    async def get_operation(self, tenant: str, operation_id: str) -> Operation:
+        """Return an operation's current state."""
+        return self._require_operation(tenant, operation_id)
+
+    async def watch_operation(self, tenant: str, operation_id: str) -> AsyncIterator[Operation]:
+        """Yield the operation now and after each change, until it is done."""
+        op = self._require_operation(tenant, operation_id)
+        while True:
+            yield op
+            if op.state.done:
+                return
+            event = self._op_events.get(operation_id)
+            if event is None:
+                return
+            try:
+                await asyncio.wait_for(event.wait(), timeout=5.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def cancel_operation(self, tenant: str, operation_id: str) -> Operation:
+        """Request cancellation (takes effect at the next epoch boundary)."""
+        op = self._require_operation(tenant, operation_id)
+        flag = self._cancel_flags.get(operation_id)
+        if flag is not None and not op.state.done:
+            flag.set()
+        return op
+
+    # ---- acquisition -------------------------------------------------------------------
+
+    def _scores(self, info: PoolInfo, rt: PoolRuntime) -> np.ndarray | None:
+        """BALD epistemic scores of every pool row for the latest posterior (cached per version)."""
+        self._load_posterior(rt, info.posterior_version)
+        if info.posterior_version == 0 or rt.posterior_state is None:
+            return None
+        if rt.epistemic_version != info.posterior_version or rt.epistemic_N is None:
+            assert rt.a_N_D is not None and rt.b_N_D is not None
+            rt.probs_N_E = predict_probs(rt.posterior_state, rt.a_N_D, rt.b_N_D)
+            rt.epistemic_N = bald_from_probs(rt.probs_N_E)
+            rt.epistemic_version = info.posterior_version
+        return rt.epistemic_N
+
+    async def acquire(
+        self,
+        tenant: str,
+        pool_id: str,
+        *,
+        batch_size: int,
+        strategy: Strategy | None,
+        seed: int,
+        lease_ttl_s: float,
+        annotator_id: str,
+        options: dict[str, float],
+    ) -> AcquireResult:
+        """Choose and lease the next batch."""
+        info = self._require_pool(tenant, pool_id)
+        self._ensure_ready(info)
+        if batch_size < 1:
+            raise errors.InvalidArgument("batch_size must be at least 1", field="batch_size")
+        if batch_size > self.settings.max_batch_size:
+            raise errors.InvalidArgument(
+                f"batch_size {batch_size} exceeds max_batch_size={self.settings.max_batch_size}",
+                field="batch_size",
+                reason="MAX_BATCH_SIZE",
+            )
+        v.finite(lease_ttl_s, "lease_ttl_s", low=0.0)
+        ttl_s = lease_ttl_s or self.settings.default_lease_ttl_s
+        annotator = v.annotator_id(annotator_id, "annotator_id")
+        s = info.settings
+        strat = strategy or s.default_strategy
+        params = AcquisitionParams(
+            k=s.knn_k,
+            beta=options.get("beta", s.beta),
+            d_ent=options.get("d_ent", s.d_ent),
+            temperature=options.get("temperature", s.temperature),
+            apl_beta_dpo=options.get("apl_beta_dpo", s.apl_beta_dpo),
+            apl_entropy_top_s=int(options.get("apl_entropy_top_s", 0)),
+        )
+        v.finite(params.beta, "options.beta", low=0.0)
+        v.finite(params.d_ent, "options.d_ent", low=0.0, low_open=True)
+        v.finite(params.temperature, "options.temperature", low=0.0, low_open=True)
+        v.finite(params.apl_beta_dpo, "options.apl_beta_dpo", low=0.0, low_open=True)
+        rt = self._runtime(pool_id)
+        async with rt.lock:
+            started = time.perf_counter()
+            self._load_items(info, rt)
+            assert rt.item_ids is not None and rt.split_N is not None and rt.prompt_N_D is not None
+            n = len(rt.item_ids)
+            now = time.time()
+            in_pool_N = rt.split_N == int(Split.POOL)
+            labelled_N = np.zeros(n, dtype=bool)
+            annotators = self.store.annotators_of(pool_id)
+            done_N = np.zeros(n, dtype=bool)
+            mine_N = np.zeros(n, dtype=bool)
+            for row, anns in annotators.items():
+                labelled_N[row] = True
+                done_N[row] = len(anns) >= s.labels_per_item
+                mine_N[row] = annotator in anns
+            leases = self.store.active_leases(pool_id, now)
+            lease_count_N = np.zeros(n, dtype=np.int64)
+            for row, holder in leases:
+                lease_count_N[row] += 1
+                if holder == annotator:
+                    mine_N[row] = True
+            labels_N = np.array([len(annotators.get(r, ())) for r in range(n)], dtype=np.int64)
+            full_N = labels_N + lease_count_N >= s.labels_per_item
+            candidate_N = in_pool_N & ~done_N & ~mine_N & ~full_N
+            acquired_N = in_pool_N & (labelled_N | (lease_count_N > 0))
+            n_candidates = int(candidate_N.sum())
+            if n_candidates == 0:
+                raise errors.FailedPrecondition(
+                    f"pool {pool_id!r} has no acquirable items left (all labelled or leased)",
+                    field="batch_size",
+                    reason="POOL_EXHAUSTED",
+                )
+            if batch_size > n_candidates:
+                raise errors.FailedPrecondition(
+                    f"batch_size {batch_size} exceeds the {n_candidates} acquirable items of pool {pool_id!r}",
+                    field="batch_size",
+                    reason="BATCH_LARGER_THAN_POOL",
+                    metadata={"acquirable": str(n_candidates)},
+                )
+            epistemic_N = await asyncio.to_thread(self._scores, info, rt)
+            needs_graph = strat in (Strategy.BALPM, Strategy.ENTROPY_ONLY)
+            if needs_graph and rt.graph is None:
+                if n <= s.knn_k:
+                    raise errors.FailedPrecondition(
+                        f"BAL-PM needs more than knn_k={s.knn_k} items; the pool has {n}",
+                        field="strategy",
+                        reason="POOL_TOO_SMALL",
+                    )
+                rt.graph = await asyncio.to_thread(
+                    build_knn_graph, rt.prompt_N_D, s.knn_k, standardize=s.standardize_features
+                )
+            apl = None
+            if strat in (Strategy.APL_CERTAINTY, Strategy.APL_ENTROPY, Strategy.APL_HYBRID):
+                m = self.store.apl_scores(pool_id)
+                apl = AplInputs(m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4] if np.isfinite(m[:, 4]).any() else None)
+            batch = await asyncio.to_thread(
+                select_batch,
+                strat,
+                batch_size=batch_size,
+                candidate_mask_N=candidate_N,
+                acquired_mask_N=acquired_N,
+                rng=np.random.default_rng(seed),
+                params=params,
+                epistemic_N=epistemic_N,
+                graph=rt.graph if needs_graph else None,
+                apl=apl,
+            )
+            chosen = [rt.item_ids[int(r)] for r in batch.indices_B]
+            expire_s = now + ttl_s
+            self.store.insert_leases(pool_id, chosen, annotator, expire_s)
+            texts = self.store.item_texts(pool_id, chosen)
+            acquire_s = time.perf_counter() - started
+        items = tuple(
+            AcquiredItem(
+                item=texts[iid],
+                total=float(batch.total_B[i]),
+                epistemic=float(batch.epistemic_B[i]),
+                entropy=float(batch.entropy_B[i]),
+                rank=i,
+            )
+            for i, iid in enumerate(chosen)
+        )
+        return AcquireResult(items, info.posterior_version if epistemic_N is not None else 0, strat, expire_s, acquire_s)
+
+    async def release_items(self, tenant: str, pool_id: str, item_ids: Sequence[str], annotator_id: str) -> int:
+        """End leases on items; returns how many leases ended."""
+        self._require_pool(tenant, pool_id)
+        if not item_ids:
+            raise errors.InvalidArgument("item_ids is empty", field="item_ids")
+        for i, iid in enumerate(item_ids):
+            v.item_id(iid, f"item_ids[{i}]")
+        ann = v.annotator_id(annotator_id, "annotator_id") if annotator_id else ""
+        async with self._runtime(pool_id).lock:
+            return self.store.release_leases(pool_id, item_ids, ann)
+
+    async def update_item_scores(self, tenant: str, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
+        """Set APL log-probabilities of items."""
+        self._require_pool(tenant, pool_id)
+        if not scores:
+            raise errors.InvalidArgument("scores is empty", field="scores")
+        for i, (iid, s) in enumerate(scores):
+            v.item_id(iid, f"scores[{i}].item_id")
+            for name in ("logp_policy_a", "logp_policy_b", "logp_ref_a", "logp_ref_b"):
+                v.finite(getattr(s, name), f"scores[{i}].apl_scores.{name}")
+        known = self.store.item_texts(pool_id, [iid for iid, _ in scores])
+        for i, (iid, _) in enumerate(scores):
+            if iid not in known:
+                raise errors.NotFound(f"scores[{i}].item_id {iid!r} is not in the pool", field=f"scores[{i}].item_id")
+        return self.store.update_apl_scores(pool_id, scores)
+
+    # ---- prediction and evaluation -----------------------------------------------------
+
+    async def _features_for(
+        self, info: PoolInfo, rt: PoolRuntime, item_ids: Sequence[str], items: Sequence[ItemIn], field: str
+    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Features of stored items (by id) or ad-hoc items (client vectors or extracted)."""
+        self._load_items(info, rt)
+        assert rt.a_N_D is not None and rt.b_N_D is not None
+        if item_ids:
+            rows = []
+            for i, iid in enumerate(item_ids):
+                row = rt.row_of.get(iid)
+                if row is None:
+                    raise errors.NotFound(f"{field}[{i}] {iid!r} is not in pool {info.pool_id!r}", field=f"{field}[{i}]")
+                rows.append(row)
+            return list(item_ids), rt.a_N_D[rows], rt.b_N_D[rows]
+        dim = info.settings.feature_dim
+        ids, fa, fb, texts_a, texts_b = [], [], [], [], []
+        for i, item in enumerate(items):
+            ids.append(item.item_id)
+            if item.item_id and not (item.completion_a_features or item.prompt or item.completion_a):
+                row = rt.row_of.get(item.item_id)
+                if row is None:
+                    raise errors.NotFound(
+                        f"{field}[{i}].item_id {item.item_id!r} is not in pool {info.pool_id!r}",
+                        field=f"{field}[{i}].item_id",
+                    )
+                fa.append(rt.a_N_D[row])
+                fb.append(rt.b_N_D[row])
+            elif info.settings.feature_source == FeatureSource.CLIENT:
+                fa.append(v.features(item.completion_a_features, dim, f"{field}[{i}].completion_a_features"))
+                fb.append(v.features(item.completion_b_features, dim, f"{field}[{i}].completion_b_features"))
+            else:
+                v.text(item.prompt, f"{field}[{i}].prompt")
+                texts_a.append(item.prompt + item.completion_a)
+                texts_b.append(item.prompt + item.completion_b)
+        if texts_a:
+            assert self.extractor is not None
+            feats = await self.extractor.embed(texts_a + texts_b)
+            return ids, feats[: len(texts_a)], feats[len(texts_a) :]
+        return ids, np.stack(fa).astype(np.float32), np.stack(fb).astype(np.float32)
+
+    def _require_posterior(self, info: PoolInfo, rt: PoolRuntime) -> None:
+        if info.posterior_version == 0:
+            raise errors.FailedPrecondition(
+                f"pool {info.pool_id!r} has no posterior yet; run UpdatePosterior first",
+                field="pool_id",
+                reason="NO_POSTERIOR",
+            )
+        self._load_posterior(rt, info.posterior_version)
+
+    async def predict(
+        self, tenant: str, pool_id: str, item_ids: Sequence[str], items: Sequence[ItemIn]
+    ) -> tuple[list[PredictionOut], int]:
+        """Predict P(A preferred) with epistemic and aleatoric uncertainty."""
+        info = self._require_pool(tenant, pool_id)
+        self._ensure_ready(info)
+        if not item_ids and not items:
+            raise errors.InvalidArgument("give item_ids or items", field="item_ids", reason="EMPTY_BATCH")
+        rt = self._runtime(pool_id)
+        self._require_posterior(info, rt)
+        ids, fa, fb = await self._features_for(info, rt, item_ids, items, "item_ids" if item_ids else "items")
+        probs_N_E = await asyncio.to_thread(predict_probs, rt.posterior_state, fa, fb)
+        epistemic_N = bald_from_probs(probs_N_E)
+        mean_N = probs_N_E.mean(axis=1)
+        eps = 1e-12
+        member_h_N_E = -(probs_N_E * np.log(probs_N_E + eps) + (1 - probs_N_E) * np.log(1 - probs_N_E + eps))
+        aleatoric_N = member_h_N_E.mean(axis=1)
+        out = [
+            PredictionOut(iid, float(mean_N[i]), float(epistemic_N[i]), float(aleatoric_N[i]),
+                          tuple(float(p) for p in probs_N_E[i]))
+            for i, iid in enumerate(ids)
+        ]
+        return out, info.posterior_version
+
+    async def evaluate(
+        self, tenant: str, pool_id: str, items: Sequence[tuple[ItemIn, Preference]]
+    ) -> EvaluationOut:
+        """Evaluate on given labelled items, or on the held-out split when none are given."""
+        info = self._require_pool(tenant, pool_id)
+        self._ensure_ready(info)
+        rt = self._runtime(pool_id)
+        self._require_posterior(info, rt)
+        if items:
+            _ids, fa, fb = await self._features_for(info, rt, [], [it for it, _ in items], "items")
+            targets_N = np.array([p.target for _, p in items], dtype=np.float64)
+        else:
+            self._load_items(info, rt)
+            assert rt.split_N is not None and rt.a_N_D is not None and rt.b_N_D is not None
+            rows = np.flatnonzero(rt.split_N == int(Split.HELDOUT))
+            if len(rows) == 0:
+                raise errors.FailedPrecondition(
+                    f"pool {pool_id!r} has no held-out items; pass items or upload SPLIT_HELDOUT items",
+                    field="items",
+                    reason="NO_HELDOUT",
+                )
+            assert rt.heldout_target_N is not None
+            fa, fb, targets_N = rt.a_N_D[rows], rt.b_N_D[rows], rt.heldout_target_N[rows]
+        probs_N_E = await asyncio.to_thread(predict_probs, rt.posterior_state, fa, fb)
+        m = evaluate(probs_N_E, targets_N)
+        return EvaluationOut(m.log_likelihood, m.accuracy, m.brier, m.ece, m.mean_epistemic, m.count,
+                             info.posterior_version)
+
+
+Progress = Callable[[TrainProgress], None]

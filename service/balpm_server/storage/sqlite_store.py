@@ -1,0 +1,543 @@
+"""SQLite metadata store: pools, items, labels, leases, operations, request ids.
+
+Durability: WAL journal with ``synchronous=FULL``, so a committed transaction is on
+disk before the call returns; the service acknowledges only after commit. Every
+statement is parameterised: nothing from a request is formatted into SQL.
+
+One connection guarded by a lock; transactions are short (milliseconds).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from balpm_server.acquisition import Strategy
+from balpm_server.domain.models import (
+    AplScores,
+    FeatureSource,
+    ItemText,
+    LabelIn,
+    Operation,
+    OperationState,
+    PoolInfo,
+    PoolSettings,
+    PoolState,
+    Preference,
+    Split,
+    StoredLabel,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pools (
+  pool_id TEXT PRIMARY KEY,
+  tenant TEXT NOT NULL,
+  settings_json TEXT NOT NULL,
+  state TEXT NOT NULL,
+  extractor TEXT NOT NULL,
+  create_time REAL NOT NULL,
+  next_row INTEGER NOT NULL DEFAULT 0,
+  posterior_version INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS items (
+  pool_id TEXT NOT NULL,
+  item_id TEXT NOT NULL,
+  row INTEGER NOT NULL,
+  split INTEGER NOT NULL,
+  prompt TEXT NOT NULL,
+  completion_a TEXT NOT NULL,
+  completion_b TEXT NOT NULL,
+  heldout_pref INTEGER,
+  featurized INTEGER NOT NULL,
+  digest TEXT NOT NULL,
+  logp_policy_a REAL, logp_policy_b REAL, logp_ref_a REAL, logp_ref_b REAL,
+  predictive_entropy REAL,
+  PRIMARY KEY (pool_id, item_id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS items_row ON items (pool_id, row);
+CREATE TABLE IF NOT EXISTS labels (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  pool_id TEXT NOT NULL,
+  label_id TEXT NOT NULL,
+  item_id TEXT NOT NULL,
+  preference INTEGER NOT NULL,
+  annotator_id TEXT NOT NULL,
+  create_time REAL NOT NULL,
+  UNIQUE (pool_id, label_id)
+);
+CREATE INDEX IF NOT EXISTS labels_item ON labels (pool_id, item_id);
+CREATE TABLE IF NOT EXISTS leases (
+  pool_id TEXT NOT NULL,
+  item_id TEXT NOT NULL,
+  annotator_id TEXT NOT NULL,
+  expire_time REAL NOT NULL,
+  PRIMARY KEY (pool_id, item_id, annotator_id)
+);
+CREATE TABLE IF NOT EXISTS operations (
+  operation_id TEXT PRIMARY KEY,
+  pool_id TEXT NOT NULL,
+  tenant TEXT NOT NULL,
+  state TEXT NOT NULL,
+  body_json TEXT NOT NULL,
+  create_time REAL NOT NULL,
+  update_time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+  pool_id TEXT NOT NULL,
+  request_id TEXT NOT NULL,
+  digest TEXT NOT NULL,
+  response_json TEXT NOT NULL,
+  PRIMARY KEY (pool_id, request_id)
+);
+"""
+
+
+def settings_to_json(settings: PoolSettings) -> str:
+    """Serialise pool settings."""
+    body = asdict(settings)
+    body["feature_source"] = settings.feature_source.value
+    body["default_strategy"] = settings.default_strategy.value
+    body["hidden_sizes"] = list(settings.hidden_sizes)
+    return json.dumps(body, sort_keys=True)
+
+
+def settings_from_json(raw: str) -> PoolSettings:
+    """Parse pool settings written by `settings_to_json`."""
+    body = json.loads(raw)
+    body["feature_source"] = FeatureSource(body["feature_source"])
+    body["default_strategy"] = Strategy(body["default_strategy"])
+    body["hidden_sizes"] = tuple(body["hidden_sizes"])
+    return PoolSettings(**body)
+
+
+class SqliteStore:
+    """The service's metadata store.
+
+    Args:
+        path: SQLite file (created with its folder if missing).
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, committed (and fsynced) on exit or rolled back on error."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    # ---- pools -------------------------------------------------------------------------
+
+    def insert_pool(self, pool_id: str, tenant: str, settings: PoolSettings, extractor: str) -> None:
+        """Insert a pool row (raises sqlite3.IntegrityError when the id is taken)."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO pools (pool_id, tenant, settings_json, state, extractor, create_time)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (pool_id, tenant, settings_to_json(settings), PoolState.READY.value, extractor, time.time()),
+            )
+
+    def delete_pool(self, pool_id: str) -> None:
+        """Delete a pool and everything that belongs to it."""
+        with self.transaction() as c:
+            for table in ("items", "labels", "leases", "operations", "requests", "pools"):
+                c.execute(f"DELETE FROM {table} WHERE pool_id = ?", (pool_id,))  # noqa: S608
+
+    def pool_ids(self, tenant: str | None = None) -> list[str]:
+        """All pool ids (of one tenant when given), sorted."""
+        if tenant is None:
+            return [r[0] for r in self._query("SELECT pool_id FROM pools ORDER BY pool_id")]
+        rows = self._query("SELECT pool_id FROM pools WHERE tenant = ? ORDER BY pool_id", (tenant,))
+        return [r[0] for r in rows]
+
+    def pool_row(self, pool_id: str) -> tuple[str, PoolSettings, PoolState, str, float, int] | None:
+        """(tenant, settings, state, extractor, create_time_s, posterior_version) or None."""
+        rows = self._query(
+            "SELECT tenant, settings_json, state, extractor, create_time, posterior_version"
+            " FROM pools WHERE pool_id = ?",
+            (pool_id,),
+        )
+        if not rows:
+            return None
+        tenant, raw, state, extractor, created, version = rows[0]
+        return tenant, settings_from_json(raw), PoolState(state), extractor, created, int(version)
+
+    def set_pool_state(self, pool_id: str, state: PoolState) -> None:
+        """Set a pool's lifecycle state."""
+        with self.transaction() as c:
+            c.execute("UPDATE pools SET state = ? WHERE pool_id = ?", (state.value, pool_id))
+
+    def set_posterior_version(self, pool_id: str, version: int) -> None:
+        """Record the pool's latest posterior version."""
+        with self.transaction() as c:
+            c.execute("UPDATE pools SET posterior_version = ? WHERE pool_id = ?", (version, pool_id))
+
+    def pool_info(self, pool_id: str) -> PoolInfo | None:
+        """A pool with its counters, or None."""
+        row = self.pool_row(pool_id)
+        if row is None:
+            return None
+        tenant, settings, state, extractor, created, version = row
+        (items, heldout, featurized), = self._query(
+            "SELECT COALESCE(SUM(split = 1), 0), COALESCE(SUM(split = 2), 0), COALESCE(SUM(featurized), 0)"
+            " FROM items WHERE pool_id = ?",
+            (pool_id,),
+        )
+        (labels, labelled), = self._query(
+            "SELECT COUNT(*), COUNT(DISTINCT item_id) FROM labels WHERE pool_id = ?", (pool_id,)
+        )
+        (leased,), = self._query(
+            "SELECT COUNT(DISTINCT item_id) FROM leases WHERE pool_id = ? AND expire_time > ?",
+            (pool_id, time.time()),
+        )
+        return PoolInfo(
+            pool_id=pool_id,
+            tenant=tenant,
+            settings=settings,
+            state=state,
+            extractor=extractor,
+            create_time_s=created,
+            item_count=int(items),
+            heldout_count=int(heldout),
+            label_count=int(labels),
+            labelled_item_count=int(labelled),
+            leased_item_count=int(leased),
+            posterior_version=version,
+            featurized_count=int(featurized),
+        )
+
+    # ---- items -------------------------------------------------------------------------
+
+    def item_digests(self, pool_id: str, item_ids: Sequence[str]) -> dict[str, str]:
+        """Stored content digests of the given item ids that exist."""
+        out: dict[str, str] = {}
+        for start in range(0, len(item_ids), 500):
+            chunk = list(item_ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self._query(
+                f"SELECT item_id, digest FROM items WHERE pool_id = ? AND item_id IN ({marks})",  # noqa: S608
+                (pool_id, *chunk),
+            )
+            out.update(dict(rows))
+        return out
+
+    def reserve_rows(self, conn: sqlite3.Connection, pool_id: str, count: int) -> int:
+        """Reserve `count` consecutive feature rows inside a transaction; returns the first."""
+        (first,), = conn.execute("SELECT next_row FROM pools WHERE pool_id = ?", (pool_id,)).fetchall()
+        conn.execute("UPDATE pools SET next_row = next_row + ? WHERE pool_id = ?", (count, pool_id))
+        return int(first)
+
+    def insert_items(self, conn: sqlite3.Connection, pool_id: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert item rows (inside a transaction).
+
+        Each row: (item_id, row, split, prompt, a, b, heldout_pref, featurized, digest,
+        logp_policy_a, logp_policy_b, logp_ref_a, logp_ref_b, predictive_entropy).
+        """
+        conn.executemany(
+            "INSERT INTO items (pool_id, item_id, row, split, prompt, completion_a, completion_b,"
+            " heldout_pref, featurized, digest, logp_policy_a, logp_policy_b, logp_ref_a, logp_ref_b,"
+            " predictive_entropy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(pool_id, *r) for r in rows],
+        )
+
+    def mark_featurized(self, pool_id: str, rows: Sequence[int]) -> None:
+        """Mark feature rows as written (after the feature files are fsynced)."""
+        with self.transaction() as c:
+            c.executemany(
+                "UPDATE items SET featurized = 1 WHERE pool_id = ? AND row = ?",
+                [(pool_id, int(r)) for r in rows],
+            )
+
+    def unfeaturized(self, pool_id: str) -> list[tuple[int, str, str, str]]:
+        """(row, prompt, completion_a, completion_b) of items still waiting for features."""
+        return [
+            (int(r), p, a, b)
+            for r, p, a, b in self._query(
+                "SELECT row, prompt, completion_a, completion_b FROM items"
+                " WHERE pool_id = ? AND featurized = 0 ORDER BY row",
+                (pool_id,),
+            )
+        ]
+
+    def item_index(self, pool_id: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """All items of a pool ordered by row.
+
+        Returns:
+            (item_ids, rows_N int64, split_N int8, heldout_target_N float64 (NaN if none)).
+        """
+        rows = self._query(
+            "SELECT item_id, row, split, heldout_pref FROM items WHERE pool_id = ? ORDER BY row",
+            (pool_id,),
+        )
+        ids = [r[0] for r in rows]
+        rows_N = np.array([r[1] for r in rows], dtype=np.int64)
+        split_N = np.array([r[2] for r in rows], dtype=np.int8)
+        target_N = np.array(
+            [Preference(r[3]).target if r[3] else np.nan for r in rows], dtype=np.float64
+        )
+        return ids, rows_N, split_N, target_N
+
+    def apl_scores(self, pool_id: str) -> np.ndarray:
+        """APL scores by item order (row order): float64 `[N, 5]`, NaN where unknown."""
+        rows = self._query(
+            "SELECT logp_policy_a, logp_policy_b, logp_ref_a, logp_ref_b, predictive_entropy"
+            " FROM items WHERE pool_id = ? ORDER BY row",
+            (pool_id,),
+        )
+        return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64).reshape(
+            -1, 5
+        )
+
+    def update_apl_scores(self, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
+        """Set APL scores of items; returns the number of items updated."""
+        with self.transaction() as c:
+            n = 0
+            for item_id, s in scores:
+                cur = c.execute(
+                    "UPDATE items SET logp_policy_a = ?, logp_policy_b = ?, logp_ref_a = ?,"
+                    " logp_ref_b = ?, predictive_entropy = ? WHERE pool_id = ? AND item_id = ?",
+                    (s.logp_policy_a, s.logp_policy_b, s.logp_ref_a, s.logp_ref_b,
+                     s.predictive_entropy, pool_id, item_id),
+                )
+                n += cur.rowcount
+            return n
+
+    def item_texts(self, pool_id: str, item_ids: Sequence[str]) -> dict[str, ItemText]:
+        """Text fields of the given items that exist."""
+        out: dict[str, ItemText] = {}
+        for start in range(0, len(item_ids), 500):
+            chunk = list(item_ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            for iid, p, a, b in self._query(
+                f"SELECT item_id, prompt, completion_a, completion_b FROM items"  # noqa: S608
+                f" WHERE pool_id = ? AND item_id IN ({marks})",
+                (pool_id, *chunk),
+            ):
+                out[iid] = ItemText(iid, p, a, b)
+        return out
+
+    # ---- labels ------------------------------------------------------------------------
+
+    def existing_labels(self, pool_id: str, label_ids: Sequence[str]) -> dict[str, tuple[str, int, str]]:
+        """label_id -> (item_id, preference, annotator_id) for labels already stored."""
+        out: dict[str, tuple[str, int, str]] = {}
+        for start in range(0, len(label_ids), 500):
+            chunk = list(label_ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            for lid, iid, pref, ann in self._query(
+                f"SELECT label_id, item_id, preference, annotator_id FROM labels"  # noqa: S608
+                f" WHERE pool_id = ? AND label_id IN ({marks})",
+                (pool_id, *chunk),
+            ):
+                out[lid] = (iid, int(pref), ann)
+        return out
+
+    def insert_labels(self, conn: sqlite3.Connection, pool_id: str, labels: Sequence[LabelIn]) -> None:
+        """Insert labels and end their items' leases (inside a transaction)."""
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO labels (pool_id, label_id, item_id, preference, annotator_id, create_time)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(pool_id, lb.label_id, lb.item_id, int(lb.preference), lb.annotator_id, now) for lb in labels],
+        )
+        conn.executemany(
+            "DELETE FROM leases WHERE pool_id = ? AND item_id = ?",
+            [(pool_id, lb.item_id) for lb in labels],
+        )
+
+    def label_count(self, pool_id: str) -> int:
+        """Number of labels stored in a pool."""
+        (n,), = self._query("SELECT COUNT(*) FROM labels WHERE pool_id = ?", (pool_id,))
+        return int(n)
+
+    def labels_page(self, pool_id: str, after_seq: int, limit: int) -> list[StoredLabel]:
+        """Labels with seq > after_seq in storage order."""
+        return [
+            StoredLabel(int(s), lid, iid, Preference(p), ann, t)
+            for s, lid, iid, p, ann, t in self._query(
+                "SELECT seq, label_id, item_id, preference, annotator_id, create_time FROM labels"
+                " WHERE pool_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (pool_id, after_seq, limit),
+            )
+        ]
+
+    def label_targets(self, pool_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every label as (item feature row, target P(A preferred)), in storage order."""
+        rows = self._query(
+            "SELECT i.row, l.preference FROM labels l JOIN items i"
+            " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ? ORDER BY l.seq",
+            (pool_id,),
+        )
+        rows_L = np.array([r[0] for r in rows], dtype=np.int64)
+        targets_L = np.array([Preference(r[1]).target for r in rows], dtype=np.float32)
+        return rows_L, targets_L
+
+    def annotator_counts(self, pool_id: str) -> dict[int, int]:
+        """Feature row -> number of distinct annotators who labelled it."""
+        rows = self._query(
+            "SELECT i.row, COUNT(DISTINCT l.annotator_id) FROM labels l JOIN items i"
+            " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ? GROUP BY i.row",
+            (pool_id,),
+        )
+        return {int(r): int(n) for r, n in rows}
+
+    def annotators_of(self, pool_id: str) -> dict[int, set[str]]:
+        """Feature row -> annotators who labelled it."""
+        out: dict[int, set[str]] = {}
+        for r, ann in self._query(
+            "SELECT DISTINCT i.row, l.annotator_id FROM labels l JOIN items i"
+            " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ?",
+            (pool_id,),
+        ):
+            out.setdefault(int(r), set()).add(ann)
+        return out
+
+    # ---- leases ------------------------------------------------------------------------
+
+    def active_leases(self, pool_id: str, now_s: float) -> list[tuple[int, str]]:
+        """(feature row, annotator_id) of unexpired leases."""
+        return [
+            (int(r), ann)
+            for r, ann in self._query(
+                "SELECT i.row, l.annotator_id FROM leases l JOIN items i"
+                " ON i.pool_id = l.pool_id AND i.item_id = l.item_id"
+                " WHERE l.pool_id = ? AND l.expire_time > ?",
+                (pool_id, now_s),
+            )
+        ]
+
+    def insert_leases(self, pool_id: str, item_ids: Sequence[str], annotator_id: str, expire_s: float) -> None:
+        """Lease items to an annotator (replacing that annotator's older lease on them)."""
+        with self.transaction() as c:
+            c.execute("DELETE FROM leases WHERE pool_id = ? AND expire_time <= ?", (pool_id, time.time()))
+            c.executemany(
+                "INSERT OR REPLACE INTO leases (pool_id, item_id, annotator_id, expire_time) VALUES (?, ?, ?, ?)",
+                [(pool_id, iid, annotator_id, expire_s) for iid in item_ids],
+            )
+
+    def release_leases(self, pool_id: str, item_ids: Sequence[str], annotator_id: str) -> int:
+        """End leases; annotator_id "" ends them whoever holds them. Returns leases ended."""
+        with self.transaction() as c:
+            n = 0
+            for iid in item_ids:
+                if annotator_id:
+                    cur = c.execute(
+                        "DELETE FROM leases WHERE pool_id = ? AND item_id = ? AND annotator_id = ?",
+                        (pool_id, iid, annotator_id),
+                    )
+                else:
+                    cur = c.execute("DELETE FROM leases WHERE pool_id = ? AND item_id = ?", (pool_id, iid))
+                n += cur.rowcount
+            return n
+
+    # ---- idempotent requests -----------------------------------------------------------
+
+    def get_request(self, pool_id: str, request_id: str) -> tuple[str, str] | None:
+        """(digest, response_json) of a recorded request id, or None."""
+        rows = self._query(
+            "SELECT digest, response_json FROM requests WHERE pool_id = ? AND request_id = ?",
+            (pool_id, request_id),
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def put_request(self, conn: sqlite3.Connection, pool_id: str, request_id: str, digest: str, response: str) -> None:
+        """Record a request id with its response (inside a transaction)."""
+        conn.execute(
+            "INSERT INTO requests (pool_id, request_id, digest, response_json) VALUES (?, ?, ?, ?)",
+            (pool_id, request_id, digest, response),
+        )
+
+    # ---- operations --------------------------------------------------------------------
+
+    def save_operation(self, op: Operation) -> None:
+        """Insert or update an operation."""
+        body = {
+            "epoch": op.epoch,
+            "epochs": op.epochs,
+            "train_loss": op.train_loss,
+            "val_log_likelihood": op.val_log_likelihood,
+            "result": op.result,
+            "error_code": op.error_code,
+            "error_message": op.error_message,
+        }
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO operations (operation_id, pool_id, tenant, state, body_json,"
+                " create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (op.operation_id, op.pool_id, op.tenant, op.state.value, json.dumps(body),
+                 op.create_time_s, op.update_time_s),
+            )
+
+    def load_operation(self, operation_id: str) -> Operation | None:
+        """An operation by id, or None."""
+        rows = self._query(
+            "SELECT operation_id, pool_id, tenant, state, body_json, create_time, update_time"
+            " FROM operations WHERE operation_id = ?",
+            (operation_id,),
+        )
+        if not rows:
+            return None
+        oid, pool_id, tenant, state, raw, created, updated = rows[0]
+        body = json.loads(raw)
+        return Operation(
+            operation_id=oid,
+            pool_id=pool_id,
+            tenant=tenant,
+            state=OperationState(state),
+            create_time_s=created,
+            update_time_s=updated,
+            epoch=body["epoch"],
+            epochs=body["epochs"],
+            train_loss=body["train_loss"],
+            val_log_likelihood=body["val_log_likelihood"],
+            result=body["result"],
+            error_code=body["error_code"],
+            error_message=body["error_message"],
+        )
+
+    def fail_unfinished_operations(self, reason: str) -> int:
+        """Mark operations left PENDING/RUNNING by a previous process as FAILED."""
+        rows = self._query(
+            "SELECT operation_id FROM operations WHERE state IN (?, ?)",
+            (OperationState.PENDING.value, OperationState.RUNNING.value),
+        )
+        for (oid,) in rows:
+            op = self.load_operation(oid)
+            if op is None:
+                continue
+            op.state = OperationState.FAILED
+            op.error_code = "ABORTED"
+            op.error_message = reason
+            op.update_time_s = time.time()
+            self.save_operation(op)
+        return len(rows)

@@ -1,0 +1,223 @@
+"""The gRPC servicer: validate enums, convert, one domain call, convert back."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from balpm.v1 import balpm_pb2 as pb
+from balpm.v1 import balpm_pb2_grpc as pb_grpc
+from balpm_server import errors
+from balpm_server.domain import models as m
+from balpm_server.domain.service import DEFAULT_TENANT, PoolService
+from balpm_server.transport import convert as c
+from balpm_server.transport.status import streaming, unary
+
+
+CURRENT_TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("balpm_tenant", default=DEFAULT_TENANT)
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's tenant, as set by authentication (the default tenant without auth)."""
+    del context
+    return CURRENT_TENANT.get()
+
+
+class BalpmServicer(pb_grpc.BalpmServiceServicer):
+    """Implements balpm.v1.BalpmService over a `PoolService`."""
+
+    def __init__(self, service: PoolService) -> None:
+        self.service = service
+
+    @unary
+    async def CreatePool(self, request: pb.CreatePoolRequest, context: grpc.aio.ServicerContext) -> pb.CreatePoolResponse:
+        info = await self.service.create_pool(
+            tenant_of(context), request.pool_id, c.pool_settings_from_pb(request.settings)
+        )
+        return pb.CreatePoolResponse(pool=c.pool_to_pb(info))
+
+    @unary
+    async def GetPool(self, request: pb.GetPoolRequest, context: grpc.aio.ServicerContext) -> pb.GetPoolResponse:
+        return pb.GetPoolResponse(pool=c.pool_to_pb(await self.service.get_pool(tenant_of(context), request.pool_id)))
+
+    @unary
+    async def ListPools(self, request: pb.ListPoolsRequest, context: grpc.aio.ServicerContext) -> pb.ListPoolsResponse:
+        infos, token = await self.service.list_pools(tenant_of(context), request.page_size, request.page_token)
+        return pb.ListPoolsResponse(pools=[c.pool_to_pb(i) for i in infos], next_page_token=token)
+
+    @unary
+    async def DeletePool(self, request: pb.DeletePoolRequest, context: grpc.aio.ServicerContext) -> pb.DeletePoolResponse:
+        await self.service.delete_pool(tenant_of(context), request.pool_id)
+        return pb.DeletePoolResponse()
+
+    @unary
+    async def UploadItems(
+        self, request_iterator: AsyncIterator[pb.UploadItemsRequest], context: grpc.aio.ServicerContext
+    ) -> pb.UploadItemsResponse:
+        stream = request_iterator.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise errors.InvalidArgument("the stream is empty; send a header first", field="header") from None
+        if first.WhichOneof("payload") != "header":
+            raise errors.InvalidArgument("the first message must be a header", field="header", reason="MISSING_HEADER")
+        offset = 0
+
+        async def chunks() -> AsyncIterator[Sequence[m.ItemIn]]:
+            nonlocal offset
+            async for msg in stream:
+                if msg.WhichOneof("payload") != "chunk":
+                    raise errors.InvalidArgument("only the first message may be a header", field="header")
+                converted = [c.item_from_pb(it, f"items[{offset + i}]") for i, it in enumerate(msg.chunk.items)]
+                offset += len(converted)
+                yield converted
+
+        result, info = await self.service.upload_items(tenant_of(context), first.header.pool_id, chunks())
+        return pb.UploadItemsResponse(
+            accepted_count=result.accepted_count,
+            duplicate_count=result.duplicate_count,
+            rejections=[c.rejection_to_pb(r) for r in result.rejections],
+            pool=c.pool_to_pb(info),
+        )
+
+    @unary
+    async def IngestLabels(
+        self, request: pb.IngestLabelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestLabelsResponse:
+        labels = [
+            m.LabelIn(lb.label_id, lb.item_id, c.preference_from_pb(lb.preference, f"labels[{i}].preference"),
+                      lb.annotator_id)
+            for i, lb in enumerate(request.labels)
+        ]
+        r = await self.service.ingest_labels(tenant_of(context), request.pool_id, labels, request.request_id)
+        return pb.IngestLabelsResponse(stored_count=r.stored_count, duplicate_count=r.duplicate_count,
+                                       label_count=r.label_count)
+
+    @unary
+    async def UpdatePosterior(
+        self, request: pb.UpdatePosteriorRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdatePosteriorResponse:
+        op = await self.service.update_posterior(
+            tenant_of(context), request.pool_id, seed=request.seed, warm_start=request.warm_start,
+            epochs=request.epochs,
+        )
+        return pb.UpdatePosteriorResponse(operation=c.operation_to_pb(op))
+
+    @unary
+    async def GetOperation(
+        self, request: pb.GetOperationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetOperationResponse:
+        op = await self.service.get_operation(tenant_of(context), request.operation_id)
+        return pb.GetOperationResponse(operation=c.operation_to_pb(op))
+
+    @streaming
+    async def WatchOperation(
+        self, request: pb.WatchOperationRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchOperationResponse]:
+        async for op in self.service.watch_operation(tenant_of(context), request.operation_id):
+            yield pb.WatchOperationResponse(operation=c.operation_to_pb(op))
+
+    @unary
+    async def CancelOperation(
+        self, request: pb.CancelOperationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelOperationResponse:
+        op = await self.service.cancel_operation(tenant_of(context), request.operation_id)
+        return pb.CancelOperationResponse(operation=c.operation_to_pb(op))
+
+    @unary
+    async def AcquireBatch(
+        self, request: pb.AcquireBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AcquireBatchResponse:
+        r = await self.service.acquire(
+            tenant_of(context),
+            request.pool_id,
+            batch_size=request.batch_size,
+            strategy=c.strategy_from_pb(request.strategy),
+            seed=request.seed,
+            lease_ttl_s=request.lease_ttl_s,
+            annotator_id=request.annotator_id,
+            options=c.options_from_pb(request.options),
+        )
+        return pb.AcquireBatchResponse(
+            items=[
+                pb.AcquiredItem(
+                    item=c.item_text_to_pb(a.item),
+                    scores=pb.ScoreComponents(total=a.total, epistemic=a.epistemic, entropy=a.entropy),
+                    rank=a.rank,
+                )
+                for a in r.items
+            ],
+            posterior_version=r.posterior_version,
+            strategy=c.STRATEGY_TO_PB[r.strategy],
+            lease_expire_time=c.timestamp(r.lease_expire_time_s),
+            acquire_s=r.acquire_s,
+        )
+
+    @unary
+    async def ReleaseItems(
+        self, request: pb.ReleaseItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseItemsResponse:
+        n = await self.service.release_items(
+            tenant_of(context), request.pool_id, list(request.item_ids), request.annotator_id
+        )
+        return pb.ReleaseItemsResponse(released_count=n)
+
+    @unary
+    async def UpdateItemScores(
+        self, request: pb.UpdateItemScoresRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateItemScoresResponse:
+        scores = []
+        for i, s in enumerate(request.scores):
+            apl = c.apl_from_pb(pb.Item(apl_scores=s.apl_scores)) if s.HasField("apl_scores") else None
+            if apl is None:
+                raise errors.InvalidArgument(f"scores[{i}].apl_scores is required", field=f"scores[{i}].apl_scores")
+            scores.append((s.item_id, apl))
+        n = await self.service.update_item_scores(tenant_of(context), request.pool_id, scores)
+        return pb.UpdateItemScoresResponse(updated_count=n)
+
+    @unary
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        items = [c.item_from_pb(it, f"items[{i}]") for i, it in enumerate(request.items)]
+        preds, version = await self.service.predict(tenant_of(context), request.pool_id, list(request.item_ids), items)
+        return pb.PredictResponse(
+            predictions=[
+                pb.Prediction(item_id=p.item_id, prob_a=p.prob_a, epistemic=p.epistemic, aleatoric=p.aleatoric,
+                              member_probs=list(p.member_probs))
+                for p in preds
+            ],
+            posterior_version=version,
+        )
+
+    @unary
+    async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+        items = [
+            (c.item_from_pb(li.item, f"items[{i}].item"), c.preference_from_pb(li.preference, f"items[{i}].preference"))
+            for i, li in enumerate(request.items)
+        ]
+        e = await self.service.evaluate(tenant_of(context), request.pool_id, items)
+        return pb.EvaluateResponse(
+            log_likelihood=e.log_likelihood, accuracy=e.accuracy, brier=e.brier, ece=e.ece,
+            mean_epistemic=e.mean_epistemic, count=e.count, posterior_version=e.posterior_version,
+        )
+
+    @streaming
+    async def ExportLabels(
+        self, request: pb.ExportLabelsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ExportLabelsResponse]:
+        async for page, token in self.service.export_labels(
+            tenant_of(context), request.pool_id, request.page_size, request.page_token
+        ):
+            yield pb.ExportLabelsResponse(
+                labels=[
+                    pb.ExportedLabel(
+                        label=pb.Label(label_id=lb.label_id, item_id=lb.item_id,
+                                       preference=c.PREF_TO_PB[lb.preference], annotator_id=lb.annotator_id),
+                        item=pb.Item(**texts),
+                        create_time=c.timestamp(lb.create_time_s),
+                    )
+                    for lb, texts in page
+                ],
+                next_page_token=token,
+            )

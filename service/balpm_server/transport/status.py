@@ -1,0 +1,93 @@
+"""The one place where exceptions become gRPC statuses.
+
+Domain errors (`balpm_server.errors.BalpmError`) map to their code with a
+`google.rpc.Status` carrying `ErrorInfo` (stable reason, domain "balpm.dev") and,
+when a field is named, `BadRequest.FieldViolation`. Anything else is logged with
+its traceback and becomes INTERNAL with a generic message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from balpm_server import errors
+
+log = logging.getLogger(__name__)
+ERROR_DOMAIN = "balpm.dev"
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def to_status_proto(err: errors.BalpmError) -> status_pb2.Status:
+    """Build the rich status of a domain error."""
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
+    details = [info]
+    if err.field:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)]
+            )
+        )
+    packed = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        packed.append(a)
+    return status_pb2.Status(code=err.code.value[0], message=err.message, details=packed)
+
+
+def internal_status() -> status_pb2.Status:
+    """The generic status of an unexpected failure (details stay in the server log)."""
+    return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the server log")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, errors.BalpmError):
+        await context.abort_with_status(rpc_status.to_status(to_status_proto(exc)))
+    log.exception("unexpected error in %s", method, exc_info=exc)
+    await context.abort_with_status(rpc_status.to_status(internal_status()))
+
+
+def unary(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    """Wrap a unary-response servicer method with the error mapping."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, fn.__name__)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def streaming(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    """Wrap a server-streaming servicer method with the error mapping."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, fn.__name__)
+
+    return wrapper
