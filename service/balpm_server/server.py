@@ -13,12 +13,13 @@ import signal
 from dataclasses import dataclass
 
 import grpc
+from balpm.v1 import balpm_pb2, balpm_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from balpm.v1 import balpm_pb2, balpm_pb2_grpc
 from balpm_server.domain.service import PoolService
-from balpm_server.features import build_extractor
+from balpm_server.features import FeatureExtractor, build_extractor
+from balpm_server.features.cache import CachedExtractor
 from balpm_server.logs import setup_logging
 from balpm_server.settings import Settings
 from balpm_server.transport.servicer import BalpmServicer
@@ -57,7 +58,9 @@ async def create_server(settings: Settings) -> RunningServer:
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
     server = grpc.aio.server(options=options)
-    extractor = build_extractor(settings) if settings.extractor else None
+    extractor: FeatureExtractor | None = None
+    if settings.extractor:
+        extractor = CachedExtractor(build_extractor(settings), settings.data_path / "feature_cache.sqlite3")
     service = PoolService(settings, extractor)
     balpm_pb2_grpc.add_BalpmServiceServicer_to_server(BalpmServicer(service), server)
     health_servicer = health.aio.HealthServicer()

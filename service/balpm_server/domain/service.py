@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -189,7 +190,7 @@ class PoolService:
         rt.b_N_D = fs.read("b", n)
 
     def _load_posterior(self, rt: PoolRuntime, version: int) -> None:
-        if version == 0 or rt.posterior_version == version and rt.posterior_state is not None:
+        if version == 0 or (rt.posterior_version == version and rt.posterior_state is not None):
             return
         state, _manifest = self._posterior_store(rt.pool_id).load(version)
         rt.posterior_state = state
@@ -331,8 +332,7 @@ class PoolService:
         async for chunk in chunks:
             if len(chunk) > self.settings.max_items_per_chunk:
                 raise errors.InvalidArgument(
-                    f"chunk has {len(chunk)} items, more than max_items_per_chunk="
-                    f"{self.settings.max_items_per_chunk}",
+                    f"chunk has {len(chunk)} items, more than max_items_per_chunk={self.settings.max_items_per_chunk}",
                     field="chunk.items",
                     reason="MAX_ITEMS_PER_CHUNK",
                 )
@@ -346,13 +346,22 @@ class PoolService:
                     index += 1
                     continue
                 digest = _digest(
-                    item.prompt, item.completion_a, item.completion_b, int(item.split),
-                    item.heldout_preference, *(f.tobytes() for f in feats.values()),
+                    item.prompt,
+                    item.completion_a,
+                    item.completion_b,
+                    int(item.split),
+                    item.heldout_preference,
+                    *(f.tobytes() for f in feats.values()),
                 )
                 if item.item_id in seen:
                     rejections.append(
-                        Rejection(item.item_id, index, f"items[{index}].item_id", "DUPLICATE_IN_STREAM",
-                                  "item_id appears twice in this chunk")
+                        Rejection(
+                            item.item_id,
+                            index,
+                            f"items[{index}].item_id",
+                            "DUPLICATE_IN_STREAM",
+                            "item_id appears twice in this chunk",
+                        )
                     )
                 else:
                     seen.add(item.item_id)
@@ -371,8 +380,13 @@ class PoolService:
                         duplicates += 1
                     else:
                         rejections.append(
-                            Rejection(item.item_id, index, "item_id", "CONFLICT",
-                                      "an item with this item_id exists with different content")
+                            Rejection(
+                                item.item_id,
+                                index,
+                                "item_id",
+                                "CONFLICT",
+                                "an item with this item_id exists with different content",
+                            )
                         )
                 if not new:
                     continue
@@ -386,21 +400,34 @@ class PoolService:
                         pool_id,
                         [
                             (
-                                item.item_id, int(r), int(item.split), item.prompt, item.completion_a,
+                                item.item_id,
+                                int(r),
+                                int(item.split),
+                                item.prompt,
+                                item.completion_a,
                                 item.completion_b,
                                 int(item.heldout_preference) if item.heldout_preference else None,
-                                1 if client_features else 0, digest,
+                                1 if client_features else 0,
+                                digest,
                                 *(
-                                    (item.apl.logp_policy_a, item.apl.logp_policy_b, item.apl.logp_ref_a,
-                                     item.apl.logp_ref_b, item.apl.predictive_entropy)
-                                    if item.apl else (None,) * 5
+                                    (
+                                        item.apl.logp_policy_a,
+                                        item.apl.logp_policy_b,
+                                        item.apl.logp_ref_a,
+                                        item.apl.logp_ref_b,
+                                        item.apl.predictive_entropy,
+                                    )
+                                    if item.apl
+                                    else (None,) * 5
                                 ),
                             )
                             for (item, _, digest), r in zip(new, rows_R, strict=True)
                         ],
                     )
                     if not client_features:
-                        conn.execute("UPDATE pools SET state = ? WHERE pool_id = ?", (PoolState.FEATURIZING.value, pool_id))
+                        conn.execute(
+                            "UPDATE pools SET state = ? WHERE pool_id = ?", (PoolState.FEATURIZING.value, pool_id)
+                        )
                 accepted += len(new)
                 rt.invalidate_items()
         if not client_features and accepted:
@@ -417,7 +444,8 @@ class PoolService:
     async def _featurize(self, pool_id: str) -> None:
         """Extract features for unfeaturised rows in batches; resumable after a crash."""
         assert self.extractor is not None
-        batch = max(1, self.settings.extract_batch_size)
+        # Large groups let the extractor sort texts by length across many items.
+        batch = max(1, self.settings.extract_batch_size) * 8
         try:
             while True:
                 todo = self.store.unfeaturized(pool_id)
@@ -486,7 +514,8 @@ class PoolService:
             if prior is not None:
                 if prior[0] != req_digest:
                     raise errors.AlreadyExists(
-                        "request_id was used before with different labels", field="request_id",
+                        "request_id was used before with different labels",
+                        field="request_id",
                         reason="REQUEST_ID_CONFLICT",
                     )
                 body = json.loads(prior[1])
@@ -515,7 +544,8 @@ class PoolService:
                     )
                 old = existing.get(c.label_id) or (
                     (seen[c.label_id].item_id, int(seen[c.label_id].preference), seen[c.label_id].annotator_id)
-                    if c.label_id in seen else None
+                    if c.label_id in seen
+                    else None
                 )
                 if old is not None:
                     if old == (c.item_id, int(c.preference), c.annotator_id):
@@ -538,7 +568,10 @@ class PoolService:
                     self.store.insert_labels(conn, pool_id, fresh)
                 if request_id:
                     self.store.put_request(
-                        conn, pool_id, request_id, req_digest,
+                        conn,
+                        pool_id,
+                        request_id,
+                        req_digest,
                         json.dumps({"stored_count": len(fresh), "duplicate_count": dup}),
                     )
         return IngestResult(len(fresh), dup, self.store.label_count(pool_id))
@@ -638,6 +671,9 @@ class PoolService:
                 ensemble_size=s.ensemble_size,
                 hidden_sizes=tuple(s.hidden_sizes),
                 epochs=op.epochs,
+                # Small minibatches: early rounds have a few hundred labels, and 128-pair
+                # batches would give only a couple of optimiser steps per epoch.
+                batch_size=32,
                 warm_start=warm_start,
                 device=self.settings.device,
             )
@@ -656,14 +692,21 @@ class PoolService:
                 loop.call_soon_threadsafe(apply)
 
             result = await asyncio.to_thread(
-                train_ensemble, feats_a, feats_b, targets_L, config,
-                seed=seed, init=init, progress=on_progress, should_stop=cancel.is_set,
+                train_ensemble,
+                feats_a,
+                feats_b,
+                targets_L,
+                config,
+                seed=seed,
+                init=init,
+                progress=on_progress,
+                should_stop=cancel.is_set,
             )
             train_s = time.perf_counter() - started
             manifest = {
                 "pool_id": info.pool_id,
                 "seed": seed,
-                "label_count": int(len(rows_L)),
+                "label_count": len(rows_L),
                 "warm_start": warm_start,
                 "settings": dataclasses.asdict(config),
                 "metrics": {
@@ -681,7 +724,7 @@ class PoolService:
             op.state = OperationState.SUCCEEDED
             op.result = {
                 "posterior_version": version,
-                "label_count": int(len(rows_L)),
+                "label_count": len(rows_L),
                 "val_log_likelihood": result.val_log_likelihood,
                 "train_s": train_s,
                 "epochs_run": result.epochs_run,
@@ -722,10 +765,8 @@ class PoolService:
             event = self._op_events.get(operation_id)
             if event is None:
                 return
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=5.0)
-            except asyncio.TimeoutError:
-                pass
 
     async def cancel_operation(self, tenant: str, operation_id: str) -> Operation:
         """Request cancellation (takes effect at the next epoch boundary)."""
@@ -872,7 +913,9 @@ class PoolService:
             )
             for i, iid in enumerate(chosen)
         )
-        return AcquireResult(items, info.posterior_version if epistemic_N is not None else 0, strat, expire_s, acquire_s)
+        return AcquireResult(
+            items, info.posterior_version if epistemic_N is not None else 0, strat, expire_s, acquire_s
+        )
 
     async def release_items(self, tenant: str, pool_id: str, item_ids: Sequence[str], annotator_id: str) -> int:
         """End leases on items; returns how many leases ended."""
@@ -913,7 +956,9 @@ class PoolService:
             for i, iid in enumerate(item_ids):
                 row = rt.row_of.get(iid)
                 if row is None:
-                    raise errors.NotFound(f"{field}[{i}] {iid!r} is not in pool {info.pool_id!r}", field=f"{field}[{i}]")
+                    raise errors.NotFound(
+                        f"{field}[{i}] {iid!r} is not in pool {info.pool_id!r}", field=f"{field}[{i}]"
+                    )
                 rows.append(row)
             return list(item_ids), rt.a_N_D[rows], rt.b_N_D[rows]
         dim = info.settings.feature_dim
@@ -969,15 +1014,18 @@ class PoolService:
         member_h_N_E = -(probs_N_E * np.log(probs_N_E + eps) + (1 - probs_N_E) * np.log(1 - probs_N_E + eps))
         aleatoric_N = member_h_N_E.mean(axis=1)
         out = [
-            PredictionOut(iid, float(mean_N[i]), float(epistemic_N[i]), float(aleatoric_N[i]),
-                          tuple(float(p) for p in probs_N_E[i]))
+            PredictionOut(
+                iid,
+                float(mean_N[i]),
+                float(epistemic_N[i]),
+                float(aleatoric_N[i]),
+                tuple(float(p) for p in probs_N_E[i]),
+            )
             for i, iid in enumerate(ids)
         ]
         return out, info.posterior_version
 
-    async def evaluate(
-        self, tenant: str, pool_id: str, items: Sequence[tuple[ItemIn, Preference]]
-    ) -> EvaluationOut:
+    async def evaluate(self, tenant: str, pool_id: str, items: Sequence[tuple[ItemIn, Preference]]) -> EvaluationOut:
         """Evaluate on given labelled items, or on the held-out split when none are given."""
         info = self._require_pool(tenant, pool_id)
         self._ensure_ready(info)
@@ -1000,8 +1048,9 @@ class PoolService:
             fa, fb, targets_N = rt.a_N_D[rows], rt.b_N_D[rows], rt.heldout_target_N[rows]
         probs_N_E = await asyncio.to_thread(predict_probs, rt.posterior_state, fa, fb)
         m = evaluate(probs_N_E, targets_N)
-        return EvaluationOut(m.log_likelihood, m.accuracy, m.brier, m.ece, m.mean_epistemic, m.count,
-                             info.posterior_version)
+        return EvaluationOut(
+            m.log_likelihood, m.accuracy, m.brier, m.ece, m.mean_epistemic, m.count, info.posterior_version
+        )
 
 
 Progress = Callable[[TrainProgress], None]

@@ -107,7 +107,6 @@ class TransformersExtractor:
                     field="model_path",
                     reason="EXTRACTOR_NOT_CONFIGURED",
                 )
-            import torch
             from transformers import AutoModel, AutoTokenizer
 
             device = pick_device(self._device_name)
@@ -117,7 +116,6 @@ class TransformersExtractor:
             tokenizer.padding_side = "right"
             model = AutoModel.from_pretrained(self._model_path, local_files_only=True)
             model.eval().to(device)
-            torch.set_grad_enabled(False)
             self._tokenizer, self._model, self._device = tokenizer, model, device
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:

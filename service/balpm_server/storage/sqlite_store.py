@@ -33,7 +33,6 @@ from balpm_server.domain.models import (
     PoolSettings,
     PoolState,
     Preference,
-    Split,
     StoredLabel,
 )
 
@@ -171,7 +170,7 @@ class SqliteStore:
         """Delete a pool and everything that belongs to it."""
         with self.transaction() as c:
             for table in ("items", "labels", "leases", "operations", "requests", "pools"):
-                c.execute(f"DELETE FROM {table} WHERE pool_id = ?", (pool_id,))  # noqa: S608
+                c.execute(f"DELETE FROM {table} WHERE pool_id = ?", (pool_id,))
 
     def pool_ids(self, tenant: str | None = None) -> list[str]:
         """All pool ids (of one tenant when given), sorted."""
@@ -208,15 +207,15 @@ class SqliteStore:
         if row is None:
             return None
         tenant, settings, state, extractor, created, version = row
-        (items, heldout, featurized), = self._query(
+        ((items, heldout, featurized),) = self._query(
             "SELECT COALESCE(SUM(split = 1), 0), COALESCE(SUM(split = 2), 0), COALESCE(SUM(featurized), 0)"
             " FROM items WHERE pool_id = ?",
             (pool_id,),
         )
-        (labels, labelled), = self._query(
+        ((labels, labelled),) = self._query(
             "SELECT COUNT(*), COUNT(DISTINCT item_id) FROM labels WHERE pool_id = ?", (pool_id,)
         )
-        (leased,), = self._query(
+        ((leased,),) = self._query(
             "SELECT COUNT(DISTINCT item_id) FROM leases WHERE pool_id = ? AND expire_time > ?",
             (pool_id, time.time()),
         )
@@ -245,7 +244,7 @@ class SqliteStore:
             chunk = list(item_ids[start : start + 500])
             marks = ",".join("?" * len(chunk))
             rows = self._query(
-                f"SELECT item_id, digest FROM items WHERE pool_id = ? AND item_id IN ({marks})",  # noqa: S608
+                f"SELECT item_id, digest FROM items WHERE pool_id = ? AND item_id IN ({marks})",
                 (pool_id, *chunk),
             )
             out.update(dict(rows))
@@ -253,7 +252,7 @@ class SqliteStore:
 
     def reserve_rows(self, conn: sqlite3.Connection, pool_id: str, count: int) -> int:
         """Reserve `count` consecutive feature rows inside a transaction; returns the first."""
-        (first,), = conn.execute("SELECT next_row FROM pools WHERE pool_id = ?", (pool_id,)).fetchall()
+        ((first,),) = conn.execute("SELECT next_row FROM pools WHERE pool_id = ?", (pool_id,)).fetchall()
         conn.execute("UPDATE pools SET next_row = next_row + ? WHERE pool_id = ?", (count, pool_id))
         return int(first)
 
@@ -302,9 +301,7 @@ class SqliteStore:
         ids = [r[0] for r in rows]
         rows_N = np.array([r[1] for r in rows], dtype=np.int64)
         split_N = np.array([r[2] for r in rows], dtype=np.int8)
-        target_N = np.array(
-            [Preference(r[3]).target if r[3] else np.nan for r in rows], dtype=np.float64
-        )
+        target_N = np.array([Preference(r[3]).target if r[3] else np.nan for r in rows], dtype=np.float64)
         return ids, rows_N, split_N, target_N
 
     def apl_scores(self, pool_id: str) -> np.ndarray:
@@ -314,9 +311,7 @@ class SqliteStore:
             " FROM items WHERE pool_id = ? ORDER BY row",
             (pool_id,),
         )
-        return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64).reshape(
-            -1, 5
-        )
+        return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64).reshape(-1, 5)
 
     def update_apl_scores(self, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
         """Set APL scores of items; returns the number of items updated."""
@@ -326,8 +321,15 @@ class SqliteStore:
                 cur = c.execute(
                     "UPDATE items SET logp_policy_a = ?, logp_policy_b = ?, logp_ref_a = ?,"
                     " logp_ref_b = ?, predictive_entropy = ? WHERE pool_id = ? AND item_id = ?",
-                    (s.logp_policy_a, s.logp_policy_b, s.logp_ref_a, s.logp_ref_b,
-                     s.predictive_entropy, pool_id, item_id),
+                    (
+                        s.logp_policy_a,
+                        s.logp_policy_b,
+                        s.logp_ref_a,
+                        s.logp_ref_b,
+                        s.predictive_entropy,
+                        pool_id,
+                        item_id,
+                    ),
                 )
                 n += cur.rowcount
             return n
@@ -339,7 +341,7 @@ class SqliteStore:
             chunk = list(item_ids[start : start + 500])
             marks = ",".join("?" * len(chunk))
             for iid, p, a, b in self._query(
-                f"SELECT item_id, prompt, completion_a, completion_b FROM items"  # noqa: S608
+                f"SELECT item_id, prompt, completion_a, completion_b FROM items"
                 f" WHERE pool_id = ? AND item_id IN ({marks})",
                 (pool_id, *chunk),
             ):
@@ -355,7 +357,7 @@ class SqliteStore:
             chunk = list(label_ids[start : start + 500])
             marks = ",".join("?" * len(chunk))
             for lid, iid, pref, ann in self._query(
-                f"SELECT label_id, item_id, preference, annotator_id FROM labels"  # noqa: S608
+                f"SELECT label_id, item_id, preference, annotator_id FROM labels"
                 f" WHERE pool_id = ? AND label_id IN ({marks})",
                 (pool_id, *chunk),
             ):
@@ -377,7 +379,7 @@ class SqliteStore:
 
     def label_count(self, pool_id: str) -> int:
         """Number of labels stored in a pool."""
-        (n,), = self._query("SELECT COUNT(*) FROM labels WHERE pool_id = ?", (pool_id,))
+        ((n,),) = self._query("SELECT COUNT(*) FROM labels WHERE pool_id = ?", (pool_id,))
         return int(n)
 
     def labels_page(self, pool_id: str, after_seq: int, limit: int) -> list[StoredLabel]:
@@ -494,8 +496,15 @@ class SqliteStore:
             c.execute(
                 "INSERT OR REPLACE INTO operations (operation_id, pool_id, tenant, state, body_json,"
                 " create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (op.operation_id, op.pool_id, op.tenant, op.state.value, json.dumps(body),
-                 op.create_time_s, op.update_time_s),
+                (
+                    op.operation_id,
+                    op.pool_id,
+                    op.tenant,
+                    op.state.value,
+                    json.dumps(body),
+                    op.create_time_s,
+                    op.update_time_s,
+                ),
             )
 
     def load_operation(self, operation_id: str) -> Operation | None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
+from balpm.v1 import balpm_pb2 as pb
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 
-from balpm.v1 import balpm_pb2 as pb
 from balpm_server import errors
 from balpm_server.acquisition import Strategy
 from balpm_server.domain import models as m
@@ -35,8 +35,15 @@ OP_STATE_TO_PB = {
     m.OperationState.CANCELLED: pb.Operation.STATE_CANCELLED,
 }
 GRPC_CODE_NUMBERS = {
-    "CANCELLED": 1, "INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "FAILED_PRECONDITION": 9,
-    "ABORTED": 10, "RESOURCE_EXHAUSTED": 8, "INTERNAL": 13, "UNAVAILABLE": 14,
+    "CANCELLED": 1,
+    "INVALID_ARGUMENT": 3,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "RESOURCE_EXHAUSTED": 8,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
 }
 
 
@@ -54,8 +61,9 @@ def strategy_from_pb(value: int, field: str = "strategy") -> Strategy | None:
     try:
         return STRATEGY_FROM_PB[value]
     except KeyError:
-        raise errors.InvalidArgument(f"{field} {value} is not a known Strategy", field=field,
-                                     reason="UNKNOWN_ENUM") from None
+        raise errors.InvalidArgument(
+            f"{field} {value} is not a known Strategy", field=field, reason="UNKNOWN_ENUM"
+        ) from None
 
 
 def preference_from_pb(value: int, field: str) -> m.Preference:
@@ -101,7 +109,8 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
     """The Pool message of a pool."""
     s = info.settings
     settings = pb.PoolSettings(
-        feature_source=pb.FEATURE_SOURCE_CLIENT if s.feature_source == m.FeatureSource.CLIENT
+        feature_source=pb.FEATURE_SOURCE_CLIENT
+        if s.feature_source == m.FeatureSource.CLIENT
         else pb.FEATURE_SOURCE_SERVER,
         feature_dim=s.feature_dim,
         ensemble_size=s.ensemble_size,
@@ -113,7 +122,8 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         standardize_features=s.standardize_features,
         labels_per_item=s.labels_per_item,
         epochs=s.epochs,
-        posterior_kind=pb.POSTERIOR_KIND_LORA_ENSEMBLE if s.posterior_kind == "lora_ensemble"
+        posterior_kind=pb.POSTERIOR_KIND_LORA_ENSEMBLE
+        if s.posterior_kind == "lora_ensemble"
         else pb.POSTERIOR_KIND_MLP_ENSEMBLE,
         lora_model_path=s.lora_model_path,
         temperature=s.temperature,
@@ -141,7 +151,10 @@ def apl_from_pb(item: pb.Item) -> m.AplScores | None:
         return None
     a = item.apl_scores
     return m.AplScores(
-        a.logp_policy_a, a.logp_policy_b, a.logp_ref_a, a.logp_ref_b,
+        a.logp_policy_a,
+        a.logp_policy_b,
+        a.logp_ref_a,
+        a.logp_ref_b,
         a.predictive_entropy if a.HasField("predictive_entropy") else None,
     )
 
@@ -170,8 +183,9 @@ def item_from_pb(item: pb.Item, field: str) -> m.ItemIn:
 
 def item_text_to_pb(item: m.ItemText) -> pb.Item:
     """An Item message with text fields only."""
-    return pb.Item(item_id=item.item_id, prompt=item.prompt, completion_a=item.completion_a,
-                   completion_b=item.completion_b)
+    return pb.Item(
+        item_id=item.item_id, prompt=item.prompt, completion_a=item.completion_a, completion_b=item.completion_b
+    )
 
 
 def rejection_to_pb(r: m.Rejection) -> pb.Rejection:

@@ -6,15 +6,14 @@ import contextvars
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-
 from balpm.v1 import balpm_pb2 as pb
 from balpm.v1 import balpm_pb2_grpc as pb_grpc
+
 from balpm_server import errors
 from balpm_server.domain import models as m
 from balpm_server.domain.service import DEFAULT_TENANT, PoolService
 from balpm_server.transport import convert as c
 from balpm_server.transport.status import streaming, unary
-
 
 CURRENT_TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("balpm_tenant", default=DEFAULT_TENANT)
 
@@ -32,7 +31,9 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         self.service = service
 
     @unary
-    async def CreatePool(self, request: pb.CreatePoolRequest, context: grpc.aio.ServicerContext) -> pb.CreatePoolResponse:
+    async def CreatePool(
+        self, request: pb.CreatePoolRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreatePoolResponse:
         info = await self.service.create_pool(
             tenant_of(context), request.pool_id, c.pool_settings_from_pb(request.settings)
         )
@@ -48,7 +49,9 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         return pb.ListPoolsResponse(pools=[c.pool_to_pb(i) for i in infos], next_page_token=token)
 
     @unary
-    async def DeletePool(self, request: pb.DeletePoolRequest, context: grpc.aio.ServicerContext) -> pb.DeletePoolResponse:
+    async def DeletePool(
+        self, request: pb.DeletePoolRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeletePoolResponse:
         await self.service.delete_pool(tenant_of(context), request.pool_id)
         return pb.DeletePoolResponse()
 
@@ -87,20 +90,25 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         self, request: pb.IngestLabelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.IngestLabelsResponse:
         labels = [
-            m.LabelIn(lb.label_id, lb.item_id, c.preference_from_pb(lb.preference, f"labels[{i}].preference"),
-                      lb.annotator_id)
+            m.LabelIn(
+                lb.label_id, lb.item_id, c.preference_from_pb(lb.preference, f"labels[{i}].preference"), lb.annotator_id
+            )
             for i, lb in enumerate(request.labels)
         ]
         r = await self.service.ingest_labels(tenant_of(context), request.pool_id, labels, request.request_id)
-        return pb.IngestLabelsResponse(stored_count=r.stored_count, duplicate_count=r.duplicate_count,
-                                       label_count=r.label_count)
+        return pb.IngestLabelsResponse(
+            stored_count=r.stored_count, duplicate_count=r.duplicate_count, label_count=r.label_count
+        )
 
     @unary
     async def UpdatePosterior(
         self, request: pb.UpdatePosteriorRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdatePosteriorResponse:
         op = await self.service.update_posterior(
-            tenant_of(context), request.pool_id, seed=request.seed, warm_start=request.warm_start,
+            tenant_of(context),
+            request.pool_id,
+            seed=request.seed,
+            warm_start=request.warm_start,
             epochs=request.epochs,
         )
         return pb.UpdatePosteriorResponse(operation=c.operation_to_pb(op))
@@ -183,8 +191,13 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         preds, version = await self.service.predict(tenant_of(context), request.pool_id, list(request.item_ids), items)
         return pb.PredictResponse(
             predictions=[
-                pb.Prediction(item_id=p.item_id, prob_a=p.prob_a, epistemic=p.epistemic, aleatoric=p.aleatoric,
-                              member_probs=list(p.member_probs))
+                pb.Prediction(
+                    item_id=p.item_id,
+                    prob_a=p.prob_a,
+                    epistemic=p.epistemic,
+                    aleatoric=p.aleatoric,
+                    member_probs=list(p.member_probs),
+                )
                 for p in preds
             ],
             posterior_version=version,
@@ -198,8 +211,13 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         ]
         e = await self.service.evaluate(tenant_of(context), request.pool_id, items)
         return pb.EvaluateResponse(
-            log_likelihood=e.log_likelihood, accuracy=e.accuracy, brier=e.brier, ece=e.ece,
-            mean_epistemic=e.mean_epistemic, count=e.count, posterior_version=e.posterior_version,
+            log_likelihood=e.log_likelihood,
+            accuracy=e.accuracy,
+            brier=e.brier,
+            ece=e.ece,
+            mean_epistemic=e.mean_epistemic,
+            count=e.count,
+            posterior_version=e.posterior_version,
         )
 
     @streaming
@@ -212,8 +230,12 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
             yield pb.ExportLabelsResponse(
                 labels=[
                     pb.ExportedLabel(
-                        label=pb.Label(label_id=lb.label_id, item_id=lb.item_id,
-                                       preference=c.PREF_TO_PB[lb.preference], annotator_id=lb.annotator_id),
+                        label=pb.Label(
+                            label_id=lb.label_id,
+                            item_id=lb.item_id,
+                            preference=c.PREF_TO_PB[lb.preference],
+                            annotator_id=lb.annotator_id,
+                        ),
                         item=pb.Item(**texts),
                         create_time=c.timestamp(lb.create_time_s),
                     )

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs balpm with its dev tools.
+# torch is installed first as the pinned CPU build so the resolver never pulls CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+if ! python -c 'import torch' 2>/dev/null; then
+  python -m pip install --quiet "torch==2.13.0"
+fi
+python -m pip install --quiet -e ".[dev]"
+echo "installed into $(pwd)/.venv"

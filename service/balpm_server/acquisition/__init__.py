@@ -1,0 +1,39 @@
+"""Pure, seeded acquisition engine: which preference pairs to label next.
+
+Strategies: RANDOM, BALD, stochastic BALD (softmax/power/softrank), BAL-PM and its
+entropy-only ablation, and APL (certainty/entropy/hybrid). Nothing here keeps state
+across calls except the `KnnGraph` object a caller builds once per pool.
+
+Letter legend: N pool items, E ensemble members, B batch, D feature dim, K neighbours.
+"""
+
+from balpm_server.acquisition.bald import bald_from_probs, binary_entropy
+from balpm_server.acquisition.knn import KnnGraph, build_knn_graph, pair_dist
+from balpm_server.acquisition.params import (
+    AcquisitionParams,
+    AplInputs,
+    CandidateBatch,
+    Strategy,
+)
+from balpm_server.acquisition.strategies import (
+    greedy_balpm,
+    ksg_entropy_term,
+    select_batch,
+    stochastic_bald_keys,
+)
+
+__all__ = [
+    "AcquisitionParams",
+    "AplInputs",
+    "CandidateBatch",
+    "KnnGraph",
+    "Strategy",
+    "bald_from_probs",
+    "binary_entropy",
+    "build_knn_graph",
+    "greedy_balpm",
+    "ksg_entropy_term",
+    "pair_dist",
+    "select_batch",
+    "stochastic_bald_keys",
+]

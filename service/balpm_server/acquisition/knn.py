@@ -1,0 +1,372 @@
+"""k-nearest-neighbour graph of a pool's prompt features, built once and reused.
+
+The KSG entropy term of BAL-PM (Melo et al., NeurIPS 2024) needs, for every pool point x,
+the radius r_k(x) of the ball holding its k nearest other pool points, and the number
+n(x) of acquired points inside that closed ball. A point p can only be inside the ball
+of x when p is one of x's "ball members"; the graph stores these member lists (CSR) and
+their reverse lists, so an acquisition of p touches exactly the points whose ball holds p.
+
+Exactness: candidates come from FAISS (float32); every candidate distance is recomputed
+in float64 with `pair_dist` from the caller's features, r_k(x) is the k-th smallest of
+them (self excluded by id, duplicates of x included), and the ball holds every candidate
+with distance <= r_k(x) (closed ball, exact ties included). When all retrieved candidates
+are inside the ball (large groups of duplicates or tied points) the row is searched again
+with twice as many neighbours until the ball is closed; in exact mode this makes the
+members exactly {p != x : d(x, p) <= r_k(x)}.
+
+Letter legend: N pool items, D feature dim, K neighbours (candidates per row), E ball
+entries (sum of ball sizes), R rows of a chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from balpm_server.errors import FailedPrecondition, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+_SLACK = 8  # extra neighbours fetched so float32 near-ties of the k-th are re-ranked in float64
+_CHUNK_ELEMS = 1 << 24  # float64 elements per refinement chunk (128 MiB)
+_APPROX_MAX_K = 4096  # widening cap of the approximate (HNSW) mode
+_FORMAT_VERSION = 1
+
+
+def pair_dist(a_M_D: np.ndarray, b_M_D: np.ndarray) -> np.ndarray:
+    """Row-wise Euclidean distance in float64, the one formula every path uses.
+
+    Args:
+        a_M_D: First points (any float dtype; upcast to float64).
+        b_M_D: Second points, same shape (or broadcastable to it).
+
+    Returns:
+        d_M: ``sqrt(sum((a - b) ** 2))`` per row, float64. Symmetric bit for bit.
+    """
+    diff = np.asarray(a_M_D, dtype=np.float64) - np.asarray(b_M_D, dtype=np.float64)
+    diff = np.ascontiguousarray(diff)
+    return np.sqrt((diff * diff).sum(axis=1))
+
+
+@dataclass(frozen=True, eq=False)
+class KnnGraph:
+    """kNN balls of every pool point (prompt-feature space), immutable once built.
+
+    Attributes:
+        k: Neighbours per ball.
+        n_items: N.
+        radius_N: float64 distance to the k-th nearest other pool point.
+        ball_indptr: int64 [N + 1] CSR offsets of the ball members.
+        ball_indices: int64 [E] members p != x with d(x, p) <= r_k(x), by distance.
+        reverse_indptr: int64 [N + 1] CSR offsets of the reverse lists.
+        reverse_indices: int64 [E] points x whose ball holds p, ascending.
+        exact: True when the candidates came from an exact (flat) search.
+        standardized: True when features were z-scored per dimension first.
+    """
+
+    k: int
+    n_items: int
+    radius_N: np.ndarray
+    ball_indptr: np.ndarray
+    ball_indices: np.ndarray
+    reverse_indptr: np.ndarray
+    reverse_indices: np.ndarray
+    exact: bool = True
+    standardized: bool = False
+
+    @property
+    def n_entries(self) -> int:
+        """E, the total number of ball memberships."""
+        return int(self.ball_indices.shape[0])
+
+    def ball(self, row: int) -> np.ndarray:
+        """Members of the ball of `row`."""
+        return self.ball_indices[self.ball_indptr[row] : self.ball_indptr[row + 1]]
+
+    def reverse(self, row: int) -> np.ndarray:
+        """Points whose ball holds `row`."""
+        return self.reverse_indices[self.reverse_indptr[row] : self.reverse_indptr[row + 1]]
+
+    def counts_inside(self, acquired_mask_N: np.ndarray) -> np.ndarray:
+        """n(x): acquired points inside the ball of each x (x itself never counts).
+
+        Args:
+            acquired_mask_N: bool, True for acquired points.
+
+        Returns:
+            n_N: int64 counts.
+        """
+        rows_E = np.repeat(np.arange(self.n_items, dtype=np.int64), np.diff(self.ball_indptr))
+        hit_E = np.asarray(acquired_mask_N, dtype=bool)[self.ball_indices]
+        return np.bincount(rows_E[hit_E], minlength=self.n_items).astype(np.int64)
+
+    def save(self, path: pathlib.Path) -> None:
+        """Write the graph to an ``.npz`` file (no pickles)."""
+        np.savez(
+            pathlib.Path(path),
+            format_version=np.int64(_FORMAT_VERSION),
+            k=np.int64(self.k),
+            n_items=np.int64(self.n_items),
+            radius_N=self.radius_N,
+            ball_indptr=self.ball_indptr,
+            ball_indices=self.ball_indices,
+            reverse_indptr=self.reverse_indptr,
+            reverse_indices=self.reverse_indices,
+            exact=np.bool_(self.exact),
+            standardized=np.bool_(self.standardized),
+        )
+
+    @classmethod
+    def load(cls, path: pathlib.Path) -> KnnGraph:
+        """Read a graph written by `save`.
+
+        Raises:
+            FailedPrecondition: The file is not a graph of this format version.
+        """
+        with np.load(pathlib.Path(path), allow_pickle=False) as z:
+            version = int(z["format_version"]) if "format_version" in z else -1
+            if version != _FORMAT_VERSION:
+                raise FailedPrecondition(
+                    f"kNN graph file {path} has format version {version}, "
+                    f"expected {_FORMAT_VERSION}",
+                    field="graph",
+                    reason="GRAPH_FORMAT",
+                )
+            return cls(
+                k=int(z["k"]),
+                n_items=int(z["n_items"]),
+                radius_N=np.asarray(z["radius_N"], dtype=np.float64),
+                ball_indptr=np.asarray(z["ball_indptr"], dtype=np.int64),
+                ball_indices=np.asarray(z["ball_indices"], dtype=np.int64),
+                reverse_indptr=np.asarray(z["reverse_indptr"], dtype=np.int64),
+                reverse_indices=np.asarray(z["reverse_indices"], dtype=np.int64),
+                exact=bool(z["exact"]),
+                standardized=bool(z["standardized"]),
+            )
+
+
+def feature_moments(feats_N_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and standard deviation (float64, std 0 replaced by 1)."""
+    n, d = feats_N_D.shape
+    s1 = np.zeros(d, dtype=np.float64)
+    step = max(1, _CHUNK_ELEMS // max(d, 1))
+    for lo in range(0, n, step):
+        s1 += feats_N_D[lo : lo + step].astype(np.float64).sum(axis=0)
+    mean = s1 / n
+    s2 = np.zeros(d, dtype=np.float64)
+    for lo in range(0, n, step):
+        c = feats_N_D[lo : lo + step].astype(np.float64) - mean
+        s2 += (c * c).sum(axis=0)
+    std = np.sqrt(s2 / n)
+    std[~(std > 0.0)] = 1.0
+    return mean, std
+
+
+class _Features:
+    """float64 view of (optionally standardised) features, materialised per row subset."""
+
+    def __init__(self, feats_N_D: np.ndarray, standardize: bool) -> None:
+        self.raw = feats_N_D
+        self.moments = feature_moments(feats_N_D) if standardize else None
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        x = self.raw[idx].astype(np.float64)
+        if self.moments is not None:
+            x = (x - self.moments[0]) / self.moments[1]
+        return x
+
+    def float32(self) -> np.ndarray:
+        n, d = self.raw.shape
+        if self.moments is None:
+            return np.ascontiguousarray(self.raw, dtype=np.float32)
+        out = np.empty((n, d), dtype=np.float32)
+        step = max(1, _CHUNK_ELEMS // max(d, 1))
+        for lo in range(0, n, step):
+            out[lo : lo + step] = self.rows(np.arange(lo, min(n, lo + step)))
+        return out
+
+
+def _make_index(x32_N_D: np.ndarray, exact: bool, use_gpu: bool) -> Any:
+    import faiss
+
+    d = x32_N_D.shape[1]
+    index: Any
+    if exact:
+        index = faiss.IndexFlatL2(d)
+    elif use_gpu:
+        nlist = int(max(16, min(65536, 4 * np.sqrt(x32_N_D.shape[0]))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), nlist, faiss.METRIC_L2)
+    else:
+        index = faiss.IndexHNSWFlat(d, 32)
+        index.hnsw.efConstruction = 80
+    if use_gpu:
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+    if not exact and use_gpu:
+        n = x32_N_D.shape[0]
+        sample = np.random.default_rng(0).choice(n, size=min(n, 64 * 4096), replace=False)
+        index.train(x32_N_D[np.sort(sample)])
+        index.nprobe = 32
+    index.add(x32_N_D)
+    return index
+
+
+def _search(index: Any, x32_R_D: np.ndarray, kk: int, exact: bool) -> np.ndarray:
+    if not exact:
+        import faiss
+
+        inner: Any = faiss.downcast_index(index) if hasattr(faiss, "downcast_index") else index
+        if hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = max(2 * kk, 64)
+    _, ids = index.search(x32_R_D, kk)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _refine(
+    feats: _Features, rows_R: np.ndarray, ids_R_K: np.ndarray, k: int
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """float64 radii and closed-ball members of `rows_R` from candidate ids.
+
+    Returns:
+        radius_R, members (list of R arrays sorted by distance then id), saturated_R
+        (True when every retrieved candidate is inside the ball).
+    """
+    r, kk = ids_R_K.shape
+    radius_R = np.empty(r, dtype=np.float64)
+    members: list[np.ndarray] = []
+    saturated_R = np.zeros(r, dtype=bool)
+    step = max(1, _CHUNK_ELEMS // max(1, kk * feats.raw.shape[1]))
+    for lo in range(0, r, step):
+        hi = min(r, lo + step)
+        ids = ids_R_K[lo:hi]
+        rows = rows_R[lo:hi]
+        a = feats.rows(rows)
+        flat = ids.ravel()
+        safe = np.where(flat >= 0, flat, rows.repeat(kk))
+        d_flat = pair_dist(np.repeat(a, kk, axis=0), feats.rows(safe))
+        d = d_flat.reshape(hi - lo, kk)
+        bad = (ids < 0) | (ids == rows[:, None])
+        d[bad] = np.inf
+        order = np.lexsort((ids, d), axis=1)
+        d_sorted = np.take_along_axis(d, order, axis=1)
+        id_sorted = np.take_along_axis(ids, order, axis=1)
+        rad = d_sorted[:, k - 1]
+        radius_R[lo:hi] = rad
+        inside = d_sorted <= rad[:, None]
+        n_valid = np.isfinite(d_sorted).sum(axis=1)
+        n_in = inside.sum(axis=1)
+        saturated_R[lo:hi] = n_in >= n_valid
+        for i in range(hi - lo):
+            members.append(id_sorted[i, : n_in[i]].copy())
+    return radius_R, members, saturated_R
+
+
+def build_knn_graph(
+    prompt_feats_N_D: np.ndarray,
+    k: int,
+    *,
+    standardize: bool = False,
+    exact_threshold: int = 200_000,
+    use_gpu: bool | None = None,
+) -> KnnGraph:
+    """Build the kNN balls of a pool once (FAISS candidates, float64 radii).
+
+    Exact ``IndexFlatL2`` search up to `exact_threshold` items, HNSW above (IVF-Flat on
+    GPU); GPU indexes are used when faiss reports GPUs (or `use_gpu` forces it).
+
+    Args:
+        prompt_feats_N_D: Prompt features (float32 or float64), finite.
+        k: Neighbours per ball (the KSG k of Melo et al. 2024), 1 <= k < N.
+        standardize: z-score each feature dimension over the pool first.
+        exact_threshold: Largest N searched exactly.
+        use_gpu: None = auto (faiss.get_num_gpus() > 0).
+
+    Returns:
+        The graph.
+
+    Raises:
+        InvalidArgument: Features not a finite 2-D array, or k < 1.
+        FailedPrecondition: The pool has no more than k items.
+    """
+    feats_N_D = np.asarray(prompt_feats_N_D)
+    if feats_N_D.ndim != 2 or feats_N_D.shape[1] < 1 or feats_N_D.dtype.kind not in "fiu":
+        raise InvalidArgument(
+            f"prompt features must be a numeric [N, D] array, got shape {feats_N_D.shape}",
+            field="prompt_features",
+        )
+    k = int(k)
+    if k < 1:
+        raise InvalidArgument(f"k must be >= 1, got {k}", field="k")
+    n = int(feats_N_D.shape[0])
+    if n <= k:
+        raise FailedPrecondition(
+            f"the kNN graph needs more than k={k} items; the pool has {n}",
+            field="k",
+            reason="POOL_TOO_SMALL",
+        )
+    if feats_N_D.dtype.kind == "f" and not _all_finite(feats_N_D):
+        raise InvalidArgument("prompt features contain NaN or inf", field="prompt_features")
+    import faiss
+
+    if use_gpu is None:
+        use_gpu = bool(hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0)
+    exact = n <= exact_threshold
+    feats = _Features(feats_N_D, standardize)
+    x32 = feats.float32()
+    index = _make_index(x32, exact, use_gpu)
+
+    radius_N = np.empty(n, dtype=np.float64)
+    members: list[np.ndarray | None] = [None] * n
+    todo = np.arange(n, dtype=np.int64)
+    kk = min(n, k + 1 + _SLACK)
+    query_rows = 1 << 14
+    while todo.size:
+        again: list[np.ndarray] = []
+        for lo in range(0, todo.size, query_rows):
+            rows = todo[lo : lo + query_rows]
+            ids = _search(index, x32[rows], kk, exact)
+            rad, mem, sat = _refine(feats, rows, ids, k)
+            radius_N[rows] = rad
+            for i, row in enumerate(rows):
+                members[int(row)] = mem[i]
+            cap = n if exact else min(n, _APPROX_MAX_K)
+            if kk < cap:
+                again.append(rows[sat])
+        todo = np.concatenate(again) if again else np.empty(0, dtype=np.int64)
+        if todo.size:
+            kk = min(n if exact else min(n, _APPROX_MAX_K), 2 * kk)
+            log.debug("widening %d tied kNN balls to %d candidates", todo.size, kk)
+
+    sizes = np.fromiter((m.size for m in members if m is not None), dtype=np.int64, count=n)
+    ball_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes, out=ball_indptr[1:])
+    ball_indices = (
+        np.concatenate([m for m in members if m is not None]).astype(np.int64)
+        if n
+        else np.empty(0, np.int64)
+    )
+    rows_E = np.repeat(np.arange(n, dtype=np.int64), sizes)
+    order = np.argsort(ball_indices, kind="stable")
+    reverse_indices = rows_E[order]
+    reverse_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(ball_indices, minlength=n), out=reverse_indptr[1:])
+    return KnnGraph(
+        k=k,
+        n_items=n,
+        radius_N=radius_N,
+        ball_indptr=ball_indptr,
+        ball_indices=ball_indices,
+        reverse_indptr=reverse_indptr,
+        reverse_indices=reverse_indices,
+        exact=exact,
+        standardized=standardize,
+    )
+
+
+def _all_finite(x_N_D: np.ndarray) -> bool:
+    step = max(1, _CHUNK_ELEMS // max(1, x_N_D.shape[1]))
+    return all(bool(np.isfinite(x_N_D[lo : lo + step]).all()) for lo in range(0, len(x_N_D), step))

@@ -1,0 +1,325 @@
+"""Batch selection: RANDOM, BALD, stochastic BALD, BAL-PM, ENTROPY_ONLY and APL.
+
+All strategies are pure: arrays and an explicit `np.random.Generator` in, a
+`CandidateBatch` out. Ties are always broken by the lowest pool row.
+
+Letter legend: N pool items, C candidates (rows where candidate_mask_N is True, ascending),
+B batch, E ball entries of the kNN graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import digamma
+
+from balpm_server.acquisition.apl import apl_certainty, apl_entropy
+from balpm_server.acquisition.knn import KnnGraph
+from balpm_server.acquisition.params import (
+    APL_STRATEGIES,
+    GRAPH_STRATEGIES,
+    STOCHASTIC_BALD,
+    AcquisitionParams,
+    AplInputs,
+    CandidateBatch,
+    Strategy,
+)
+from balpm_server.errors import FailedPrecondition, InvalidArgument
+
+R_MIN = float(np.finfo(np.float64).tiny)
+"""Floor of r_k inside log(2 r_k): duplicated prompts (r_k = 0) get a very low, finite term."""
+
+
+def ksg_entropy_term(radius_N: np.ndarray, count_N: np.ndarray, d_ent: float) -> np.ndarray:
+    """KSG entropy term of BAL-PM: log(2 max(r_k, R_MIN)) - psi(n + 1) / d_ent.
+
+    Melo et al., "Deep Bayesian Active Learning for Preference Modeling in LLMs",
+    NeurIPS 2024 (Kraskov-Stoegbauer-Grassberger estimator, Kraskov et al. 2004).
+
+    Args:
+        radius_N: Distance to the k-th nearest other pool point.
+        count_N: Acquired points inside each closed ball.
+        d_ent: Divisor of the digamma term.
+
+    Returns:
+        entropy_N: float64.
+    """
+    log2r = np.log(2.0 * np.maximum(np.asarray(radius_N, dtype=np.float64), R_MIN))
+    return _entropy_from_log2r(log2r, count_N, d_ent)
+
+
+def _entropy_from_log2r(log2r_N: np.ndarray, count_N: np.ndarray, d_ent: float) -> np.ndarray:
+    return np.asarray(
+        log2r_N - digamma(np.asarray(count_N, dtype=np.float64) + 1.0) / d_ent, dtype=np.float64
+    )
+
+
+def top_b_desc(scores_C: np.ndarray, b: int) -> np.ndarray:
+    """Positions of the `b` largest scores, descending, ties by lowest position."""
+    order = np.argsort(-np.asarray(scores_C, dtype=np.float64), kind="stable")
+    return np.asarray(order[:b], dtype=np.int64)
+
+
+def stochastic_bald_keys(
+    strategy: Strategy, epistemic_C: np.ndarray, temperature: float, gumbel_C: np.ndarray
+) -> np.ndarray:
+    """Perturbed keys of stochastic BALD; the batch is the top-B keys.
+
+    Kirsch et al., "Stochastic Batch Acquisition: A Simple Baseline for Deep Active
+    Learning", TMLR 2023, with beta = `temperature` and g ~ Gumbel(0, 1):
+    SOFTMAX: beta * s + g; POWER: beta * log s + g (s floored at the smallest normal
+    float); SOFTRANK: -beta * log rank + g, rank 1 = highest score (ties by lowest row).
+
+    Args:
+        strategy: SOFTMAX_BALD, POWER_BALD or SOFTRANK_BALD.
+        epistemic_C: BALD scores of the candidates, ascending row order.
+        temperature: beta.
+        gumbel_C: Gumbel(0, 1) draws, one per candidate.
+
+    Returns:
+        keys_C: float64.
+    """
+    s = np.asarray(epistemic_C, dtype=np.float64)
+    g = np.asarray(gumbel_C, dtype=np.float64)
+    if strategy is Strategy.SOFTMAX_BALD:
+        return np.asarray(temperature * s + g)
+    if strategy is Strategy.POWER_BALD:
+        return np.asarray(temperature * np.log(np.maximum(s, R_MIN)) + g)
+    if strategy is Strategy.SOFTRANK_BALD:
+        rank = np.empty(s.shape[0], dtype=np.float64)
+        rank[top_b_desc(s, s.shape[0])] = np.arange(1, s.shape[0] + 1, dtype=np.float64)
+        return np.asarray(-temperature * np.log(rank) + g)
+    raise InvalidArgument(f"{strategy} is not a stochastic BALD strategy", field="strategy")
+
+
+def greedy_balpm(
+    graph: KnnGraph,
+    *,
+    batch_size: int,
+    candidate_mask_N: np.ndarray,
+    acquired_mask_N: np.ndarray,
+    epistemic_N: np.ndarray | None,
+    beta: float,
+    d_ent: float,
+) -> CandidateBatch:
+    """Greedy BAL-PM with incremental n(x) updates over the reverse kNN lists.
+
+    Melo et al., NeurIPS 2024: score(x) = BALD(x) + beta * (log(2 r_k(x)) - psi(n(x)+1)/d_ent).
+    Each step picks the best candidate (lowest row on ties), marks it acquired and
+    increments n(x) only for the x whose ball holds the pick (its reverse list). The
+    maximum is kept per block of rows, so a step costs O(N / S + S * touched blocks)
+    with block size S ~ sqrt(N), instead of the reference's O(N * D).
+
+    Args:
+        graph: kNN balls of the pool.
+        batch_size: B, at most the number of candidates.
+        candidate_mask_N: Rows that may be picked.
+        acquired_mask_N: Rows already acquired (labelled or leased); they count in n(x).
+        epistemic_N: BALD scores, or None for the entropy term alone (epistemic 0).
+        beta: Weight of the entropy term.
+        d_ent: Divisor of psi(n + 1).
+
+    Returns:
+        The batch with total, epistemic and entropy components at pick time.
+    """
+    n = graph.n_items
+    candidate = np.array(candidate_mask_N, dtype=bool, copy=True)
+    acquired = np.array(acquired_mask_N, dtype=bool, copy=True)
+    count_N = graph.counts_inside(acquired)
+    log2r_N = np.log(2.0 * np.maximum(graph.radius_N, R_MIN))
+    epi_N = (
+        np.zeros(n, dtype=np.float64)
+        if epistemic_N is None
+        else np.asarray(epistemic_N, dtype=np.float64)
+    )
+    ent_N = _entropy_from_log2r(log2r_N, count_N, d_ent)
+    tot_N = epi_N + beta * ent_N
+
+    bs = 1 << max(6, math.ceil(math.log2(max(1.0, math.sqrt(n)))))
+    nb = -(-n // bs)
+    key = np.full(nb * bs, -np.inf)
+    key[:n] = np.where(candidate, tot_N, -np.inf)
+    key_blocks = key.reshape(nb, bs)
+    block_max = key_blocks.max(axis=1)
+
+    idx_B = np.empty(batch_size, dtype=np.int64)
+    tot_B = np.empty(batch_size, dtype=np.float64)
+    epi_B = np.empty(batch_size, dtype=np.float64)
+    ent_B = np.empty(batch_size, dtype=np.float64)
+    rev_ptr, rev_idx = graph.reverse_indptr, graph.reverse_indices
+    for t in range(batch_size):
+        b = int(np.argmax(block_max))
+        j = b * bs + int(np.argmax(key_blocks[b]))
+        idx_B[t], tot_B[t], epi_B[t], ent_B[t] = j, tot_N[j], epi_N[j], ent_N[j]
+        candidate[j] = False
+        key[j] = -np.inf
+        block_max[b] = key_blocks[b].max()
+        if acquired[j]:
+            continue
+        acquired[j] = True
+        xs = rev_idx[rev_ptr[j] : rev_ptr[j + 1]]
+        if xs.size == 0:
+            continue
+        count_N[xs] += 1
+        ent_N[xs] = _entropy_from_log2r(log2r_N[xs], count_N[xs], d_ent)
+        tot_N[xs] = epi_N[xs] + beta * ent_N[xs]
+        live = xs[candidate[xs]]
+        if live.size == 0:
+            continue
+        key[live] = tot_N[live]
+        blocks = np.unique(live // bs)
+        block_max[blocks] = key_blocks[blocks].max(axis=1)
+    return CandidateBatch(idx_B, tot_B, epi_B, ent_B)
+
+
+def _mask(x: np.ndarray, n: int | None, field: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
+        want = f"({n},)" if n is not None else "1-D"
+        raise InvalidArgument(f"{field} must have shape {want}, got {arr.shape}", field=field)
+    if arr.dtype != np.bool_:
+        if arr.dtype.kind not in "iu" or not np.isin(arr, (0, 1)).all():
+            raise InvalidArgument(f"{field} must be a boolean mask", field=field)
+        arr = arr.astype(bool)
+    return arr
+
+
+def select_batch(
+    strategy: Strategy,
+    *,
+    batch_size: int,
+    candidate_mask_N: np.ndarray,
+    acquired_mask_N: np.ndarray,
+    rng: np.random.Generator,
+    params: AcquisitionParams,
+    epistemic_N: np.ndarray | None = None,
+    graph: KnnGraph | None = None,
+    apl: AplInputs | None = None,
+) -> CandidateBatch:
+    """Choose the next batch of pool rows to label.
+
+    Strategies: RANDOM (uniform without replacement); BALD top-B (Houlsby et al. 2011);
+    SOFTMAX/POWER/SOFTRANK_BALD (Kirsch et al., TMLR 2023); BALPM and ENTROPY_ONLY
+    (Melo et al., NeurIPS 2024); APL_CERTAINTY/ENTROPY/HYBRID (Muldrew et al., ICML 2024).
+
+    Randomness: RANDOM draws exactly ``rng.choice(rows_C, size=B, replace=False)``;
+    stochastic BALD draws exactly ``rng.gumbel(size=C)`` (one per candidate, ascending
+    row order); all other strategies draw nothing. A fixed seed gives the same batch.
+
+    Args:
+        strategy: Which heuristic.
+        batch_size: B >= 1, at most the number of candidates.
+        candidate_mask_N: Rows that may be picked (unlabelled, not leased to others).
+        acquired_mask_N: Rows labelled or currently leased to anyone; they count in n(x)
+            so concurrent batches are jointly diverse.
+        rng: Source of all randomness.
+        params: Strategy knobs.
+        epistemic_N: BALD scores of the latest posterior; None when there is none yet
+            (BAL-PM then uses the entropy term alone).
+        graph: kNN graph of the prompt features (BALPM, ENTROPY_ONLY).
+        apl: Log-probabilities (APL strategies).
+
+    Returns:
+        The batch, in pick order, with score components.
+
+    Raises:
+        InvalidArgument: Bad batch size, masks, scores, parameters, or a missing graph.
+        FailedPrecondition: More requested than candidates (field batch_size), no
+            posterior for a BALD strategy (reason NO_POSTERIOR), or missing APL scores
+            (reason MISSING_ITEM_SCORES).
+    """
+    strategy = Strategy(strategy)
+    params.validate()
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
+    b = int(batch_size)
+    cand = _mask(candidate_mask_N, None, "candidate_mask_N")
+    n = int(cand.shape[0])
+    acq = _mask(acquired_mask_N, n, "acquired_mask_N")
+    rows_C = np.flatnonzero(cand).astype(np.int64)
+    if b > rows_C.size:
+        raise FailedPrecondition(
+            f"batch_size {b} exceeds the {rows_C.size} candidate items",
+            field="batch_size",
+            reason="BATCH_LARGER_THAN_POOL",
+            metadata={"acquirable": str(rows_C.size)},
+        )
+    epi: np.ndarray | None = None
+    if epistemic_N is not None:
+        epi = np.asarray(epistemic_N, dtype=np.float64)
+        if epi.shape != (n,):
+            raise InvalidArgument(
+                f"epistemic_N must have shape ({n},), got {epi.shape}", field="epistemic_N"
+            )
+        if not np.isfinite(epi[rows_C]).all():
+            raise InvalidArgument("epistemic scores of candidates must be finite", field="epistemic_N")
+
+    nan_B = np.full(b, np.nan)
+    if strategy is Strategy.RANDOM:
+        idx = np.asarray(rng.choice(rows_C, size=b, replace=False), dtype=np.int64)
+        epi_B = epi[idx] if epi is not None else np.zeros(b)
+        return CandidateBatch(idx, np.zeros(b), epi_B, nan_B)
+
+    if strategy is Strategy.BALD or strategy in STOCHASTIC_BALD:
+        if epi is None:
+            raise FailedPrecondition(
+                f"{strategy.value} needs a posterior; train one with UpdatePosterior first "
+                "or use BALPM/ENTROPY_ONLY/RANDOM",
+                field="strategy",
+                reason="NO_POSTERIOR",
+            )
+        epi_C = epi[rows_C]
+        if strategy is Strategy.BALD:
+            pos = top_b_desc(epi_C, b)
+            return CandidateBatch(rows_C[pos], epi_C[pos], epi_C[pos], nan_B)
+        gumbel_C = rng.gumbel(size=rows_C.size)
+        keys_C = stochastic_bald_keys(strategy, epi_C, params.temperature, gumbel_C)
+        pos = top_b_desc(keys_C, b)
+        return CandidateBatch(rows_C[pos], keys_C[pos], epi_C[pos], nan_B)
+
+    if strategy in GRAPH_STRATEGIES:
+        if graph is None:
+            raise InvalidArgument(f"{strategy.value} needs the pool's kNN graph", field="graph")
+        if graph.n_items != n:
+            raise InvalidArgument(
+                f"kNN graph has {graph.n_items} items but the masks have {n}", field="graph"
+            )
+        if graph.k != int(params.k):
+            raise InvalidArgument(
+                f"kNN graph was built with k={graph.k} but params.k={params.k}", field="k"
+            )
+        return greedy_balpm(
+            graph,
+            batch_size=b,
+            candidate_mask_N=cand,
+            acquired_mask_N=acq,
+            epistemic_N=epi if strategy is Strategy.BALPM else None,
+            beta=float(params.beta),
+            d_ent=float(params.d_ent),
+        )
+
+    if strategy in APL_STRATEGIES:
+        if apl is None:
+            raise FailedPrecondition(
+                f"{strategy.value} needs APL log-probabilities; upload them with UpdateItemScores",
+                field="apl",
+                reason="MISSING_ITEM_SCORES",
+            )
+        epi_of = (lambda r: epi[r]) if epi is not None else (lambda r: np.zeros(r.size))
+        if strategy is Strategy.APL_CERTAINTY:
+            cert_C = apl_certainty(apl, rows_C, n, float(params.apl_beta_dpo))
+            pos = top_b_desc(cert_C, b)
+            return CandidateBatch(rows_C[pos], cert_C[pos], epi_of(rows_C[pos]), nan_B)
+        ent_C = apl_entropy(apl, rows_C, n)
+        if strategy is Strategy.APL_ENTROPY:
+            pos = top_b_desc(ent_C, b)
+            return CandidateBatch(rows_C[pos], ent_C[pos], epi_of(rows_C[pos]), nan_B)
+        s = int(params.apl_entropy_top_s) or 4 * b
+        s = min(max(s, b), rows_C.size)
+        rows_S = np.sort(rows_C[top_b_desc(ent_C, s)])
+        cert_S = apl_certainty(apl, rows_S, n, float(params.apl_beta_dpo))
+        pos = top_b_desc(cert_S, b)
+        return CandidateBatch(rows_S[pos], cert_S[pos], epi_of(rows_S[pos]), nan_B)
+
+    raise InvalidArgument(f"unknown strategy {strategy!r}", field="strategy")
