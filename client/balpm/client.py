@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -240,9 +240,12 @@ class Client:
             pb.Label(
                 label_id=str(lb["label_id"]),
                 item_id=str(lb["item_id"]),
-                preference=PREFERENCES[str(lb["preference"]).upper()]
-                if isinstance(lb["preference"], str)
-                else int(lb["preference"]),
+                preference=cast(
+                    Any,
+                    PREFERENCES[str(lb["preference"]).upper()]
+                    if isinstance(lb["preference"], str)
+                    else int(lb["preference"]),
+                ),
                 annotator_id=str(lb.get("annotator_id", "")),
             )
             for lb in labels
@@ -342,11 +345,11 @@ class Client:
         req = pb.AcquireBatchRequest(
             pool_id=pool_id,
             batch_size=batch_size,
-            strategy=strategy_number(strategy),
+            strategy=cast(Any, strategy_number(strategy)),
             seed=seed,
             lease_ttl_s=lease_ttl_s,
             annotator_id=annotator_id,
-            options=pb.StrategyOptions(**options),
+            options=pb.StrategyOptions(**cast(dict[str, Any], options)),
         )
         return self._call(self._stub.AcquireBatch, req)
 

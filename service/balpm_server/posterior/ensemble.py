@@ -302,8 +302,8 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass(frozen=True)
 class _Split:
-    train_T: np.ndarray  # noqa: N815
-    val_V: np.ndarray  # noqa: N815
+    train_T: np.ndarray
+    val_V: np.ndarray
 
 
 def _split(N: int, val_fraction: float, seed: int) -> _Split:

@@ -112,8 +112,8 @@ def _load_backbone(model_path_or_model: Any, tokenizer: Any) -> tuple[Any, Any]:
 def _lora_config(config: EnsembleConfig) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM")
+    kwargs: dict[str, Any] = {"r": config.lora_rank, "lora_alpha": config.lora_alpha}
+    return LoraConfig(**kwargs, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
 
 def _build(backbone: Any, config: EnsembleConfig, seed: int) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 from balpm.v1 import balpm_pb2 as pb
 from google.protobuf import timestamp_pb2
@@ -24,9 +25,9 @@ STRATEGY_FROM_PB: dict[int, Strategy] = {
     pb.STRATEGY_APL_ENTROPY: Strategy.APL_ENTROPY,
     pb.STRATEGY_APL_HYBRID: Strategy.APL_HYBRID,
 }
-STRATEGY_TO_PB = {s: n for n, s in STRATEGY_FROM_PB.items()}
-PREF_FROM_PB = {pb.PREFERENCE_A: m.Preference.A, pb.PREFERENCE_B: m.Preference.B, pb.PREFERENCE_TIE: m.Preference.TIE}
-PREF_TO_PB = {p: n for n, p in PREF_FROM_PB.items()}
+STRATEGY_TO_PB: dict[Strategy, Any] = {s: n for n, s in STRATEGY_FROM_PB.items()}
+PREF_FROM_PB: dict[int, m.Preference] = {pb.PREFERENCE_A: m.Preference.A, pb.PREFERENCE_B: m.Preference.B, pb.PREFERENCE_TIE: m.Preference.TIE}
+PREF_TO_PB: dict[m.Preference, Any] = {p: n for n, p in PREF_FROM_PB.items()}
 OP_STATE_TO_PB = {
     m.OperationState.PENDING: pb.Operation.STATE_PENDING,
     m.OperationState.RUNNING: pb.Operation.STATE_RUNNING,
@@ -118,7 +119,7 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         knn_k=s.knn_k,
         beta=s.beta,
         d_ent=s.d_ent,
-        default_strategy=STRATEGY_TO_PB[s.default_strategy],
+        default_strategy=cast(Any, STRATEGY_TO_PB[s.default_strategy]),
         standardize_features=s.standardize_features,
         labels_per_item=s.labels_per_item,
         epochs=s.epochs,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 import grpc
 from balpm.v1 import balpm_pb2 as pb
@@ -236,7 +237,7 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
                             preference=c.PREF_TO_PB[lb.preference],
                             annotator_id=lb.annotator_id,
                         ),
-                        item=pb.Item(**texts),
+                        item=pb.Item(**cast(dict[str, Any], texts)),
                         create_time=c.timestamp(lb.create_time_s),
                     )
                     for lb, texts in page
