@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.01)
     p.add_argument("--d-ent", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ref-knn-max", type=int, default=200_000,
+    p.add_argument("--ref-knn-max", type=int, default=20_000,
                    help="largest N for the dense float64 reference kNN")
     p.add_argument("--single", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()

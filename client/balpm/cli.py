@@ -164,10 +164,34 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from balpm.simulate import SimulationConfig, load_split, run_simulation
+    from balpm.oracles import prepare_oracle
+    from balpm.simulate import SimulationConfig, load_split, parse_rows, run_simulation
 
-    pool = load_split(args.pool_file, args.seed, heldout=False, limit=args.limit)
-    test = load_split(args.test_file, args.seed + 1, heldout=True, limit=args.limit)
+    pool = load_split(args.pool_file, args.seed, heldout=False, limit=args.limit, rows=parse_rows(args.pool_rows))
+    test = load_split(args.test_file, args.seed + 1, heldout=True, limit=args.limit, rows=parse_rows(args.test_rows))
+    data = prepare_oracle(
+        pool,
+        test,
+        args.oracle,
+        agreement=args.oracle_agreement,
+        redundancy=args.redundancy,
+        noise=args.redundancy_noise,
+        teacher_seed=args.teacher_seed,
+        label_seed=args.seed,
+        cache_path=args.feature_cache,
+        model_path=args.model_path,
+        pooling=args.pooling,
+    )
+    print(json.dumps(data.info), file=sys.stderr)
+    settings: dict[str, Any] = {"feature_source": data.feature_source}
+    if data.feature_source == "CLIENT":
+        settings["feature_dim"] = len(data.pool[0].item["prompt_features"])
+    for key in ("knn_k", "beta", "ensemble_size"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.hidden_sizes:
+        settings["hidden_sizes"] = [int(h) for h in args.hidden_sizes.split(",")]
+    tags = {"oracle": args.oracle, "redundancy": args.redundancy}
     config = SimulationConfig(
         strategy=args.strategy.upper(),
         initial=args.initial,
@@ -176,12 +200,15 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         seed=args.seed,
         epochs=args.epochs,
         keep_pool=args.keep_pool,
+        feature_source=data.feature_source,
+        pool_settings=tuple(settings.items()),
+        tags=tuple(tags.items()),
     )
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
     try:
         with _client(args) as c:
             c.wait_ready()
-            run_simulation(c, pool, test, config, out=out)
+            run_simulation(c, data.pool, data.test, config, out=out)
     finally:
         if args.out:
             out.close()
@@ -276,6 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--epochs", type=int, default=0, help="max epochs per update (0 = pool default)")
     sim.add_argument("--limit", type=int, default=0, help="use only the first N rows of each file")
+    sim.add_argument("--pool-rows", default="", help="row range START:STOP of the pool file")
+    sim.add_argument("--test-rows", default="", help="row range START:STOP of the test file")
+    sim.add_argument("--oracle", default="human", choices=["human", "model"], help="who answers: file or teacher")
+    sim.add_argument("--oracle-agreement", type=float, default=0.89, help="model oracle: expected agreement")
+    sim.add_argument("--redundancy", type=int, default=1, help="model oracle: copies R of each pool item")
+    sim.add_argument("--redundancy-noise", type=float, default=0.01, help="relative feature noise of the copies")
+    sim.add_argument("--teacher-seed", type=int, default=0, help="model oracle: seed of the teacher's weights")
+    sim.add_argument(
+        "--feature-cache",
+        default="./balpm-data/feature_cache.sqlite3",
+        help="model oracle: the server's feature cache (<data_dir>/feature_cache.sqlite3) for client features",
+    )
+    sim.add_argument("--model-path", default="", help="model oracle: extractor model folder (server's)")
+    sim.add_argument("--pooling", default="mean", choices=["mean", "last_token"])
+    sim.add_argument("--knn-k", type=int)
+    sim.add_argument("--beta", type=float)
+    sim.add_argument("--ensemble-size", type=int)
+    sim.add_argument("--hidden-sizes", default="", help="comma-separated hidden widths, e.g. 256,64")
     sim.add_argument("--keep-pool", action="store_true")
     sim.add_argument("--out")
     sim.set_defaults(func=cmd_simulate)

@@ -8,6 +8,7 @@ held-out test items. One JSON line per round.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import uuid
@@ -22,7 +23,23 @@ from balpm.data import HiddenPair, hide_preferences, read_jsonl
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """Options of one simulated run."""
+    """Options of one simulated run.
+
+    Attributes:
+        strategy: Strategy of rounds 1..rounds.
+        initial: Size of round 0's batch.
+        batch_size: Size of the later batches.
+        rounds: Acquisition rounds after the initial batch.
+        seed: Seed of acquisition and training (round r uses seed * 1000 + r).
+        epochs: Max epochs per posterior update (0 = the pool's setting).
+        pool_id: Pool id ("" = generated).
+        feature_source: "SERVER" (the server extracts features) or "CLIENT" (items carry vectors).
+        initial_strategy: Strategy of round 0 (RANDOM: the same initial set for every strategy of a seed).
+        keep_pool: Keep the pool after the run.
+        pool_settings: Extra PoolSettings fields (knn_k, beta, ensemble_size, hidden_sizes, ...).
+        acquire_options: StrategyOptions of every AcquireBatch (beta, d_ent, temperature).
+        tags: Extra key/values copied into every round record (oracle, redundancy, ...).
+    """
 
     strategy: str = "BALPM"
     initial: int = 256
@@ -35,6 +52,8 @@ class SimulationConfig:
     initial_strategy: str = "RANDOM"
     keep_pool: bool = False
     pool_settings: tuple[tuple[str, Any], ...] = ()
+    acquire_options: tuple[tuple[str, float], ...] = ()
+    tags: tuple[tuple[str, Any], ...] = ()
 
 
 def _log(msg: str, stream: TextIO = sys.stderr) -> None:
@@ -91,7 +110,12 @@ def run_simulation(
             strategy = config.initial_strategy if rnd == 0 else config.strategy
             t_acq = time.perf_counter()
             batch = client.acquire(
-                pool_id, batch_size=size, strategy=strategy, seed=config.seed * 1000 + rnd, annotator_id="oracle"
+                pool_id,
+                batch_size=size,
+                strategy=strategy,
+                seed=config.seed * 1000 + rnd,
+                annotator_id="oracle",
+                **dict(config.acquire_options),
             )
             acquire_s = time.perf_counter() - t_acq
             labels = [
@@ -109,8 +133,8 @@ def run_simulation(
             client.update_posterior(pool_id, seed=config.seed * 1000 + rnd, epochs=config.epochs)
             train_s = time.perf_counter() - t_train
             ev = client.evaluate(pool_id)
-            scores = [(a.scores.epistemic, a.scores.entropy) for a in batch.items]
             record = {
+                **dict(config.tags),
                 "round": rnd,
                 "labels": n_labels,
                 "strategy": config.strategy,
@@ -122,8 +146,7 @@ def run_simulation(
                 "train_s": round(train_s, 3),
                 "batch_strategy": strategy,
                 "posterior_version": ev.posterior_version,
-                "mean_epistemic": sum(s[0] for s in scores) / len(scores),
-                "distinct_prompts": len({by_id[a.item.item_id].item["prompt"] for a in batch.items}),
+                **batch_stats(batch, by_id),
             }
             records.append(record)
             if out is not None:
@@ -139,13 +162,67 @@ def run_simulation(
             client.delete_pool(pool_id)
 
 
-def load_split(path: str | Path, seed: int, *, heldout: bool, limit: int = 0) -> list[HiddenPair]:
-    """Read a file in the shared format and hide its preferences (held-out ids get a "test-" prefix)."""
-    rows = list(read_jsonl(path))
+def batch_stats(batch: Any, by_id: dict[str, HiddenPair]) -> dict[str, Any]:
+    """Per-batch diagnostics from an AcquireBatch response.
+
+    Args:
+        batch: The AcquireBatchResponse.
+        by_id: Pool items by id (for their prompt text).
+
+    Returns:
+        batch_size; distinct_prompts (distinct prompt texts in the batch); mean/min/max of
+        the per-item `scores.epistemic` (BALD mutual information at pick time) and of the
+        raw KSG `scores.entropy` term (NaN where the strategy has none); mean total score.
+    """
+    epi = [a.scores.epistemic for a in batch.items]
+    ent = [a.scores.entropy for a in batch.items]
+    tot = [a.scores.total for a in batch.items]
+    n = max(1, len(epi))
+    finite_ent = [e for e in ent if math.isfinite(e)]
+    return {
+        "batch_size": len(epi),
+        "distinct_prompts": len({by_id[a.item.item_id].item["prompt"] for a in batch.items}),
+        "mean_epistemic": sum(epi) / n,
+        "min_epistemic": min(epi, default=0.0),
+        "max_epistemic": max(epi, default=0.0),
+        "mean_entropy": sum(finite_ent) / len(finite_ent) if finite_ent else None,
+        "min_entropy": min(finite_ent) if finite_ent else None,
+        "max_entropy": max(finite_ent) if finite_ent else None,
+        "mean_total": sum(tot) / n,
+    }
+
+
+def load_split(
+    path: str | Path, seed: int, *, heldout: bool, limit: int = 0, rows: tuple[int, int] | None = None
+) -> list[HiddenPair]:
+    """Read a file in the shared format and hide its preferences (held-out ids get a "test-" prefix).
+
+    Args:
+        path: JSONL(.gz) file.
+        seed: Seed of the A/B order.
+        heldout: Mark the items as held-out (evaluation) items carrying their preference.
+        limit: Keep only the first N rows (0 = all); applied after `rows`.
+        rows: Half-open row range [start, stop) of the file to use (None = all), e.g. to
+            hold out part of one file as a validation or test split.
+
+    Returns:
+        The items with their hidden preferences.
+    """
+    data = list(read_jsonl(path))
+    if rows is not None:
+        data = data[rows[0] : rows[1]]
     if limit:
-        rows = rows[:limit]
-    pairs = hide_preferences(rows, seed, heldout=heldout)
+        data = data[:limit]
+    pairs = hide_preferences(data, seed, heldout=heldout)
     if heldout:
         for p in pairs:
             p.item["item_id"] = ("test-" + p.item["item_id"])[:128]
     return pairs
+
+
+def parse_rows(spec: str) -> tuple[int, int] | None:
+    """Parse a row range "START:STOP" (either side may be empty; "" = all rows)."""
+    if not spec:
+        return None
+    start, _, stop = spec.partition(":")
+    return int(start or 0), int(stop) if stop else 1 << 62

@@ -1,14 +1,46 @@
-"""Logging setup: JSON lines (one object per record) or plain text."""
+"""Logging setup: JSON lines (one object per record) or plain text.
+
+Records logged while an RPC is handled carry its `request_id` (from the
+`x-request-id` metadata, or generated) via the `REQUEST_ID` context variable, which
+the transport interceptor sets. `ACCESS_LOG` gets one line per RPC.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import re
 import sys
 import time
+import uuid
 from typing import Any
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("balpm_request_id", default="")
+ACCESS_LOG = logging.getLogger("balpm.access")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:/+=\-]{1,128}$")
+
+
+def request_id_from(value: str | bytes | None) -> str:
+    """A safe request id: the caller's when well formed (1-128 of [A-Za-z0-9_.:/+=-]), else a new one."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if value and _REQUEST_ID_RE.match(value):
+        return value
+    return uuid.uuid4().hex
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds the current RPC's `request_id` to records that do not carry one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            rid = REQUEST_ID.get()
+            if rid:
+                record.request_id = rid
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,6 +69,7 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = True) -> None:
         json_lines: JSON lines when true, plain text otherwise.
     """
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
     handler.setFormatter(
         JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )

@@ -22,7 +22,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from triton_harness import (  # noqa: E402 - needs the path above
     MODEL_NAME,
+    TritonFixture,
     TritonInstall,
     TritonServer,
     TritonUnavailableError,
@@ -40,27 +40,6 @@ from triton_harness import (  # noqa: E402 - needs the path above
 )
 
 TINY_MAX_LENGTH_TOKENS = 64
-
-
-@dataclass(frozen=True)
-class TritonFixture:
-    """What tests get from `triton_server`.
-
-    Attributes:
-        server: The running server (tests may `stop()`/`kill()`/`start()` it).
-        grpc_url: "127.0.0.1:PORT" for `TritonExtractor` / `BALPM_TRITON_URL`.
-        http_url: "http://127.0.0.1:PORT".
-        model_name: Triton model name (`BALPM_TRITON_MODEL`).
-        model_path: Folder of the tiny model (for an in-process `TransformersExtractor`).
-        max_length_tokens: Truncation length the Triton model was configured with.
-    """
-
-    server: TritonServer
-    grpc_url: str
-    http_url: str
-    model_name: str
-    model_path: Path
-    max_length_tokens: int
 
 
 def _unavailable(reason: str) -> None:

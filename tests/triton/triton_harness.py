@@ -351,6 +351,27 @@ class TritonServer:
             time.sleep(0.1)
 
 
+@dataclass(frozen=True)
+class TritonFixture:
+    """What tests get from `triton_server`.
+
+    Attributes:
+        server: The running server (tests may `stop()`/`kill()`/`start()` it).
+        grpc_url: "127.0.0.1:PORT" for `TritonExtractor` / `BALPM_TRITON_URL`.
+        http_url: "http://127.0.0.1:PORT".
+        model_name: Triton model name (`BALPM_TRITON_MODEL`).
+        model_path: Folder of the tiny model (for an in-process `TransformersExtractor`).
+        max_length_tokens: Truncation length the Triton model was configured with.
+    """
+
+    server: TritonServer
+    grpc_url: str
+    http_url: str
+    model_name: str
+    model_path: Path
+    max_length_tokens: int
+
+
 def build_tiny_model(dest: Path, *, seed: int = 0, n_positions: int = 128) -> Path:
     """Save a random tiny GPT-2 and a word-level tokenizer to `dest` (nothing downloaded).
 

@@ -112,6 +112,15 @@ def test_fast_greedy_balpm_matches_brute_force(pool):
     assert_batch_matches(batch, brute_balpm(X, k, b, cand, acq, epi, beta, d_ent))
 
 
+@settings(max_examples=30, deadline=None)
+@given(pools())
+def test_reference_implementation_matches_brute_force(pool):
+    X, k, b, cand, acq, epi, beta, d_ent = pool
+    ref = balpm_reference(X, k, batch_size=b, candidate_mask_N=cand, acquired_mask_N=acq,
+                          epistemic_N=epi, beta=beta, d_ent=d_ent)
+    assert_batch_matches(ref, brute_balpm(X, k, b, cand, acq, epi, beta, d_ent))
+
+
 @PROPS
 @given(pools())
 def test_entropy_only_matches_brute_force_with_epistemic_fixed_at_zero(pool):

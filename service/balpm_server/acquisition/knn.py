@@ -12,7 +12,8 @@ them (self excluded by id, duplicates of x included), and the ball holds every c
 with distance <= r_k(x) (closed ball, exact ties included). When all retrieved candidates
 are inside the ball (large groups of duplicates or tied points) the row is searched again
 with twice as many neighbours until the ball is closed; in exact mode this makes the
-members exactly {p != x : d(x, p) <= r_k(x)}.
+members exactly {p != x : d(x, p) <= r_k(x)} (widening stops at 2048 neighbours on GPU and
+4096 in approximate HNSW mode).
 
 Letter legend: N pool items, D feature dim, K neighbours (candidates per row), E ball
 entries (sum of ball sizes), R rows of a chunk.
@@ -33,23 +34,27 @@ log = logging.getLogger(__name__)
 
 _SLACK = 8  # extra neighbours fetched so float32 near-ties of the k-th are re-ranked in float64
 _CHUNK_ELEMS = 1 << 24  # float64 elements per refinement chunk (128 MiB)
+_REFINE_ELEMS = 1 << 21  # float64 elements per distance-refinement chunk (cache sized)
 _APPROX_MAX_K = 4096  # widening cap of the approximate (HNSW) mode
+_GPU_MAX_K = 2048  # largest k FAISS GPU indexes search
 _FORMAT_VERSION = 1
 
 
 def pair_dist(a_M_D: np.ndarray, b_M_D: np.ndarray) -> np.ndarray:
-    """Row-wise Euclidean distance in float64, the one formula every path uses.
+    """Euclidean distance in float64 along the last axis, the one formula every path uses.
 
     Args:
-        a_M_D: First points (any float dtype; upcast to float64).
-        b_M_D: Second points, same shape (or broadcastable to it).
+        a_M_D: First points (any float dtype; upcast to float64); leading axes broadcast.
+        b_M_D: Second points, broadcastable against `a_M_D`.
 
     Returns:
-        d_M: ``sqrt(sum((a - b) ** 2))`` per row, float64. Symmetric bit for bit.
+        d_M: ``sqrt(sum((a - b) ** 2, axis=-1))``, float64. Symmetric bit for bit, and the
+        same bits whatever the leading shape (contiguous last-axis pairwise summation).
     """
     diff = np.asarray(a_M_D, dtype=np.float64) - np.asarray(b_M_D, dtype=np.float64)
     diff = np.ascontiguousarray(diff)
-    return np.sqrt((diff * diff).sum(axis=1))
+    np.multiply(diff, diff, out=diff)
+    return np.sqrt(diff.sum(axis=-1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,7 +195,8 @@ class _Features:
         return out
 
 
-def _make_index(x32_N_D: np.ndarray, exact: bool, use_gpu: bool) -> Any:
+def _make_index(x32_N_D: np.ndarray, exact: bool, use_gpu: bool) -> tuple[Any, Any]:
+    """FAISS index holding `x32_N_D`, and the GPU resources it needs alive (or None)."""
     import faiss
 
     d = x32_N_D.shape[1]
@@ -203,6 +209,7 @@ def _make_index(x32_N_D: np.ndarray, exact: bool, use_gpu: bool) -> Any:
     else:
         index = faiss.IndexHNSWFlat(d, 32)
         index.hnsw.efConstruction = 80
+    res = None
     if use_gpu:
         res = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(res, 0, index)
@@ -212,7 +219,7 @@ def _make_index(x32_N_D: np.ndarray, exact: bool, use_gpu: bool) -> Any:
         index.train(x32_N_D[np.sort(sample)])
         index.nprobe = 32
     index.add(x32_N_D)
-    return index
+    return index, res
 
 
 def _search(index: Any, x32_R_D: np.ndarray, kk: int, exact: bool) -> np.ndarray:
@@ -239,16 +246,14 @@ def _refine(
     radius_R = np.empty(r, dtype=np.float64)
     members: list[np.ndarray] = []
     saturated_R = np.zeros(r, dtype=bool)
-    step = max(1, _CHUNK_ELEMS // max(1, kk * feats.raw.shape[1]))
+    step = max(1, _REFINE_ELEMS // max(1, kk * feats.raw.shape[1]))
     for lo in range(0, r, step):
         hi = min(r, lo + step)
         ids = ids_R_K[lo:hi]
         rows = rows_R[lo:hi]
         a = feats.rows(rows)
-        flat = ids.ravel()
-        safe = np.where(flat >= 0, flat, rows.repeat(kk))
-        d_flat = pair_dist(np.repeat(a, kk, axis=0), feats.rows(safe))
-        d = d_flat.reshape(hi - lo, kk)
+        safe = np.where(ids >= 0, ids, rows[:, None])
+        d = pair_dist(a[:, None, :], feats.rows(safe.ravel()).reshape(hi - lo, kk, -1))
         bad = (ids < 0) | (ids == rows[:, None])
         d[bad] = np.inf
         order = np.lexsort((ids, d), axis=1)
@@ -317,12 +322,17 @@ def build_knn_graph(
     exact = n <= exact_threshold
     feats = _Features(feats_N_D, standardize)
     x32 = feats.float32()
-    index = _make_index(x32, exact, use_gpu)
+    index, _gpu_resources = _make_index(x32, exact, use_gpu)
 
     radius_N = np.empty(n, dtype=np.float64)
     members: list[np.ndarray | None] = [None] * n
     todo = np.arange(n, dtype=np.int64)
     kk = min(n, k + 1 + _SLACK)
+    # Widening cap: exact CPU search can fetch every point; GPU search is limited to
+    # 2048 neighbours and HNSW to _APPROX_MAX_K (balls of bigger tie groups are truncated).
+    cap = n if exact else min(n, _APPROX_MAX_K)
+    if use_gpu:
+        cap = min(cap, _GPU_MAX_K)
     query_rows = 1 << 14
     while todo.size:
         again: list[np.ndarray] = []
@@ -333,12 +343,11 @@ def build_knn_graph(
             radius_N[rows] = rad
             for i, row in enumerate(rows):
                 members[int(row)] = mem[i]
-            cap = n if exact else min(n, _APPROX_MAX_K)
             if kk < cap:
                 again.append(rows[sat])
         todo = np.concatenate(again) if again else np.empty(0, dtype=np.int64)
         if todo.size:
-            kk = min(n if exact else min(n, _APPROX_MAX_K), 2 * kk)
+            kk = min(cap, 2 * kk)
             log.debug("widening %d tied kNN balls to %d candidates", todo.size, kk)
 
     sizes = np.fromiter((m.size for m in members if m is not None), dtype=np.int64, count=n)

@@ -82,16 +82,17 @@ def greedy_reference(
     candidate = np.array(candidate_mask_N, dtype=bool, copy=True)
     acquired = np.array(acquired_mask_N, dtype=bool, copy=True)
     epi = np.zeros(n) if epistemic_N is None else np.asarray(epistemic_N, dtype=np.float64)
-    step = max(1, _CHUNK_ELEMS // x.shape[1])
+    sq = (x * x).sum(axis=1)
+    margin = 1e-9 * (sq + sq.max()) + 1e-300
 
     def add(p: int) -> None:
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            dist = pair_dist(x[lo:hi], x[p : p + 1])
-            inside = dist <= radius[lo:hi]
-            if lo <= p < hi:
-                inside[p - lo] = False
-            count[lo:hi] += inside
+        # Distance from the pick to all N points (BLAS expansion), then the points near
+        # their ball boundary are re-measured with `pair_dist` so ties count exactly.
+        d2 = sq + sq[p] - 2.0 * (x @ x[p])
+        near = np.flatnonzero(d2 <= radius * radius + margin)
+        near = near[near != p]
+        inside = pair_dist(x[near], x[p]) <= radius[near]
+        count[near[inside]] += 1
 
     for p in np.flatnonzero(acquired):
         add(int(p))

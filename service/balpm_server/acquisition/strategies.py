@@ -229,7 +229,10 @@ def select_batch(
             posterior for a BALD strategy (reason NO_POSTERIOR), or missing APL scores
             (reason MISSING_ITEM_SCORES).
     """
-    strategy = Strategy(strategy)
+    try:
+        strategy = Strategy(strategy)
+    except ValueError:
+        raise InvalidArgument(f"unknown strategy {strategy!r}", field="strategy") from None
     params.validate()
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}", field="batch_size")

@@ -152,9 +152,9 @@ class PoolService:
         # pool ids are validated against POOL_ID_RE before reaching here: no path tricks.
         return self.root / "pools" / pool_id
 
-    def _require_pool(self, tenant: str, pool_id: str) -> PoolInfo:
+    def _require_pool(self, tenant: str, pool_id: str, *, counts: bool = False) -> PoolInfo:
         v.pool_id(pool_id)
-        info = self.store.pool_info(pool_id)
+        info = self.store.pool_info(pool_id, counts=counts)
         if info is None or info.tenant != tenant:
             raise errors.NotFound(f"pool {pool_id!r} does not exist", field="pool_id", reason="POOL_NOT_FOUND")
         return info
@@ -199,6 +199,7 @@ class PoolService:
 
     def _ensure_ready(self, info: PoolInfo) -> None:
         if info.state == PoolState.FEATURIZING:
+            info = self.store.pool_info(info.pool_id) or info
             total = info.item_count + info.heldout_count
             raise errors.FailedPrecondition(
                 f"pool {info.pool_id!r} is still extracting features ({info.featurized_count}/{total} items); "
@@ -259,7 +260,7 @@ class PoolService:
 
     async def get_pool(self, tenant: str, pool_id: str) -> PoolInfo:
         """Return one pool."""
-        return self._require_pool(tenant, pool_id)
+        return self._require_pool(tenant, pool_id, counts=True)
 
     async def list_pools(self, tenant: str, page_size: int, page_token: str) -> tuple[list[PoolInfo], str]:
         """Return a page of pools in id order and the next page token."""
@@ -432,7 +433,7 @@ class PoolService:
                 rt.invalidate_items()
         if not client_features and accepted:
             self._schedule_featurize(pool_id)
-        info = self._require_pool(tenant, pool_id)
+        info = self._require_pool(tenant, pool_id, counts=True)
         return UploadResult(accepted, duplicates, tuple(rejections)), info
 
     def _schedule_featurize(self, pool_id: str) -> None:
@@ -494,7 +495,7 @@ class PoolService:
         self, tenant: str, pool_id: str, labels: Sequence[LabelIn], request_id: str = ""
     ) -> IngestResult:
         """Store labels atomically and idempotently; acknowledged only after commit."""
-        self._require_pool(tenant, pool_id)
+        info = self._require_pool(tenant, pool_id)
         if not labels:
             raise errors.InvalidArgument("labels is empty", field="labels", reason="EMPTY_BATCH")
         if len(labels) > MAX_LABELS_PER_REQUEST:
@@ -522,15 +523,13 @@ class PoolService:
                 return IngestResult(0, body["stored_count"] + body["duplicate_count"], self.store.label_count(pool_id))
         rt = self._runtime(pool_id)
         async with rt.lock:
-            texts = self.store.item_texts(pool_id, [c.item_id for c in clean])
-            _ids, _rows, split_N, _t = self.store.item_index(pool_id)
-            split_of = dict(zip(_ids, split_N.tolist(), strict=True))
+            split_of = self.store.item_splits(pool_id, [c.item_id for c in clean])
             existing = self.store.existing_labels(pool_id, [c.label_id for c in clean])
             fresh: list[LabelIn] = []
             dup = 0
             seen: dict[str, LabelIn] = {}
             for i, c in enumerate(clean):
-                if c.item_id not in texts:
+                if c.item_id not in split_of:
                     raise errors.NotFound(
                         f"labels[{i}].item_id {c.item_id!r} is not an item of pool {pool_id!r}; upload it first",
                         field=f"labels[{i}].item_id",
@@ -565,7 +564,7 @@ class PoolService:
                 fresh.append(c)
             with self.store.transaction() as conn:
                 if fresh:
-                    self.store.insert_labels(conn, pool_id, fresh)
+                    self.store.insert_labels(conn, pool_id, fresh, info.settings.labels_per_item)
                 if request_id:
                     self.store.put_request(
                         conn,
@@ -623,9 +622,10 @@ class PoolService:
                 f"tenant already runs max_training_jobs_per_tenant={self.settings.max_training_jobs_per_tenant}",
                 reason="MAX_TRAINING_JOBS",
             )
-        if info.label_count < MIN_LABELS_TO_TRAIN:
+        label_count = self.store.label_count(pool_id)
+        if label_count < MIN_LABELS_TO_TRAIN:
             raise errors.FailedPrecondition(
-                f"pool {pool_id!r} has {info.label_count} labels; training needs at least {MIN_LABELS_TO_TRAIN}",
+                f"pool {pool_id!r} has {label_count} labels; training needs at least {MIN_LABELS_TO_TRAIN}",
                 field="pool_id",
                 reason="NOT_ENOUGH_LABELS",
             )

@@ -398,7 +398,8 @@ def _train_members(
 
     for epoch in range(1, config.epochs + 1):
         order_E_T = torch.from_numpy(_epoch_orders(rngs, samples_E_T)).to(device)
-        loss_sum, n_batches = 0.0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no per-step sync
+        n_batches = 0
         for sl in _chunks(n_train, config.batch_size):
             if should_stop is not None and should_stop():
                 raise errors.Cancelled("posterior training was cancelled")
@@ -410,9 +411,9 @@ def _train_members(
             # Sum, not mean: each member's gradient is that of its own mean loss.
             loss_E.sum().backward()
             opt.step()
-            loss_sum += float(loss_E.detach().mean())
+            loss_sum += loss_E.detach().mean()
             n_batches += 1
-        train_loss = loss_sum / max(n_batches, 1)
+        train_loss = float(loss_sum) / max(n_batches, 1)
         epochs_run = epoch
 
         val_ll = math.nan

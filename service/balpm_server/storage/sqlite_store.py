@@ -201,12 +201,14 @@ class SqliteStore:
         with self.transaction() as c:
             c.execute("UPDATE pools SET posterior_version = ? WHERE pool_id = ?", (version, pool_id))
 
-    def pool_info(self, pool_id: str) -> PoolInfo | None:
-        """A pool with its counters, or None."""
+    def pool_info(self, pool_id: str, *, counts: bool = True) -> PoolInfo | None:
+        """A pool (with its counters unless `counts` is false, which is cheaper), or None."""
         row = self.pool_row(pool_id)
         if row is None:
             return None
         tenant, settings, state, extractor, created, version = row
+        if not counts:
+            return PoolInfo(pool_id, tenant, settings, state, extractor, created, posterior_version=version)
         ((items, heldout, featurized),) = self._query(
             "SELECT COALESCE(SUM(split = 1), 0), COALESCE(SUM(split = 2), 0), COALESCE(SUM(featurized), 0)"
             " FROM items WHERE pool_id = ?",
@@ -334,6 +336,19 @@ class SqliteStore:
                 n += cur.rowcount
             return n
 
+    def item_splits(self, pool_id: str, item_ids: Sequence[str]) -> dict[str, int]:
+        """item_id -> split of the given items that exist."""
+        out: dict[str, int] = {}
+        for start in range(0, len(item_ids), 500):
+            chunk = list(item_ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self._query(
+                f"SELECT item_id, split FROM items WHERE pool_id = ? AND item_id IN ({marks})",
+                (pool_id, *chunk),
+            )
+            out.update({iid: int(split) for iid, split in rows})
+        return out
+
     def item_texts(self, pool_id: str, item_ids: Sequence[str]) -> dict[str, ItemText]:
         """Text fields of the given items that exist."""
         out: dict[str, ItemText] = {}
@@ -364,8 +379,15 @@ class SqliteStore:
                 out[lid] = (iid, int(pref), ann)
         return out
 
-    def insert_labels(self, conn: sqlite3.Connection, pool_id: str, labels: Sequence[LabelIn]) -> None:
-        """Insert labels and end their items' leases (inside a transaction)."""
+    def insert_labels(
+        self, conn: sqlite3.Connection, pool_id: str, labels: Sequence[LabelIn], labels_per_item: int = 1
+    ) -> None:
+        """Insert labels and end leases (inside a transaction).
+
+        A label ends the labeller's own lease; once an item has `labels_per_item`
+        distinct annotators every lease on it ends (with the default of 1, a late
+        label from anyone ends the current holder's lease).
+        """
         now = time.time()
         conn.executemany(
             "INSERT INTO labels (pool_id, label_id, item_id, preference, annotator_id, create_time)"
@@ -373,8 +395,13 @@ class SqliteStore:
             [(pool_id, lb.label_id, lb.item_id, int(lb.preference), lb.annotator_id, now) for lb in labels],
         )
         conn.executemany(
-            "DELETE FROM leases WHERE pool_id = ? AND item_id = ?",
-            [(pool_id, lb.item_id) for lb in labels],
+            "DELETE FROM leases WHERE pool_id = ? AND item_id = ? AND annotator_id = ?",
+            [(pool_id, lb.item_id, lb.annotator_id) for lb in labels],
+        )
+        conn.executemany(
+            "DELETE FROM leases WHERE pool_id = ? AND item_id = ? AND"
+            " (SELECT COUNT(DISTINCT annotator_id) FROM labels WHERE pool_id = ? AND item_id = ?) >= ?",
+            [(pool_id, lb.item_id, pool_id, lb.item_id, labels_per_item) for lb in labels],
         )
 
     def label_count(self, pool_id: str) -> int:

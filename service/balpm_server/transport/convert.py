@@ -26,7 +26,11 @@ STRATEGY_FROM_PB: dict[int, Strategy] = {
     pb.STRATEGY_APL_HYBRID: Strategy.APL_HYBRID,
 }
 STRATEGY_TO_PB: dict[Strategy, Any] = {s: n for n, s in STRATEGY_FROM_PB.items()}
-PREF_FROM_PB: dict[int, m.Preference] = {pb.PREFERENCE_A: m.Preference.A, pb.PREFERENCE_B: m.Preference.B, pb.PREFERENCE_TIE: m.Preference.TIE}
+PREF_FROM_PB: dict[int, m.Preference] = {
+    pb.PREFERENCE_A: m.Preference.A,
+    pb.PREFERENCE_B: m.Preference.B,
+    pb.PREFERENCE_TIE: m.Preference.TIE,
+}
 PREF_TO_PB: dict[m.Preference, Any] = {p: n for n, p in PREF_FROM_PB.items()}
 OP_STATE_TO_PB = {
     m.OperationState.PENDING: pb.Operation.STATE_PENDING,

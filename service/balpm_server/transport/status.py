@@ -3,7 +3,11 @@
 Domain errors (`balpm_server.errors.BalpmError`) map to their code with a
 `google.rpc.Status` carrying `ErrorInfo` (stable reason, domain "balpm.dev") and,
 when a field is named, `BadRequest.FieldViolation`. Anything else is logged with
-its traceback and becomes INTERNAL with a generic message.
+its traceback and becomes INTERNAL with a generic message. Every error status also
+carries the call's `x-request-id` in its trailing metadata.
+
+Used by the servicer (`@unary`, `@streaming`) and by the interceptor (`abort`, for
+authentication failures and undecodable requests), so there is one mapping.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from balpm_server import errors
+from balpm_server.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 ERROR_DOMAIN = "balpm.dev"
@@ -50,11 +55,29 @@ def internal_status() -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the server log")
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+def _with_request_id(status: grpc.Status) -> grpc.Status:
+    rid = REQUEST_ID.get()
+    if not rid:
+        return status
+    trailing = (*tuple(status.trailing_metadata or ()), ("x-request-id", rid))
+    return rpc_status._Status(status.code, status.details, trailing)  # type: ignore[attr-defined]
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    """End the call with the status of `exc` (never returns: raises `grpc.aio.AbortError`).
+
+    Args:
+        context: The call's context.
+        exc: A `BalpmError` (mapped to its code and details) or anything else (INTERNAL, logged).
+        method: Method name for the log.
+    """
     if isinstance(exc, errors.BalpmError):
-        await context.abort_with_status(rpc_status.to_status(to_status_proto(exc)))
+        await context.abort_with_status(_with_request_id(rpc_status.to_status(to_status_proto(exc))))
     log.exception("unexpected error in %s", method, exc_info=exc)
-    await context.abort_with_status(rpc_status.to_status(internal_status()))
+    await context.abort_with_status(_with_request_id(rpc_status.to_status(internal_status())))
+
+
+_abort = abort
 
 
 def unary(

@@ -1,0 +1,277 @@
+"""Every Prometheus metric of the server, in one module.
+
+Names follow Prometheus conventions (`_seconds`, `_total`, base units); labels are
+bounded (RPC method names, status codes, strategy names, pool states), never item,
+pool or annotator ids. Other modules record through the functions and objects here:
+
+* the transport interceptor: `observe_rpc` (count and latency by method and code);
+* the domain: `observe_acquisition`, `observe_training` (one-line hooks);
+* the server wiring: `InstrumentedExtractor` (feature-extraction throughput, errors)
+  and `StoreCollector` (pools, items, labels, leases by state, read at scrape time);
+* the Triton extractor: `TRITON_ERRORS_TOTAL.labels(kind=...).inc()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TRAIN_BUCKETS_S = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+# ---- RPCs --------------------------------------------------------------------------------
+
+RPC_REQUESTS_TOTAL = Counter(
+    "balpm_rpc_requests_total", "RPCs handled, by service, method and gRPC status code.", ["service", "method", "code"]
+)
+RPC_DURATION_SECONDS = Histogram(
+    "balpm_rpc_duration_seconds",
+    "RPC handling time in seconds, by service, method and gRPC status code.",
+    ["service", "method", "code"],
+    buckets=LATENCY_BUCKETS_S,
+)
+RPC_IN_FLIGHT = Gauge("balpm_rpc_in_flight", "RPCs being handled now.", ["service", "method"])
+AUTH_FAILURES_TOTAL = Counter(
+    "balpm_auth_failures_total", "Rejected calls, by reason (unauthenticated, permission_denied).", ["reason"]
+)
+API_KEY_RELOADS_TOTAL = Counter("balpm_api_key_reloads_total", "API key file reloads, by result.", ["result"])
+
+# ---- acquisition -------------------------------------------------------------------------
+
+ACQUISITION_DURATION_SECONDS = Histogram(
+    "balpm_acquisition_duration_seconds",
+    "AcquireBatch selection time (scores, kNN graph, selection, lease) in seconds, by strategy.",
+    ["strategy"],
+    buckets=LATENCY_BUCKETS_S,
+)
+ACQUISITION_ITEMS_TOTAL = Counter("balpm_acquisition_items_total", "Items handed out by AcquireBatch.", ["strategy"])
+ACQUISITION_EPISTEMIC_MEAN = Gauge(
+    "balpm_acquisition_epistemic_mean", "Mean epistemic (BALD) term of the last acquired batch.", ["strategy"]
+)
+ACQUISITION_ENTROPY_MEAN = Gauge(
+    "balpm_acquisition_entropy_mean", "Mean entropy term (BAL-PM) of the last acquired batch.", ["strategy"]
+)
+ACQUISITION_EPISTEMIC_ENTROPY_RATIO = Gauge(
+    "balpm_acquisition_epistemic_entropy_ratio",
+    "Mean epistemic term / |mean entropy term| of the last acquired batch (NaN when undefined).",
+    ["strategy"],
+)
+
+# ---- posterior training ------------------------------------------------------------------
+
+TRAINING_DURATION_SECONDS = Histogram(
+    "balpm_training_duration_seconds", "Posterior (ensemble) training time in seconds.", buckets=TRAIN_BUCKETS_S
+)
+TRAINING_RUNS_TOTAL = Counter("balpm_training_runs_total", "Finished posterior trainings.")
+TRAINING_LAST_VAL_LOG_LIKELIHOOD = Gauge(
+    "balpm_training_last_val_log_likelihood", "Validation log-likelihood of the most recent training."
+)
+
+# ---- feature extraction ------------------------------------------------------------------
+
+FEATURE_TEXTS_TOTAL = Counter(
+    "balpm_feature_texts_total", "Texts embedded by the feature extractor (rate() = throughput).", ["extractor"]
+)
+FEATURE_EXTRACTION_SECONDS_TOTAL = Counter(
+    "balpm_feature_extraction_seconds_total", "Time spent in feature extraction calls, in seconds.", ["extractor"]
+)
+FEATURE_EXTRACTION_ERRORS_TOTAL = Counter(
+    "balpm_feature_extraction_errors_total", "Failed feature extraction calls.", ["extractor"]
+)
+FEATURE_THROUGHPUT_TEXTS_PER_SECOND = Gauge(
+    "balpm_feature_throughput_texts_per_second", "Texts per second of the last extraction call.", ["extractor"]
+)
+TRITON_ERRORS_TOTAL = Counter(
+    "balpm_triton_errors_total",
+    "Triton request failures, by kind (e.g. unavailable, timeout, bad_response).",
+    ["kind"],
+)
+
+
+def observe_rpc(service: str, method: str, code: str, seconds: float) -> None:
+    """Count one finished RPC and record its latency.
+
+    Args:
+        service: Full gRPC service name ("balpm.v1.BalpmService").
+        method: Method name ("AcquireBatch").
+        code: gRPC status code name ("OK", "NOT_FOUND", ...).
+        seconds: Handling time.
+    """
+    RPC_REQUESTS_TOTAL.labels(service, method, code).inc()
+    RPC_DURATION_SECONDS.labels(service, method, code).observe(seconds)
+
+
+def _finite_mean(values: Sequence[float] | np.ndarray) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else math.nan
+
+
+def observe_acquisition(
+    strategy: str, seconds: float, epistemic_B: Sequence[float] | np.ndarray, entropy_B: Sequence[float] | np.ndarray
+) -> None:
+    """Record one AcquireBatch selection (a one-line hook in the domain).
+
+    Args:
+        strategy: Strategy name (an enum's `.name` or str); bounded by the enum.
+        seconds: Selection time.
+        epistemic_B: Epistemic terms of the chosen batch.
+        entropy_B: Entropy terms of the chosen batch (NaN where the strategy has none).
+    """
+    name = getattr(strategy, "name", str(strategy))
+    epi, ent = _finite_mean(epistemic_B), _finite_mean(entropy_B)
+    ACQUISITION_DURATION_SECONDS.labels(name).observe(seconds)
+    ACQUISITION_ITEMS_TOTAL.labels(name).inc(len(epistemic_B))
+    ACQUISITION_EPISTEMIC_MEAN.labels(name).set(epi)
+    ACQUISITION_ENTROPY_MEAN.labels(name).set(ent)
+    ratio = epi / abs(ent) if math.isfinite(epi) and math.isfinite(ent) and ent != 0.0 else math.nan
+    ACQUISITION_EPISTEMIC_ENTROPY_RATIO.labels(name).set(ratio)
+
+
+def observe_training(seconds: float, val_log_likelihood: float) -> None:
+    """Record one finished posterior training (a one-line hook in the domain).
+
+    Args:
+        seconds: Training time.
+        val_log_likelihood: Validation log-likelihood of the result (NaN when no validation split).
+    """
+    TRAINING_DURATION_SECONDS.observe(seconds)
+    TRAINING_RUNS_TOTAL.inc()
+    TRAINING_LAST_VAL_LOG_LIKELIHOOD.set(float(val_log_likelihood))
+
+
+class InstrumentedExtractor:
+    """Wraps a `FeatureExtractor` to count texts, time and errors of `embed` calls.
+
+    Args:
+        inner: The extractor doing the work.
+        label: Bounded metric label ("transformers" or "triton").
+    """
+
+    def __init__(self, inner: Any, label: str) -> None:
+        self.inner = inner
+        self.label = label
+
+    @property
+    def name(self) -> str:
+        """The inner extractor's name (stored with pools, so it must not change)."""
+        return str(self.inner.name)
+
+    async def dim(self) -> int:
+        """The inner extractor's dimension."""
+        return int(await self.inner.dim())
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed with the inner extractor, recording throughput or the error."""
+        started = time.perf_counter()
+        try:
+            feats: np.ndarray = await self.inner.embed(texts)
+        except BaseException:
+            FEATURE_EXTRACTION_ERRORS_TOTAL.labels(self.label).inc()
+            raise
+        elapsed_s = time.perf_counter() - started
+        FEATURE_TEXTS_TOTAL.labels(self.label).inc(len(texts))
+        FEATURE_EXTRACTION_SECONDS_TOTAL.labels(self.label).inc(elapsed_s)
+        if elapsed_s > 0 and texts:
+            FEATURE_THROUGHPUT_TEXTS_PER_SECOND.labels(self.label).set(len(texts) / elapsed_s)
+        return feats
+
+    async def close(self) -> None:
+        """Close the inner extractor."""
+        await self.inner.close()
+
+
+class StoreCollector(Collector):
+    """Pool, item, label and lease gauges read from the SQLite files at scrape time.
+
+    Uses its own short-lived read-only connection per scrape (WAL readers never block
+    the server's writer), so scrapes cost the server's event loop nothing. Several
+    servers in one process (tests) register their databases with one collector.
+    """
+
+    def __init__(self) -> None:
+        self._paths: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, db_path: Path) -> None:
+        """Start reporting a database."""
+        with self._lock:
+            self._paths[db_path] = self._paths.get(db_path, 0) + 1
+
+    def remove(self, db_path: Path) -> None:
+        """Stop reporting a database."""
+        with self._lock:
+            left = self._paths.get(db_path, 0) - 1
+            if left > 0:
+                self._paths[db_path] = left
+            else:
+                self._paths.pop(db_path, None)
+
+    def describe(self) -> Iterable[Any]:
+        """No fixed description: avoids a scrape at registration time."""
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Read the counts of every registered database."""
+        pools = GaugeMetricFamily("balpm_pools", "Pools, by state.", labels=["state"])
+        items = GaugeMetricFamily("balpm_items", "Items, by split (pool, heldout).", labels=["split"])
+        featurized = GaugeMetricFamily("balpm_items_featurized", "Items whose features are stored.")
+        labels = GaugeMetricFamily("balpm_labels", "Labels stored.")
+        leases = GaugeMetricFamily("balpm_leases", "Item leases, by state (active, expired).", labels=["state"])
+        by_state: dict[str, float] = {}
+        by_split = {"pool": 0.0, "heldout": 0.0}
+        n_feat = n_labels = n_active = n_expired = 0.0
+        with self._lock:
+            paths = list(self._paths)
+        for path in paths:
+            try:
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+            except sqlite3.Error:
+                continue
+            try:
+                for state, count in conn.execute("SELECT state, COUNT(*) FROM pools GROUP BY state"):
+                    by_state[str(state).lower()] = by_state.get(str(state).lower(), 0.0) + count
+                ((pool_n, heldout_n, feat_n),) = conn.execute(
+                    "SELECT COALESCE(SUM(split = 1), 0), COALESCE(SUM(split = 2), 0), COALESCE(SUM(featurized), 0)"
+                    " FROM items"
+                ).fetchall()
+                by_split["pool"] += pool_n
+                by_split["heldout"] += heldout_n
+                n_feat += feat_n
+                n_labels += conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
+                ((active, expired),) = conn.execute(
+                    "SELECT COALESCE(SUM(expire_time > ?), 0), COALESCE(SUM(expire_time <= ?), 0) FROM leases",
+                    (time.time(), time.time()),
+                ).fetchall()
+                n_active += active
+                n_expired += expired
+            except sqlite3.Error as e:  # schema not there yet, or the file went away
+                log.debug("metrics scrape of %s failed: %s", path, e)
+            finally:
+                conn.close()
+        for state, count in sorted(by_state.items()):
+            pools.add_metric([state], count)
+        for split, count in by_split.items():
+            items.add_metric([split], count)
+        featurized.add_metric([], n_feat)
+        labels.add_metric([], n_labels)
+        leases.add_metric(["active"], n_active)
+        leases.add_metric(["expired"], n_expired)
+        yield from (pools, items, featurized, labels, leases)
+
+
+STORE_COLLECTOR = StoreCollector()
+REGISTRY.register(STORE_COLLECTOR)
