@@ -62,7 +62,9 @@ if [[ ! -f "${stamp_file}" ]] || [[ "$(cat "${stamp_file}")" != "${stamp_want}" 
   trap 'rmdir "${lock_dir}" 2>/dev/null || true' EXIT
   if [[ ! -f "${stamp_file}" ]] || [[ "$(cat "${stamp_file}")" != "${stamp_want}" ]]; then
     [[ -x "${venv_dir}/bin/python" ]] || "${python_bin}" -m venv "${venv_dir}"
-    "${venv_dir}/bin/python" -m pip install --quiet "${requirements[@]}"
+    # (the grep drops pip's notes about this host's unused file:// find-links/indexes)
+    "${venv_dir}/bin/python" -m pip install --quiet "${requirements[@]}" \
+      2> >(grep -v -E "^WARNING: Location 'file://.*' is ignored" >&2)
     printf '%s' "${stamp_want}" > "${stamp_file}"
   fi
   rmdir "${lock_dir}" 2>/dev/null || true
@@ -222,9 +224,10 @@ for dockerfile, context, ignore_file in builds:
             line.strip() for line in pathlib.Path(ignore_file).read_text().splitlines()
             if line.strip() and not line.lstrip().startswith("#")
         ]
-    text = pathlib.Path(dockerfile).read_text()
-    # Drop heredoc bodies (COPY <<'EOF' ... EOF) before reading instructions.
-    text = re.sub(r"<<'?(\w+)'?.*?\n.*?\n\1\n", "\n", text, flags=re.S)
+    lines = pathlib.Path(dockerfile).read_text().splitlines()
+    text = "\n".join(line for line in lines if not line.lstrip().startswith("#")) + "\n"
+    # Drop heredoc bodies (COPY <<'EOF' dest ... EOF) before reading instructions.
+    text = re.sub(r"(?m)^(\w+ .*)<<-?'?(\w+)'?(.*)\n(?:.*\n)*?\2\n", r"\1\3\n", text)
     text = re.sub(r"\\\n", " ", text)
     for line in text.splitlines():
         words = line.split()

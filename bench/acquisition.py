@@ -26,7 +26,6 @@ import sys
 import time
 
 import numpy as np
-
 from balpm_server.acquisition import (
     AcquisitionParams,
     Strategy,

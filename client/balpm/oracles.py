@@ -204,7 +204,7 @@ def expand_redundancy(
     """Repeat each item `redundancy` times with tiny Gaussian feature noise.
 
     Copies keep the prompt text (so "distinct prompts" counts posts, not copies) and get
-    ids `<id>~<j>`; the noise is `noise` times each feature's pool standard deviation.
+    ids `<id>.r<j>`; the noise is `noise` times each feature's pool standard deviation.
 
     Args:
         pairs: Pool items.
@@ -230,7 +230,7 @@ def expand_redundancy(
     out = []
     for j, i in enumerate(idx.tolist()):
         item = dict(pairs[i].item)
-        item["item_id"] = f"{item['item_id']}~{j % redundancy}"[:128]
+        item["item_id"] = f"{item['item_id'][:120]}.r{j % redundancy}"
         out.append(HiddenPair(item, pairs[i].preference))
     return out, out_feats
 

@@ -1,27 +1,35 @@
-"""The balpm gRPC server: wiring, health, reflection, graceful shutdown.
+"""The balpm gRPC server: wiring, security, metrics, health, reflection, graceful shutdown.
 
 `create_server(settings)` builds and starts a server and returns it with its bound
-port; `serve()` runs until SIGTERM/SIGINT; `main()` is the `balpm-server` entry point.
+ports; `serve()` runs until SIGTERM/SIGINT (SIGHUP reloads the API keys); `main()` is
+the `balpm-server` entry point.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import grpc
 from balpm.v1 import balpm_pb2, balpm_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from balpm_server import metrics
+from balpm_server.auth import KeyStore
 from balpm_server.domain.service import PoolService
 from balpm_server.features import FeatureExtractor, build_extractor
 from balpm_server.features.cache import CachedExtractor
 from balpm_server.logs import setup_logging
 from balpm_server.settings import Settings
+from balpm_server.transport.interceptors import ServerInterceptor
 from balpm_server.transport.servicer import BalpmServicer
 
 log = logging.getLogger(__name__)
@@ -36,12 +44,72 @@ class RunningServer:
     port: int
     service: PoolService
     health: health.aio.HealthServicer
+    keys: KeyStore | None = None
+    metrics_port: int | None = None
+    _metrics_http: Any = field(default=None, repr=False)
+    _db_path: Path | None = field(default=None, repr=False)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Flip health to NOT_SERVING, drain in-flight RPCs for `grace_s`, then stop."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         await self.service.close()
+        if self._db_path is not None:
+            metrics.STORE_COLLECTOR.remove(self._db_path)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind host only accepts local connections ("localhost", 127.0.0.0/8, ::1)."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (or mutual TLS) credentials from the settings' PEM files; None means plaintext.
+
+    Raises:
+        ValueError: Incomplete TLS settings, or plaintext on a non-loopback host without `insecure`.
+        OSError: A PEM file cannot be read.
+    """
+    if settings.tls_cert_file or settings.tls_key_file:
+        if not (settings.tls_cert_file and settings.tls_key_file):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        cert = Path(settings.tls_cert_file).read_bytes()
+        key = Path(settings.tls_key_file).read_bytes()
+        client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+    if settings.tls_client_ca_file:
+        raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+    if not is_loopback(settings.host) and not settings.insecure:
+        raise ValueError(
+            f"refusing plaintext gRPC on non-loopback host {settings.host!r}: "
+            "set tls_cert_file/tls_key_file, or pass --insecure (BALPM_INSECURE=true)"
+        )
+    return None
+
+
+def start_metrics_http(settings: Settings) -> tuple[Any, int | None]:
+    """Start the Prometheus `/metrics` HTTP server (port 0 = free port, -1 = disabled).
+
+    Returns:
+        (the HTTP server or None, its bound port or None).
+    """
+    if settings.metrics_port < 0:
+        return None, None
+    from prometheus_client import start_http_server
+
+    http_server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    return http_server, int(http_server.server_port)
 
 
 async def create_server(settings: Settings) -> RunningServer:
@@ -53,14 +121,19 @@ async def create_server(settings: Settings) -> RunningServer:
     Returns:
         The running server and its bound port.
     """
+    credentials = server_credentials(settings)
+    keys = KeyStore(settings.api_keys_file) if settings.api_keys_file else None
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=[ServerInterceptor(keys, SERVICE_NAME)])
     extractor: FeatureExtractor | None = None
     if settings.extractor:
-        extractor = CachedExtractor(build_extractor(settings), settings.data_path / "feature_cache.sqlite3")
+        extractor = CachedExtractor(
+            metrics.InstrumentedExtractor(build_extractor(settings), settings.extractor),
+            settings.data_path / "feature_cache.sqlite3",
+        )
     service = PoolService(settings, extractor)
     balpm_pb2_grpc.add_BalpmServiceServicer_to_server(BalpmServicer(service), server)
     health_servicer = health.aio.HealthServicer()
@@ -69,15 +142,27 @@ async def create_server(settings: Settings) -> RunningServer:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     await server.start()
     await service.start()
+    db_path = service.root / "balpm.sqlite3"  # the SqliteStore file PoolService opens
+    metrics.STORE_COLLECTOR.add(db_path)
+    http_server, metrics_port = start_metrics_http(settings)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("balpm server listening", extra={"address": f"{settings.host}:{port}"})
-    return RunningServer(server, port, service, health_servicer)
+    log.info(
+        "balpm server listening",
+        extra={
+            "address": f"{settings.host}:{port}",
+            "tls": credentials is not None,
+            "mutual_tls": bool(settings.tls_client_ca_file),
+            "auth": keys is not None,
+            "metrics_port": metrics_port,
+        },
+    )
+    return RunningServer(server, port, service, health_servicer, keys, metrics_port, http_server, db_path)
 
 
 async def serve(settings: Settings) -> None:
@@ -87,10 +172,14 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"balpm-server listening on {settings.host}:{running.port}", flush=True)
+    if running.keys is not None:
+        loop.add_signal_handler(signal.SIGHUP, running.keys.reload)
+    metrics_note = f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else ""
+    print(f"balpm-server listening on {settings.host}:{running.port}{metrics_note}", flush=True)
     await stop.wait()
-    log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
+    log.info("shutting down: draining in-flight RPCs", extra={"grace_s": settings.shutdown_grace_s})
     await running.stop(settings.shutdown_grace_s)
+    log.info("stopped")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -99,7 +188,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (BALPM_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port, 0 = any free port (BALPM_PORT, default 50051)")
     p.add_argument("--data-dir", help="state folder (BALPM_DATA_DIR, default ./balpm-data)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus port, -1 disables (BALPM_METRICS_PORT)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = free port, -1 disables (BALPM_METRICS_PORT)")
+    p.add_argument("--metrics-host", help="Prometheus bind address (BALPM_METRICS_HOST, default 127.0.0.1)")
     p.add_argument("--extractor", choices=["transformers", "triton"], help="feature extractor (BALPM_EXTRACTOR)")
     p.add_argument("--model-path", help="local model folder for the in-process extractor (BALPM_MODEL_PATH)")
     p.add_argument("--triton-url", help="Triton gRPC host:port (BALPM_TRITON_URL)")
@@ -108,6 +198,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key-file", help="server key PEM (BALPM_TLS_KEY_FILE)")
     p.add_argument("--tls-client-ca-file", help="client CA PEM; enables mutual TLS (BALPM_TLS_CLIENT_CA_FILE)")
     p.add_argument("--insecure", action="store_true", default=None, help="allow plaintext on non-loopback hosts")
+    p.add_argument("--shutdown-grace-s", type=float, help="SIGTERM drain time in seconds (BALPM_SHUTDOWN_GRACE_S)")
     return p
 
 
@@ -116,7 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_arg_parser().parse_args(argv)
     settings = Settings.from_env(**{k: v for k, v in vars(args).items() if v is not None})
     setup_logging(settings.log_level, json_lines=settings.log_json)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except (ValueError, OSError) as e:  # bad TLS/auth configuration: a clear message, not a traceback
+        log.error("balpm-server cannot start: %s", e)
+        print(f"balpm-server: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

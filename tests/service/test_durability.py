@@ -24,10 +24,10 @@ WRITERS = 4
 def test_acknowledged_labels_survive_sigkill_exactly_once(tmp_path: Path) -> None:
     srv = ProcServer(tmp_path / "data")
     srv.start()
-    items, _ = synthetic_items(120, 8, seed=0)
+    items, _ = synthetic_items(200, 8, seed=0)
     with Client(srv.target) as c:
         c.create_pool("crash", feature_source="CLIENT", feature_dim=8, **SMALL)
-        assert c.upload_items("crash", items).accepted_count == 120
+        assert c.upload_items("crash", items).accepted_count == 200
     acked: set[str] = set()
     in_flight: dict[str, dict[str, str]] = {}
     lock = threading.Lock()
@@ -40,7 +40,7 @@ def test_acknowledged_labels_survive_sigkill_exactly_once(tmp_path: Path) -> Non
             while not stop.is_set():
                 with lock:
                     batch = [
-                        {"label_id": f"w{worker}-{next(counter)}", "item_id": f"it-{rng.randrange(120)}",
+                        {"label_id": f"w{worker}-{next(counter)}", "item_id": f"it-{rng.randrange(100)}",
                          "preference": rng.choice("AB"), "annotator_id": f"ann-{worker}"}
                         for _ in range(5)
                     ]

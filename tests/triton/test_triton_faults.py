@@ -25,8 +25,17 @@ def running_triton(triton_server: TritonFixture) -> Iterator[TritonFixture]:
 
 
 def distinct_texts(n: int) -> list[str]:
+    """n texts whose in-vocabulary words differ (the tiny tokenizer maps unknown words to UNK)."""
     words = "the good bad answer question model human prefer yes no because helpful".split()
-    return [f"item {i} " + " ".join(words[: 1 + i % len(words)]) for i in range(n)]
+    out = []
+    for i in range(n):
+        digits, k = [], i
+        for _ in range(4):
+            digits.append(words[k % len(words)])
+            k //= len(words)
+        out.append(" ".join(digits))
+    assert len(set(out)) == n
+    return out
 
 
 def count_chunks(ex: TritonExtractor, on_chunk: Callable[[int], None]) -> None:
@@ -42,44 +51,6 @@ def count_chunks(ex: TritonExtractor, on_chunk: Callable[[int], None]) -> None:
         return out
 
     ex._infer_chunk = counting  # type: ignore[method-assign]
-
-
-def test_crash_mid_extraction_raises_unavailable_after_bounded_retries(
-    running_triton: TritonFixture,
-) -> None:
-    texts = distinct_texts(4000)
-    ex = TritonExtractor(
-        running_triton.grpc_url,
-        running_triton.model_name,
-        batch_size=4,
-        max_in_flight=2,
-        timeout_s=5.0,
-        max_attempts=4,
-        retry_budget_s=3.0,
-        backoff_initial_s=0.2,
-    )
-    killed = threading.Event()
-
-    def kill_after(n_done: int) -> None:
-        if n_done == 20 and not killed.is_set():
-            killed.set()
-            running_triton.server.kill()  # SIGKILL: a crash, connections drop
-
-    count_chunks(ex, kill_after)
-
-    async def run() -> None:
-        try:
-            await ex.embed(texts)
-        finally:
-            await ex.close()
-
-    started_s = time.monotonic()
-    with pytest.raises(errors.Unavailable) as info:
-        asyncio.run(run())
-    elapsed_s = time.monotonic() - started_s
-    assert killed.is_set(), "the extraction finished before the server was killed"
-    assert info.value.reason == "TRITON_UNAVAILABLE"
-    assert elapsed_s < 15.0, f"retries not bounded: {elapsed_s:.1f}s"
 
 
 def test_graceful_stop_and_restart_within_retry_window_resumes(
@@ -137,3 +108,41 @@ def test_graceful_stop_and_restart_within_retry_window_resumes(
     assert got_N_D.shape == expected_N_D.shape
     assert float(np.abs(got_N_D - expected_N_D).max()) <= 1e-4
     assert len({row.tobytes() for row in got_N_D}) == len(texts)
+
+
+def test_crash_mid_extraction_raises_unavailable_after_bounded_retries(
+    running_triton: TritonFixture,
+) -> None:
+    texts = distinct_texts(4000)
+    ex = TritonExtractor(
+        running_triton.grpc_url,
+        running_triton.model_name,
+        batch_size=4,
+        max_in_flight=2,
+        timeout_s=5.0,
+        max_attempts=4,
+        retry_budget_s=3.0,
+        backoff_initial_s=0.2,
+    )
+    killed = threading.Event()
+
+    def kill_after(n_done: int) -> None:
+        if n_done == 20 and not killed.is_set():
+            killed.set()
+            running_triton.server.kill()  # SIGKILL: a crash, connections drop
+
+    count_chunks(ex, kill_after)
+
+    async def run() -> None:
+        try:
+            await ex.embed(texts)
+        finally:
+            await ex.close()
+
+    started_s = time.monotonic()
+    with pytest.raises(errors.Unavailable) as info:
+        asyncio.run(run())
+    elapsed_s = time.monotonic() - started_s
+    assert killed.is_set(), "the extraction finished before the server was killed"
+    assert info.value.reason == "TRITON_UNAVAILABLE"
+    assert elapsed_s < 15.0, f"retries not bounded: {elapsed_s:.1f}s"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from balpm_server import errors
+from balpm_server import errors, metrics
 from balpm_server.acquisition import (
     AcquisitionParams,
     AplInputs,
@@ -703,6 +703,7 @@ class PoolService:
                 should_stop=cancel.is_set,
             )
             train_s = time.perf_counter() - started
+            metrics.observe_training(train_s, result.val_log_likelihood)
             manifest = {
                 "pool_id": info.pool_id,
                 "seed": seed,
@@ -903,6 +904,7 @@ class PoolService:
             self.store.insert_leases(pool_id, chosen, annotator, expire_s)
             texts = self.store.item_texts(pool_id, chosen)
             acquire_s = time.perf_counter() - started
+            metrics.observe_acquisition(strat.name, acquire_s, batch.epistemic_B, batch.entropy_B)
         items = tuple(
             AcquiredItem(
                 item=texts[iid],

@@ -379,24 +379,29 @@ class TritonExtractor:
         return feats_N_D
 
     async def _infer_chunk(self, texts: list[str]) -> np.ndarray:
-        """Send one request (under the in-flight cap, with retries); return `feats_B_D`."""
+        """Send one request (under the in-flight cap, with retries); return `feats_B_D`.
+
+        Args:
+            texts: B strings.
+
+        Returns:
+            float32 `feats_B_D` in the order of `texts`.
+        """
         from tritonclient.grpc import InferInput, InferRequestedOutput
 
         batch = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
 
         async def attempt() -> np.ndarray:
             client = self._get_client()
-            assert self._semaphore is not None
-            async with self._semaphore:
-                text_in = InferInput(INPUT_NAME, list(batch.shape), "BYTES")
-                text_in.set_data_from_numpy(batch)
-                result = await client.infer(
-                    self._model_name,
-                    [text_in],
-                    model_version=self._model_version,
-                    outputs=[InferRequestedOutput(self._output_name)],
-                    client_timeout=self._timeout_s,
-                )
+            text_in = InferInput(INPUT_NAME, list(batch.shape), "BYTES")
+            text_in.set_data_from_numpy(batch)
+            result = await client.infer(
+                self._model_name,
+                [text_in],
+                model_version=self._model_version,
+                outputs=[InferRequestedOutput(self._output_name)],
+                client_timeout=self._timeout_s,
+            )
             got = result.as_numpy(self._output_name)
             if got is None or got.ndim != 2 or got.shape[0] != len(texts):
                 shape = None if got is None else got.shape
@@ -407,7 +412,12 @@ class TritonExtractor:
                 )
             return np.asarray(got, dtype=np.float32)
 
-        return await self._with_retries("infer", attempt, retry_missing_model=True)
+        self._get_client()  # binds the channel and the semaphore to the running loop
+        assert self._semaphore is not None
+        # The slot is held through retries and backoff: during an outage at most
+        # `max_in_flight` requests probe Triton instead of every pending chunk.
+        async with self._semaphore:
+            return await self._with_retries("infer", attempt, retry_missing_model=True)
 
 
 def _status_of(e: BaseException) -> str | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -55,12 +55,22 @@ def internal_status() -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the server log")
 
 
+class _StatusFields(NamedTuple):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: Any
+
+
+class _Status(_StatusFields, grpc.Status):
+    """A `grpc.Status` value."""
+
+
 def _with_request_id(status: grpc.Status) -> grpc.Status:
     rid = REQUEST_ID.get()
-    if not rid:
-        return status
-    trailing = (*tuple(status.trailing_metadata or ()), ("x-request-id", rid))
-    return rpc_status._Status(status.code, status.details, trailing)  # type: ignore[attr-defined]
+    trailing = tuple(status.trailing_metadata or ())  # type: ignore[attr-defined]
+    if rid:
+        trailing = (*trailing, ("x-request-id", rid))
+    return _Status(status.code, status.details, trailing)  # type: ignore[attr-defined]
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:

@@ -1,0 +1,1 @@
+"""Bridges between balpm and labelling tools (Label Studio). Standard library + the balpm SDK only."""

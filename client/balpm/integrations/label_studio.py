@@ -1,0 +1,697 @@
+"""A bridge between balpm and Label Studio: balpm picks the pairs, humans label them in Label Studio.
+
+Three operations, also exposed as ``balpm label-studio {setup,sync,webhook}``:
+
+* :func:`setup_project` creates a Label Studio project whose labelling interface shows the prompt
+  and both completions with the choices A / B / Tie.
+* :func:`sync` (1) ingests completed annotations of the tasks the bridge created back into balpm as
+  labels, (2) releases the balpm leases of bridge tasks that were deleted in Label Studio and
+  (3) acquires a new batch and creates one task per item. Every step is idempotent, so a sync can
+  be rerun (e.g. from cron) at any time.
+* :mod:`balpm.integrations.webhook` ingests annotations as soon as Label Studio reports them.
+
+Where the state lives:
+
+* Task data holds the balpm item (``item_id``, ``prompt``, ``completion_a``, ``completion_b``) and
+  the pool (``balpm_pool``); task meta holds the acquisition scores. So "which items already have a
+  task" is read back from Label Studio on every sync.
+* A label's id is derived from the Label Studio annotation id (``ls:<project>:<annotation>``), so
+  ingesting the same annotation twice is a no-op in balpm (IngestLabels is idempotent by label id).
+  An annotation *changed* to another choice after it was ingested conflicts with the stored label
+  (balpm labels are immutable): it is reported under ``conflicts`` and the first answer is kept.
+* Only releasing the leases of *deleted* tasks needs memory Label Studio cannot give (the task is
+  gone): a small local lease ledger (JSON, ``--state-file``) lists the items the bridge leased. If it
+  is lost, nothing breaks; leases of deleted tasks then simply run until their TTL.
+
+Label Studio API used (checked against label-studio 1.23): ``Authorization: Token <key>`` for a legacy
+token (the organization must allow legacy tokens, e.g. ``label-studio start --enable-legacy-api-token``)
+or, for a personal access token (a JWT refresh token), ``POST /api/token/refresh/`` to get a short-lived
+access token sent as ``Authorization: Bearer <access>``; ``POST /api/projects``,
+``POST /api/projects/{id}/import?return_task_ids=true``, ``GET /api/tasks?project={id}&fields=all``
+(paginated, ``{"tasks": [...], "total": n}``), ``GET /api/tasks/{id}/annotations/`` and
+``GET /api/users/{id}/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from balpm.errors import AlreadyExistsError, FailedPreconditionError
+
+if TYPE_CHECKING:
+    from balpm.client import Client
+
+#: Labelling interface: the prompt, both completions and a required single choice A / B / Tie.
+LABEL_CONFIG = """<View>
+  <Header value="Prompt"/>
+  <Text name="prompt" value="$prompt"/>
+  <View style="display: flex; gap: 1em;">
+    <View style="flex: 1;">
+      <Header value="Completion A"/>
+      <Text name="completion_a" value="$completion_a"/>
+    </View>
+    <View style="flex: 1;">
+      <Header value="Completion B"/>
+      <Text name="completion_b" value="$completion_b"/>
+    </View>
+  </View>
+  <Header value="Which completion is better?"/>
+  <Choices name="preference" toName="prompt" choice="single" showInline="true" required="true">
+    <Choice value="A" hotkey="1"/>
+    <Choice value="B" hotkey="2"/>
+    <Choice value="Tie" hotkey="3"/>
+  </Choices>
+</View>
+"""
+#: The Choices control of LABEL_CONFIG and how its values map to balpm preferences.
+CHOICES_NAME = "preference"
+CHOICE_TO_PREFERENCE = {"A": "A", "B": "B", "Tie": "TIE", "TIE": "TIE", "tie": "TIE"}
+#: Task data key naming the balpm pool; together with ``item_id`` it marks tasks the bridge created.
+POOL_KEY = "balpm_pool"
+DEFAULT_LEASE_ANNOTATOR = "label-studio"
+DEFAULT_LEASE_TTL_S = 14 * 24 * 3600.0
+TOKEN_ENV = "LABEL_STUDIO_API_KEY"
+_INGEST_CHUNK = 1000
+_IMPORT_CHUNK = 500
+_TASK_PAGE_SIZE = 500
+
+
+class LabelStudioError(RuntimeError):
+    """A Label Studio HTTP call failed.
+
+    Attributes:
+        status: HTTP status (0 when no response arrived).
+        body: The start of the response body.
+    """
+
+    def __init__(self, method: str, url: str, status: int, body: str) -> None:
+        super().__init__(f"Label Studio {method} {url} failed: HTTP {status}: {body[:500]}")
+        self.status = status
+        self.body = body
+
+
+def is_personal_access_token(token: str) -> bool:
+    """Whether a token is a personal access token (a JWT refresh token) rather than a legacy token."""
+    parts = token.split(".")
+    return len(parts) == 3 and token.startswith("eyJ") and all(parts)
+
+
+class LabelStudioAPI:
+    """A minimal Label Studio REST client (stdlib ``urllib`` only).
+
+    Args:
+        url: Base URL, e.g. ``http://127.0.0.1:8080``.
+        token: A legacy API token or a personal access token (detected by form).
+        timeout_s: Per-request timeout.
+    """
+
+    def __init__(self, url: str, token: str, *, timeout_s: float = 30.0) -> None:
+        if not token:
+            raise ValueError(f"a Label Studio token is required (--ls-token or {TOKEN_ENV})")
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._token = token
+        self._pat = is_personal_access_token(token)
+        self._access: str | None = None
+
+    def _auth_header(self, *, refresh: bool = False) -> str:
+        if not self._pat:
+            return f"Token {self._token}"
+        if self._access is None or refresh:
+            resp = self._send("POST", "/api/token/refresh/", body={"refresh": self._token}, auth=None)
+            self._access = str(resp["access"])
+        return f"Bearer {self._access}"
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        auth: str | None,
+    ) -> Any:
+        url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if auth:
+            headers["Authorization"] = auth
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raise LabelStudioError(method, url, e.code, e.read().decode(errors="replace")) from e
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise LabelStudioError(method, url, 0, str(e)) from e
+        return json.loads(raw) if raw.strip() else None
+
+    def request(
+        self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None
+    ) -> Any:
+        """Send an authenticated request and return the decoded JSON (None for an empty body).
+
+        A personal access token's access token is refreshed once when the server answers 401.
+
+        Raises:
+            LabelStudioError: Transport failure or a non-2xx status.
+        """
+        try:
+            return self._send(method, path, params=params, body=body, auth=self._auth_header())
+        except LabelStudioError as e:
+            if not (self._pat and e.status == 401):
+                raise
+        return self._send(method, path, params=params, body=body, auth=self._auth_header(refresh=True))
+
+    def whoami(self) -> dict[str, Any]:
+        """The token's user."""
+        return dict(self.request("GET", "/api/current-user/whoami"))
+
+    def create_project(self, title: str, label_config: str, description: str = "") -> dict[str, Any]:
+        """Create a project and return it."""
+        body = {"title": title, "label_config": label_config, "description": description}
+        return dict(self.request("POST", "/api/projects", body=body))
+
+    def get_project(self, project_id: int) -> dict[str, Any]:
+        """Return a project."""
+        return dict(self.request("GET", f"/api/projects/{project_id}"))
+
+    def import_tasks(self, project_id: int, tasks: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Create tasks (each ``{"data": ..., "meta": ...}``) and return their ids in order."""
+        ids: list[int] = []
+        for start in range(0, len(tasks), _IMPORT_CHUNK):
+            chunk = list(tasks[start : start + _IMPORT_CHUNK])
+            resp = self.request(
+                "POST", f"/api/projects/{project_id}/import", params={"return_task_ids": "true"}, body=chunk
+            )
+            ids.extend(int(i) for i in resp.get("task_ids", []))
+        return ids
+
+    def iter_tasks(self, project_id: int, *, page_size: int = _TASK_PAGE_SIZE) -> Iterator[dict[str, Any]]:
+        """Yield every task of a project with its annotations (``fields=all``)."""
+        page, seen = 1, 0
+        while True:
+            resp = self.request(
+                "GET",
+                "/api/tasks",
+                params={"project": project_id, "fields": "all", "page": page, "page_size": page_size},
+            )
+            tasks = resp["tasks"] if isinstance(resp, dict) else resp
+            yield from tasks
+            seen += len(tasks)
+            total = int(resp.get("total", seen)) if isinstance(resp, dict) else seen
+            if not tasks or seen >= total:
+                return
+            page += 1
+
+    def task_annotations(self, task_id: int) -> list[dict[str, Any]]:
+        """Return the annotations of a task."""
+        return list(self.request("GET", f"/api/tasks/{task_id}/annotations/"))
+
+    def get_user(self, user_id: int) -> dict[str, Any]:
+        """Return a user (id, email, ...)."""
+        return dict(self.request("GET", f"/api/users/{user_id}/"))
+
+
+class AnnotatorMapper:
+    """Maps a Label Studio user to a balpm annotator id.
+
+    Args:
+        mapping: Label Studio user id (as a string) or e-mail -> balpm annotator id. Users not in the
+            mapping become ``ls-user-<id>``.
+        api: Used to look up e-mails, only when the mapping has e-mail keys.
+    """
+
+    def __init__(self, mapping: Mapping[str, str] | None = None, api: LabelStudioAPI | None = None) -> None:
+        self.mapping = {str(k): str(v) for k, v in (mapping or {}).items()}
+        self._api = api
+        self._needs_email = any("@" in k for k in self.mapping)
+        self._emails: dict[int, str] = {}
+
+    def __call__(self, completed_by: Any) -> str:
+        """The annotator id of an annotation's ``completed_by`` (a user id or a user object)."""
+        email = ""
+        if isinstance(completed_by, Mapping):
+            user_id = int(completed_by.get("id", 0))
+            email = str(completed_by.get("email") or "")
+        else:
+            user_id = int(completed_by or 0)
+        if str(user_id) in self.mapping:
+            return self.mapping[str(user_id)]
+        if self._needs_email and not email and self._api is not None and user_id:
+            if user_id not in self._emails:
+                self._emails[user_id] = str(self._api.get_user(user_id).get("email") or "")
+            email = self._emails[user_id]
+        if email and email in self.mapping:
+            return self.mapping[email]
+        return f"ls-user-{user_id}" if user_id else "anonymous"
+
+
+def label_id_for(project_id: int, annotation_id: int) -> str:
+    """The balpm label id of a Label Studio annotation (stable across reruns)."""
+    return f"ls:{int(project_id)}:{int(annotation_id)}"
+
+
+def task_item_id(task: Mapping[str, Any], pool_id: str) -> str | None:
+    """The balpm item id of a task the bridge created for ``pool_id`` (None for any other task)."""
+    data = task.get("data") or {}
+    if data.get(POOL_KEY) != pool_id or not data.get("item_id"):
+        return None
+    return str(data["item_id"])
+
+
+def annotation_preference(annotation: Mapping[str, Any]) -> str | None:
+    """The preference ("A", "B" or "TIE") an annotation chose; None if skipped or without a choice."""
+    if annotation.get("was_cancelled"):
+        return None
+    for region in annotation.get("result") or ():
+        if region.get("from_name") != CHOICES_NAME or region.get("type") != "choices":
+            continue
+        choices = (region.get("value") or {}).get("choices") or []
+        if len(choices) == 1 and choices[0] in CHOICE_TO_PREFERENCE:
+            return CHOICE_TO_PREFERENCE[choices[0]]
+    return None
+
+
+def annotation_to_label(
+    annotation: Mapping[str, Any],
+    task: Mapping[str, Any],
+    *,
+    project_id: int,
+    pool_id: str,
+    annotator_of: Callable[[Any], str],
+) -> dict[str, str] | None:
+    """A balpm label dict for one annotation of a bridge task, or None when there is nothing to ingest."""
+    item_id = task_item_id(task, pool_id)
+    preference = annotation_preference(annotation)
+    if item_id is None or preference is None or annotation.get("id") is None:
+        return None
+    return {
+        "label_id": label_id_for(project_id, int(annotation["id"])),
+        "item_id": item_id,
+        "preference": preference,
+        "annotator_id": annotator_of(annotation.get("completed_by")),
+    }
+
+
+@dataclass
+class IngestReport:
+    """What happened to a set of labels."""
+
+    stored: int = 0
+    duplicates: int = 0
+    conflicts: list[str] = field(default_factory=list)
+
+
+def ingest_labels(client: Client, pool_id: str, labels: Sequence[Mapping[str, str]]) -> IngestReport:
+    """Store labels idempotently; labels whose id exists with other content are reported, not fatal.
+
+    IngestLabels is atomic, so a chunk with a conflicting label is retried label by label to store the rest.
+    """
+    report = IngestReport()
+    for start in range(0, len(labels), _INGEST_CHUNK):
+        chunk = list(labels[start : start + _INGEST_CHUNK])
+        try:
+            resp = client.ingest_labels(pool_id, chunk)
+            report.stored += int(resp.stored_count)
+            report.duplicates += int(resp.duplicate_count)
+        except AlreadyExistsError:
+            for label in chunk:
+                try:
+                    resp = client.ingest_labels(pool_id, [label])
+                except AlreadyExistsError:
+                    report.conflicts.append(label["label_id"])
+                    continue
+                report.stored += int(resp.stored_count)
+                report.duplicates += int(resp.duplicate_count)
+    return report
+
+
+def default_state_file(ls_url: str, project_id: int, pool_id: str) -> Path:
+    """Default lease ledger path: ``$XDG_STATE_HOME/balpm/label-studio/<host>_p<project>_<pool>.json``."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", urllib.parse.urlsplit(ls_url).netloc or ls_url)
+    return base / "balpm" / "label-studio" / f"{host}_p{project_id}_{pool_id}.json"
+
+
+class LeaseLedger:
+    """Items the bridge leased in balpm for a project (only used to release leases of deleted tasks).
+
+    Args:
+        path: JSON file; written atomically. A missing file is an empty ledger.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.items: dict[str, float] = {}
+        if path.exists():
+            self.items = {str(k): float(v) for k, v in json.loads(path.read_text()).get("items", {}).items()}
+
+    def add(self, item_ids: Iterable[str]) -> None:
+        """Record newly leased items."""
+        now = time.time()
+        for iid in item_ids:
+            self.items.setdefault(iid, now)
+
+    def discard(self, item_ids: Iterable[str]) -> None:
+        """Forget items (released or labelled)."""
+        for iid in item_ids:
+            self.items.pop(iid, None)
+
+    def save(self) -> None:
+        """Write the ledger atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps({"version": 1, "items": self.items}, indent=0, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def setup_project(api: LabelStudioAPI, title: str, description: str = "") -> dict[str, Any]:
+    """Create a Label Studio project with the balpm pairwise-preference interface."""
+    return api.create_project(title, LABEL_CONFIG, description)
+
+
+@dataclass
+class SyncReport:
+    """Outcome of one :func:`sync`."""
+
+    project_id: int
+    pool_id: str
+    tasks_seen: int = 0
+    bridge_tasks: int = 0
+    annotations_seen: int = 0
+    labels_stored: int = 0
+    labels_duplicate: int = 0
+    conflicts: list[str] = field(default_factory=list)
+    leases_released: int = 0
+    released_item_ids: list[str] = field(default_factory=list)
+    acquired: int = 0
+    tasks_created: int = 0
+    created_item_ids: list[str] = field(default_factory=list)
+    skipped_existing: int = 0
+    pool_exhausted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def _task_of_item(item: Any, pool_id: str, resp: Any) -> dict[str, Any]:
+    it = item.item
+    return {
+        "data": {
+            "item_id": it.item_id,
+            "prompt": it.prompt,
+            "completion_a": it.completion_a,
+            "completion_b": it.completion_b,
+            POOL_KEY: pool_id,
+        },
+        "meta": {
+            "balpm": {
+                "rank": int(item.rank),
+                "score_total": float(item.scores.total),
+                "epistemic": float(item.scores.epistemic),
+                "entropy": None if item.scores.entropy != item.scores.entropy else float(item.scores.entropy),
+                "posterior_version": int(resp.posterior_version),
+                "strategy": int(resp.strategy),
+            }
+        },
+    }
+
+
+def _acquire(client: Client, pool_id: str, batch_size: int, **kwargs: Any) -> Any | None:
+    """Acquire up to batch_size items (fewer if fewer are acquirable); None when the pool is exhausted."""
+    try:
+        return client.acquire(pool_id, batch_size=batch_size, **kwargs)
+    except FailedPreconditionError as e:
+        if e.reason == "POOL_EXHAUSTED":
+            return None
+        acquirable = int(e.metadata.get("acquirable", "0") or 0)
+        if e.reason == "BATCH_LARGER_THAN_POOL" and 0 < acquirable < batch_size:
+            return client.acquire(pool_id, batch_size=acquirable, **kwargs)
+        raise
+
+
+def sync(
+    api: LabelStudioAPI,
+    client: Client,
+    *,
+    project_id: int,
+    pool_id: str,
+    batch_size: int,
+    annotator_of: Callable[[Any], str] | None = None,
+    lease_annotator: str = DEFAULT_LEASE_ANNOTATOR,
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    strategy: str | None = None,
+    seed: int | None = None,
+    state_file: Path | None = None,
+) -> SyncReport:
+    """Ingest finished annotations, release leases of deleted tasks, then queue a new batch as tasks.
+
+    Args:
+        api: Label Studio client.
+        client: balpm client.
+        project_id: Label Studio project (created by :func:`setup_project`).
+        pool_id: balpm pool.
+        batch_size: Items to acquire this round (0 only ingests and releases).
+        annotator_of: Maps an annotation's ``completed_by`` to a balpm annotator id.
+        lease_annotator: balpm annotator id holding the leases of queued tasks.
+        lease_ttl_s: Lease length; long, since tasks may wait days for a human.
+        strategy: Acquisition strategy (pool default when None).
+        seed: Acquisition seed (time-based when None, so stochastic strategies vary per round).
+        state_file: Lease ledger path (default :func:`default_state_file`).
+
+    Returns:
+        What the sync did.
+    """
+    annotator_of = annotator_of or AnnotatorMapper(api=api)
+    report = SyncReport(project_id=project_id, pool_id=pool_id)
+    ledger = LeaseLedger(state_file or default_state_file(api.url, project_id, pool_id))
+
+    # (1) Annotations of bridge tasks -> balpm labels (idempotent by the derived label id).
+    live: dict[str, int] = {}
+    labelled: set[str] = set()
+    labels: list[dict[str, str]] = []
+    for task in api.iter_tasks(project_id):
+        report.tasks_seen += 1
+        item_id = task_item_id(task, pool_id)
+        if item_id is None:
+            continue
+        report.bridge_tasks += 1
+        live[item_id] = int(task["id"])
+        annotations = task.get("annotations")
+        if annotations is None and int(task.get("total_annotations") or 0) > 0:
+            annotations = api.task_annotations(int(task["id"]))
+        for ann in annotations or ():
+            report.annotations_seen += 1
+            label = annotation_to_label(
+                ann, task, project_id=project_id, pool_id=pool_id, annotator_of=annotator_of
+            )
+            if label is not None:
+                labels.append(label)
+                labelled.add(item_id)
+    ingested = ingest_labels(client, pool_id, labels)
+    report.labels_stored, report.labels_duplicate, report.conflicts = (
+        ingested.stored,
+        ingested.duplicates,
+        ingested.conflicts,
+    )
+    ledger.discard(labelled)
+
+    # (2) Leased items whose task is gone (deleted in Label Studio, or a failed import) -> release.
+    gone = sorted(iid for iid in ledger.items if iid not in live)
+    if gone:
+        for start in range(0, len(gone), 10000):
+            report.leases_released += client.release_items(
+                pool_id, gone[start : start + 10000], annotator_id=lease_annotator
+            )
+        report.released_item_ids = gone
+        ledger.discard(gone)
+    ledger.save()
+
+    # (3) A new batch -> one task per item not already queued.
+    if batch_size > 0:
+        resp = _acquire(
+            client,
+            pool_id,
+            batch_size,
+            strategy=strategy,
+            seed=int(time.time()) if seed is None else seed,
+            lease_ttl_s=lease_ttl_s,
+            annotator_id=lease_annotator,
+        )
+        if resp is None:
+            report.pool_exhausted = True
+        else:
+            report.acquired = len(resp.items)
+            fresh = [a for a in resp.items if a.item.item_id not in live]
+            report.skipped_existing = report.acquired - len(fresh)
+            # Ledger first: if the import fails, the next sync releases these leases.
+            ledger.add(a.item.item_id for a in fresh)
+            ledger.save()
+            task_ids = api.import_tasks(project_id, [_task_of_item(a, pool_id, resp) for a in fresh])
+            report.tasks_created = len(task_ids)
+            report.created_item_ids = [a.item.item_id for a in fresh]
+    return report
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+
+
+def _api(args: argparse.Namespace) -> LabelStudioAPI:
+    return LabelStudioAPI(args.ls_url, args.ls_token or os.environ.get(TOKEN_ENV, ""), timeout_s=args.ls_timeout_s)
+
+
+def _annotator_mapper(args: argparse.Namespace, api: LabelStudioAPI | None) -> AnnotatorMapper:
+    raw = args.annotator_map or ""
+    if raw.startswith("@"):
+        raw = Path(raw[1:]).read_text()
+    mapping = json.loads(raw) if raw else {}
+    if not isinstance(mapping, dict):
+        raise ValueError("--annotator-map must be a JSON object: {\"<ls user id or email>\": \"<annotator id>\"}")
+    return AnnotatorMapper(mapping, api=api)
+
+
+def _balpm_client(args: argparse.Namespace) -> Client:
+    from balpm.client import Client
+
+    return Client(args.server, api_key=args.api_key or os.environ.get("BALPM_API_KEY") or None)
+
+
+def cmd_setup(args: argparse.Namespace) -> None:
+    """``balpm label-studio setup``: create the project and print its id."""
+    project = setup_project(_api(args), args.title, args.description)
+    print(json.dumps({"project_id": project["id"], "title": project.get("title", args.title)}))
+
+
+def cmd_sync(args: argparse.Namespace) -> None:
+    """``balpm label-studio sync``: one sync round, printing its report as JSON."""
+    api = _api(args)
+    with _balpm_client(args) as client:
+        report = sync(
+            api,
+            client,
+            project_id=args.project,
+            pool_id=args.pool,
+            batch_size=args.batch_size,
+            annotator_of=_annotator_mapper(args, api),
+            lease_annotator=args.lease_annotator,
+            lease_ttl_s=args.lease_ttl_s,
+            strategy=args.strategy,
+            seed=args.seed,
+            state_file=Path(args.state_file) if args.state_file else None,
+        )
+    print(json.dumps(report.to_dict(), indent=2))
+
+
+def cmd_webhook(args: argparse.Namespace) -> None:
+    """``balpm label-studio webhook``: serve the annotation webhook until interrupted."""
+    from balpm.integrations.webhook import serve_webhook
+
+    api = _api(args) if args.ls_url and (args.ls_token or os.environ.get(TOKEN_ENV)) else None
+    with _balpm_client(args) as client:
+        serve_webhook(
+            client,
+            pool_id=args.pool,
+            project_id=args.project,
+            annotator_of=_annotator_mapper(args, api),
+            host=args.host,
+            port=args.port,
+            secret=args.secret or os.environ.get("BALPM_WEBHOOK_SECRET", ""),
+            ready=lambda addr: print(f"listening on http://{addr[0]}:{addr[1]}/", file=sys.stderr, flush=True),
+        )
+
+
+def _guarded(func: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """Turn Label Studio errors into a one-line message and exit code 2 (as `balpm` does for BalpmError)."""
+
+    def run(args: argparse.Namespace) -> None:
+        try:
+            func(args)
+        except LabelStudioError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return run
+
+
+def register_cli(sub: Any) -> None:
+    """Add the ``label-studio`` command group to the ``balpm`` CLI's subparsers."""
+    ls = sub.add_parser("label-studio", help="bridge to Label Studio: setup, sync, webhook")
+    ls_sub = ls.add_subparsers(dest="ls_command", required=True)
+
+    def common(p: argparse.ArgumentParser, *, ls_required: bool = True) -> None:
+        p.add_argument("--ls-url", required=ls_required, default="", help="Label Studio base URL")
+        p.add_argument("--ls-token", default="", help=f"legacy token or personal access token (or {TOKEN_ENV})")
+        p.add_argument("--ls-timeout-s", type=float, default=30.0)
+
+    def balpm_target(p: argparse.ArgumentParser) -> None:
+        # SUPPRESS: only override the top-level --server / --api-key when given here.
+        p.add_argument("--server", default=argparse.SUPPRESS, help="balpm host:port (default: top-level --server)")
+        p.add_argument("--api-key", default=argparse.SUPPRESS, help="balpm API key")
+        p.add_argument("--pool", required=True, help="balpm pool id")
+        p.add_argument(
+            "--annotator-map",
+            default="",
+            help='JSON {"<ls user id or email>": "<balpm annotator id>"} or @file.json; default ls-user-<id>',
+        )
+
+    setup = ls_sub.add_parser("setup", help="create a Label Studio project for preference pairs")
+    common(setup)
+    setup.add_argument("--title", required=True)
+    setup.add_argument("--description", default="Pairs chosen by balpm: which completion is better?")
+    setup.set_defaults(func=_guarded(cmd_setup))
+
+    sy = ls_sub.add_parser("sync", help="ingest annotations, release deleted tasks' leases, queue a new batch")
+    common(sy)
+    balpm_target(sy)
+    sy.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    sy.add_argument("--batch-size", type=int, default=32, help="items to queue (0: only ingest)")
+    sy.add_argument("--strategy", default=None)
+    sy.add_argument("--seed", type=int, default=None, help="acquisition seed (default: time-based)")
+    sy.add_argument("--lease-annotator", default=DEFAULT_LEASE_ANNOTATOR)
+    sy.add_argument("--lease-ttl-s", type=float, default=DEFAULT_LEASE_TTL_S)
+    sy.add_argument("--state-file", default="", help="lease ledger JSON (default under $XDG_STATE_HOME/balpm)")
+    sy.set_defaults(func=_guarded(cmd_sync))
+
+    wh = ls_sub.add_parser("webhook", help="receive ANNOTATION_CREATED/UPDATED webhooks and ingest labels")
+    common(wh, ls_required=False)
+    balpm_target(wh)
+    wh.add_argument("--project", type=int, default=0, help="only accept events of this project (0: any)")
+    wh.add_argument("--host", default="127.0.0.1")
+    wh.add_argument("--port", type=int, default=8765)
+    wh.add_argument("--secret", default="", help="required X-Balpm-Webhook-Secret header (or BALPM_WEBHOOK_SECRET)")
+    wh.set_defaults(func=_guarded(cmd_webhook))
+
+
+__all__ = [
+    "LABEL_CONFIG",
+    "AnnotatorMapper",
+    "IngestReport",
+    "LabelStudioAPI",
+    "LabelStudioError",
+    "LeaseLedger",
+    "SyncReport",
+    "annotation_preference",
+    "annotation_to_label",
+    "ingest_labels",
+    "label_id_for",
+    "register_cli",
+    "setup_project",
+    "sync",
+]

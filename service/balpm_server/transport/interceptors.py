@@ -1,0 +1,249 @@
+"""The server interceptor: request ids, authentication, tenant scoping, metrics, access log.
+
+It wraps each method handler (rather than acting before it) so that everything it
+sets runs inside the handler's own task: with `grpc.aio`, context variables set in
+`intercept_service` itself do not reach the handler. Per RPC it
+
+1. takes `x-request-id` from the metadata (or makes one), puts it in `REQUEST_ID` and
+   echoes it in the initial metadata (and, on errors, in the trailing metadata);
+2. for `balpm.v1.BalpmService` with an API key store: authenticates the bearer token,
+   checks the key's role and sets `CURRENT_TENANT` to the key's tenant (health and
+   reflection stay open);
+3. turns requests that cannot be decoded into INVALID_ARGUMENT (gRPC itself would
+   answer INTERNAL) — through the one error mapping in `transport.status`;
+4. records `balpm_rpc_requests_total` / `balpm_rpc_duration_seconds` by method and
+   code, and writes one access-log line (method, code, duration_ms, tenant, request_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from balpm_server import errors, metrics
+from balpm_server.auth import KeyStore, authenticate
+from balpm_server.logs import ACCESS_LOG, REQUEST_ID, request_id_from
+from balpm_server.transport import status
+from balpm_server.transport.servicer import CURRENT_TENANT
+
+QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
+
+
+class _Malformed:
+    """Stands for a request message that could not be decoded."""
+
+    def __repr__(self) -> str:
+        return "<malformed request>"
+
+
+MALFORMED = _Malformed()
+
+
+def _safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:
+            return MALFORMED
+
+    return deserialize
+
+
+def _malformed_error() -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        "the request message could not be decoded as this method's request type", reason="MALFORMED_REQUEST"
+    )
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for msg in requests:
+        if msg is MALFORMED:
+            raise _malformed_error()
+        yield msg
+
+
+def _code_name(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    try:
+        code = context.code()
+    except Exception:  # older grpc without ServicerContext.code()
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return c.name
+    if exc is not None and not isinstance(exc, grpc.aio.AbortError):
+        return "UNKNOWN"
+    return "OK"
+
+
+class _Call:
+    """Book-keeping of one RPC."""
+
+    __slots__ = ("code", "method", "request_id", "service", "started", "tenant")
+
+    def __init__(self, service: str, method: str) -> None:
+        self.service = service
+        self.method = method
+        self.started = time.perf_counter()
+        self.request_id = ""
+        self.tenant = ""
+        self.code = "OK"
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, auth, tenant, metrics and access log for every RPC.
+
+    Args:
+        keys: API keys; None disables authentication (every call gets the default tenant).
+        protected_service: Full name of the service that needs authentication.
+    """
+
+    def __init__(self, keys: KeyStore | None, protected_service: str) -> None:
+        self.keys = keys
+        self.protected_service = protected_service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        full: str = handler_call_details.method  # type: ignore[attr-defined]
+        service, _, method = full.lstrip("/").rpartition("/")
+        ours = service == self.protected_service
+        deserializer = _safe_deserializer(handler.request_deserializer) if ours else handler.request_deserializer
+        serializer = handler.response_serializer
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, service, method, ours, stream_in=False),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, service, method, ours, stream_in=True),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, service, method, ours, stream_in=False),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(handler.stream_stream, service, method, ours, stream_in=True),
+            request_deserializer=deserializer,
+            response_serializer=serializer,
+        )
+
+    # ---- per-call steps -----------------------------------------------------------------
+
+    async def _enter(self, call: _Call, context: grpc.aio.ServicerContext, request: Any, ours: bool) -> Any:
+        """Set the request id, authenticate, set the tenant; returns the request to pass on."""
+        metadata = context.invocation_metadata() or ()
+        incoming = next((v for k, v in metadata if k == "x-request-id"), None)
+        call.request_id = request_id_from(incoming)
+        REQUEST_ID.set(call.request_id)
+        metrics.RPC_IN_FLIGHT.labels(call.service, call.method).inc()
+        await context.send_initial_metadata((("x-request-id", call.request_id),))
+        if not ours:
+            return request
+        if self.keys is not None:
+            principal = authenticate(self.keys, metadata, call.method)
+            CURRENT_TENANT.set(principal.tenant)
+        call.tenant = CURRENT_TENANT.get()
+        if request is MALFORMED:
+            raise _malformed_error()
+        return request
+
+    def _exit(self, call: _Call, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+        call.code = _code_name(context, exc)
+        elapsed_s = time.perf_counter() - call.started
+        metrics.RPC_IN_FLIGHT.labels(call.service, call.method).dec()
+        metrics.observe_rpc(call.service, call.method, call.code, elapsed_s)
+        level = logging.DEBUG if call.service in QUIET_SERVICES else logging.INFO
+        if ACCESS_LOG.isEnabledFor(level):
+            ACCESS_LOG.log(
+                level,
+                "%s %s %.1f ms tenant=%s request_id=%s",
+                call.method,
+                call.code,
+                elapsed_s * 1000.0,
+                call.tenant or "-",
+                call.request_id,
+                extra={
+                    "rpc_service": call.service,
+                    "method": call.method,
+                    "code": call.code,
+                    "duration_ms": round(elapsed_s * 1000.0, 3),
+                    "tenant": call.tenant,
+                    "request_id": call.request_id,
+                    "peer": context.peer(),
+                },
+            )
+
+    def _unary(
+        self, inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], service: str, method: str,
+        ours: bool, *, stream_in: bool,
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(service, method)
+            exc: BaseException | None = None
+            try:
+                try:
+                    request = await self._enter(call, context, request, ours)
+                    if ours and stream_in:
+                        request = _checked_stream(request)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await status.abort(context, e, method)
+                return await inner(request, context)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                self._exit(call, context, exc)
+
+        return behavior
+
+    def _streaming(
+        self, inner: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], service: str, method: str,
+        ours: bool, *, stream_in: bool,
+    ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(service, method)
+            exc: BaseException | None = None
+            try:
+                try:
+                    request = await self._enter(call, context, request, ours)
+                    if ours and stream_in:
+                        request = _checked_stream(request)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await status.abort(context, e, method)
+                async for response in inner(request, context):
+                    yield response
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                self._exit(call, context, exc)
+
+        return behavior
