@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from balpm_server.server import RunningServer, create_server
 from balpm_server.settings import Settings
 

@@ -324,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--keep-pool", action="store_true")
     sim.add_argument("--out")
     sim.set_defaults(func=cmd_simulate)
+
+    from balpm.integrations.label_studio import register_cli as register_label_studio  # issue #9
+
+    register_label_studio(sub)
     return p
 
 

@@ -6,11 +6,11 @@ import math
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from balpm import Client
 from balpm.data import demo_rows, hide_preferences
 from balpm.v1 import balpm_pb2 as pb
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tests.conftest import ServerThread, synthetic_items
 
 SMALL = {"ensemble_size": 3, "hidden_sizes": [64], "epochs": 60}

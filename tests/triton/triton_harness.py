@@ -246,11 +246,14 @@ class TritonServer:
     def command(self) -> list[str]:
         """The tritonserver command line."""
         backends = self.install.make_backends_dir(self.work_dir / "backends")
+        config_name = [f"--model-config-name={self.model_config_name}"] * bool(
+            self.model_config_name
+        )
         return [
             str(self.install.server_bin),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backends}",
-            f"--model-config-name={self.model_config_name}",
+            *config_name,
             "--http-address=127.0.0.1",
             f"--http-port={self.http_port}",
             "--grpc-address=127.0.0.1",

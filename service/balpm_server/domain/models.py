@@ -76,6 +76,8 @@ class PoolSettings:
     lora_model_path: str = ""
     temperature: float = 1.0
     apl_beta_dpo: float = 0.1
+    apl_policy_model_path: str = ""
+    apl_reference_model_path: str = ""
 
 
 @dataclass(frozen=True)

@@ -425,16 +425,37 @@ class PoolService:
                             for (item, _, digest), r in zip(new, rows_R, strict=True)
                         ],
                     )
-                    if not client_features:
+                    if not client_features or self._server_apl(info):
                         conn.execute(
                             "UPDATE pools SET state = ? WHERE pool_id = ?", (PoolState.FEATURIZING.value, pool_id)
                         )
                 accepted += len(new)
                 rt.invalidate_items()
-        if not client_features and accepted:
+        if accepted and (not client_features or self._server_apl(info)):
             self._schedule_featurize(pool_id)
         info = self._require_pool(tenant, pool_id, counts=True)
         return UploadResult(accepted, duplicates, tuple(rejections)), info
+
+    @staticmethod
+    def _server_apl(info: PoolInfo) -> bool:
+        return bool(info.settings.apl_policy_model_path and info.settings.apl_reference_model_path)
+
+    async def _score_apl(self, info: PoolInfo) -> None:
+        """Compute missing APL log-probabilities with the pool's policy and reference models."""
+        from balpm_server.features.logprobs import apl_logprobs
+
+        todo = self.store.items_missing_apl(info.pool_id)
+        if not todo:
+            return
+        s = info.settings
+        logp_N_4 = await asyncio.to_thread(
+            apl_logprobs, s.apl_policy_model_path, s.apl_reference_model_path,
+            [t[1] for t in todo], [t[2] for t in todo], [t[3] for t in todo], device=self.settings.device,
+        )
+        self.store.update_apl_scores(
+            info.pool_id,
+            [(t[0], AplScores(*(float(x) for x in logp_N_4[i]))) for i, t in enumerate(todo)],
+        )
 
     def _schedule_featurize(self, pool_id: str) -> None:
         task = self._featurize_tasks.get(pool_id)
@@ -443,8 +464,7 @@ class PoolService:
         self._featurize_tasks[pool_id] = asyncio.get_running_loop().create_task(self._featurize(pool_id))
 
     async def _featurize(self, pool_id: str) -> None:
-        """Extract features for unfeaturised rows in batches; resumable after a crash."""
-        assert self.extractor is not None
+        """Extract features (and server-side APL scores) for new rows; resumable after a crash."""
         # Large groups let the extractor sort texts by length across many items.
         batch = max(1, self.settings.extract_batch_size) * 8
         try:
@@ -455,6 +475,7 @@ class PoolService:
                 info = self.store.pool_info(pool_id)
                 if info is None:
                     return
+                assert self.extractor is not None
                 fs = self._features(info)
                 for start in range(0, len(todo), batch):
                     part = todo[start : start + batch]
@@ -466,6 +487,9 @@ class PoolService:
                     n = len(part)
                     fs.write_rows(rows_R, {"prompt": feats[:n], "a": feats[n : 2 * n], "b": feats[2 * n :]})
                     self.store.mark_featurized(pool_id, rows_R.tolist())
+            info = self.store.pool_info(pool_id, counts=False)
+            if info is not None and self._server_apl(info):
+                await self._score_apl(info)
             self.store.set_pool_state(pool_id, PoolState.READY)
             self._runtime(pool_id).invalidate_items()
         except asyncio.CancelledError:

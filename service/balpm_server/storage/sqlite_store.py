@@ -290,6 +290,17 @@ class SqliteStore:
             )
         ]
 
+    def items_missing_apl(self, pool_id: str) -> list[tuple[str, str, str, str]]:
+        """(item_id, prompt, completion_a, completion_b) of items without APL log-probabilities."""
+        return [
+            (iid, p, a, b)
+            for iid, p, a, b in self._query(
+                "SELECT item_id, prompt, completion_a, completion_b FROM items"
+                " WHERE pool_id = ? AND logp_policy_a IS NULL ORDER BY row",
+                (pool_id,),
+            )
+        ]
+
     def item_index(self, pool_id: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """All items of a pool ordered by row.
 

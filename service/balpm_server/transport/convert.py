@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, cast
 
-from balpm.v1 import balpm_pb2 as pb
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 
+from balpm.v1 import balpm_pb2 as pb
 from balpm_server import errors
 from balpm_server.acquisition import Strategy
 from balpm_server.domain import models as m
@@ -107,6 +107,8 @@ def pool_settings_from_pb(s: pb.PoolSettings) -> m.PoolSettings:
         lora_model_path=s.lora_model_path,
         temperature=s.temperature if s.HasField("temperature") else d.temperature,
         apl_beta_dpo=s.apl_beta_dpo if s.HasField("apl_beta_dpo") else d.apl_beta_dpo,
+        apl_policy_model_path=s.apl_policy_model_path,
+        apl_reference_model_path=s.apl_reference_model_path,
     )
 
 
@@ -133,6 +135,8 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         lora_model_path=s.lora_model_path,
         temperature=s.temperature,
         apl_beta_dpo=s.apl_beta_dpo,
+        apl_policy_model_path=s.apl_policy_model_path,
+        apl_reference_model_path=s.apl_reference_model_path,
     )
     return pb.Pool(
         pool_id=info.pool_id,

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import grpc
+
 from balpm.v1 import balpm_pb2 as pb
 from balpm.v1 import balpm_pb2_grpc as pb_grpc
-
 from balpm_server import errors
 from balpm_server.domain import models as m
 from balpm_server.domain.service import DEFAULT_TENANT, PoolService

