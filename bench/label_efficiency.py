@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from balpm.client import Client
 from balpm.data import HiddenPair
 from balpm.oracles import OracleData, PairFeatures, extract_features, prepare_oracle

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+
 from balpm_server.posterior import (
     EnsembleConfig,
     evaluate,

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from balpm.v1 import balpm_pb2, balpm_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from balpm.v1 import balpm_pb2, balpm_pb2_grpc
 from balpm_server import metrics
 from balpm_server.auth import KeyStore
 from balpm_server.domain.service import PoolService

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from balpm.data import HiddenPair
 from balpm.oracles import PairFeatures, model_oracle_data
 from balpm.simulate import SimulationConfig, run_simulation
-
 from tests.conftest import ServerThread, make_settings
 
 DIM = 16

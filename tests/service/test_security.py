@@ -14,15 +14,15 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from balpm import Client
 from balpm.errors import BalpmError
 from balpm.v1 import balpm_pb2 as pb
 from balpm.v1 import balpm_pb2_grpc as pb_grpc
 from balpm_server.auth import hash_key
 from balpm_server.server import create_server
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from tests.conftest import ServerThread, make_settings, synthetic_items
 
 ADMIN, READER, OTHER, LATE = "key-acme-admin", "key-acme-reader", "key-globex-writer", "key-late"
@@ -207,7 +207,7 @@ def test_request_id_is_echoed(auth_server: ServerThread) -> None:
         stub = pb_grpc.BalpmServiceStub(ch)
         md = [("authorization", f"Bearer {ADMIN}"), ("x-request-id", "req-123")]
         _, call = stub.GetPool.with_call(pb.GetPoolRequest(pool_id="acme-pool"), metadata=md)
-        assert ("x-request-id", "req-123") in [tuple(m) for m in call.initial_metadata()]
+        assert ("x-request-id", "req-123") in [tuple(m) for m in call.trailing_metadata()]
         with pytest.raises(grpc.RpcError) as info:
             stub.GetPool(pb.GetPoolRequest(pool_id="missing"), metadata=md)
         assert ("x-request-id", "req-123") in [tuple(m) for m in info.value.trailing_metadata()]
@@ -215,7 +215,7 @@ def test_request_id_is_echoed(auth_server: ServerThread) -> None:
         _, call = stub.GetPool.with_call(
             pb.GetPoolRequest(pool_id="acme-pool"), metadata=[md[0], ("x-request-id", "bad id with spaces")]
         )
-        rid = dict(call.initial_metadata())["x-request-id"]
+        rid = dict(call.trailing_metadata())["x-request-id"]
         assert len(rid) == 32 and rid.isalnum()
 
 

@@ -28,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from triton_harness import (  # noqa: E402 - needs the path above
+from triton_harness import (
     MODEL_NAME,
     TritonFixture,
     TritonInstall,

@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from triton_harness import free_port
+from tritonclient.utils import InferenceServerException
+
 from balpm_server import errors
 from balpm_server.features.base import build_extractor
 from balpm_server.features.triton_extractor import TritonExtractor
 from balpm_server.settings import Settings
-from triton_harness import free_port
-from tritonclient.utils import InferenceServerException
 
 GOOD_METADATA: dict[str, Any] = {
     "name": "balpm_extractor",

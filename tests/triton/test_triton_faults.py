@@ -9,10 +9,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from triton_harness import TritonFixture
+
 from balpm_server import errors
 from balpm_server.features.transformers_extractor import TransformersExtractor
 from balpm_server.features.triton_extractor import TritonExtractor
-from triton_harness import TritonFixture
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(300)]
 
@@ -26,7 +27,7 @@ def running_triton(triton_server: TritonFixture) -> Iterator[TritonFixture]:
 
 def distinct_texts(n: int) -> list[str]:
     """n texts whose in-vocabulary words differ (the tiny tokenizer maps unknown words to UNK)."""
-    words = "the good bad answer question model human prefer yes no because helpful".split()
+    words = ["the", "good", "bad", "answer", "question", "model", "human", "prefer", "yes", "no", "because", "helpful"]
     out = []
     for i in range(n):
         digits, k = [], i

@@ -7,11 +7,12 @@ import time
 
 import numpy as np
 import pytest
+from triton_harness import TritonFixture
+
 from balpm_server import errors
 from balpm_server.features.base import FeatureExtractor
 from balpm_server.features.transformers_extractor import TransformersExtractor
 from balpm_server.features.triton_extractor import TritonExtractor
-from triton_harness import TritonFixture, free_port
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(300)]
 
@@ -21,7 +22,7 @@ POOLING_TO_OUTPUT = {"mean": "MEAN_EMBEDDING", "last_token": "LAST_TOKEN"}
 def sample_texts(n: int, seed: int = 0) -> list[str]:
     """Distinct texts of varied length, incl. unknown words, unicode and over-long ones."""
     rng = np.random.default_rng(seed)
-    words = "the good bad answer question model human prefer yes no because helpful zzz é 😀".split()
+    words = ["the", "good", "bad", "answer", "question", "model", "human", "prefer", "yes", "no", "because", "helpful", "zzz", "é", "😀"]
     out = []
     for i in range(n):
         length = int(rng.integers(1, 12)) if i % 10 else int(rng.integers(70, 120))

@@ -8,8 +8,9 @@ import re
 import textwrap
 from pathlib import Path
 
-from balpm_server.features import transformers_extractor
 from triton_harness import MODEL_NAME, MODEL_REPOSITORY, prepare_model_repository
+
+from balpm_server.features import transformers_extractor
 
 MODEL_DIR = MODEL_REPOSITORY / MODEL_NAME
 

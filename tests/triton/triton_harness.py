@@ -390,11 +390,7 @@ def build_tiny_model(dest: Path, *, seed: int = 0, n_positions: int = 128) -> Pa
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
 
-    words = (
-        "the a an is was be to of and in that it for on with as at by this from or "
-        "good bad better worse answer question prompt reply model human label prefer "
-        "yes no maybe because safe unsafe helpful harmless honest short long text"
-    ).split()
+    words = ["the", "a", "an", "is", "was", "be", "to", "of", "and", "in", "that", "it", "for", "on", "with", "as", "at", "by", "this", "from", "or", "good", "bad", "better", "worse", "answer", "question", "prompt", "reply", "model", "human", "label", "prefer", "yes", "no", "maybe", "because", "safe", "unsafe", "helpful", "harmless", "honest", "short", "long", "text"]
     specials = ["[PAD]", "[UNK]", "[EOS]"]
     vocab = {tok: i for i, tok in enumerate(specials + words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))

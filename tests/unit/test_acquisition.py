@@ -6,6 +6,10 @@ import pathlib
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.special import digamma
+
 from balpm_server.acquisition import (
     AcquisitionParams,
     AplInputs,
@@ -17,9 +21,6 @@ from balpm_server.acquisition import (
 )
 from balpm_server.acquisition.reference import balpm_reference, dense_knn_radius
 from balpm_server.errors import FailedPrecondition, InvalidArgument
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from scipy.special import digamma
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TINY = np.finfo(np.float64).tiny

@@ -25,8 +25,9 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from balpm_server.settings import Settings
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from balpm_server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -157,7 +158,9 @@ def dockerfile_stage(text: str, stage: str) -> str:
 
 
 def healthcheck_script() -> str:
-    m = re.search(r"(?ms)^COPY [^\n]*<<'EOF' /usr/local/bin/" + HEALTHCHECK_BIN + r"\n(.*?)^EOF\n", DOCKERFILE.read_text())
+    m = re.search(
+        r"(?ms)^COPY [^\n]*<<'EOF' /usr/local/bin/" + HEALTHCHECK_BIN + r"\n(.*?)^EOF\n", DOCKERFILE.read_text()
+    )
     assert m, "healthcheck heredoc not found in Dockerfile"
     return m.group(1)
 
@@ -258,7 +261,8 @@ def test_gpu_overlay_tls_files_and_exec_probes() -> None:
         assert name in [i["path"] for i in secret["items"]]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     # kubelet gRPC probes cannot do TLS -> exec probes with the image's health checker.
-    ops = {op["path"].rsplit("/", 1)[1]: op for op in load_docs(K8S / "overlays" / "gpu" / "balpm-tls-probes.yaml")[0]}
+    json_patch: list[dict[str, Any]] = yaml.safe_load((K8S / "overlays" / "gpu" / "balpm-tls-probes.yaml").read_text())
+    ops = {op["path"].rsplit("/", 1)[1]: op for op in json_patch}
     assert set(ops) == {"startupProbe", "livenessProbe", "readinessProbe"}
     assert ops["readinessProbe"]["value"]["exec"]["command"] == [HEALTHCHECK_BIN, SERVICE_NAME]
     assert ops["livenessProbe"]["value"]["exec"]["command"] == [HEALTHCHECK_BIN, ""]
@@ -307,7 +311,9 @@ def test_network_policies_open_exactly_the_server_ports() -> None:
     for peer in grpc_rule["from"]:
         assert peer["podSelector"]["matchLabels"] == {"balpm.io/labelling-client": "true"}
     metrics_rule = next(r for r in pol["spec"]["ingress"] if r["ports"][0]["port"] == s.metrics_port)
-    assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert metrics_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
     triton = one(docs, "NetworkPolicy", "triton")
     sts = one(docs, "StatefulSet", "balpm")
     grpc_in = next(r for r in triton["spec"]["ingress"] if r["ports"][0]["port"] == 8001)
@@ -321,7 +327,7 @@ def test_dockerfile_matches_server() -> None:
     assert re.search(rf"(?m)^EXPOSE {s.port} {s.metrics_port}$", runtime)
     assert re.search(r'(?m)^ENTRYPOINT \["balpm-server"\]$', runtime)
     assert re.search(r"(?m)^USER 10001:10001$", runtime)
-    assert f'HEALTHCHECK' in runtime and f'"{HEALTHCHECK_BIN}", "{SERVICE_NAME}"' in runtime
+    assert "HEALTHCHECK" in runtime and f'"{HEALTHCHECK_BIN}", "{SERVICE_NAME}"' in runtime
     for needed in ("HF_HOME=/tmp/hf", "BALPM_DATA_DIR=/var/lib/balpm", "BALPM_HOST=0.0.0.0"):
         assert needed in runtime
     for name in re.findall(r"\bBALPM_[A-Z0-9_]+", text):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from balpm_server import errors
 from balpm_server.posterior import (
     EnsembleConfig,

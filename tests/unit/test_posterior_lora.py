@@ -13,6 +13,9 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
 from balpm_server import errors
 from balpm_server.posterior import EnsembleConfig, PosteriorStore, TrainProgress
 from balpm_server.posterior.lora import (
@@ -21,8 +24,6 @@ from balpm_server.posterior.lora import (
     predict_probs_lora,
     train_lora_ensemble,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 WORDS = ["good", "bad", "great", "awful", "answer", "the", "is", "question", "what", "fine"]
 CONFIG = EnsembleConfig(ensemble_size=3, epochs=2, batch_size=8, learning_rate=5e-3,

@@ -161,9 +161,7 @@ class LabelStudioAPI:
             raise LabelStudioError(method, url, 0, str(e)) from e
         return json.loads(raw) if raw.strip() else None
 
-    def request(
-        self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None
-    ) -> Any:
+    def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None) -> Any:
         """Send an authenticated request and return the decoded JSON (None for an empty body).
 
         A personal access token's access token is refreshed once when the server answers 401.
@@ -499,9 +497,7 @@ def sync(
             annotations = api.task_annotations(int(task["id"]))
         for ann in annotations or ():
             report.annotations_seen += 1
-            label = annotation_to_label(
-                ann, task, project_id=project_id, pool_id=pool_id, annotator_of=annotator_of
-            )
+            label = annotation_to_label(ann, task, project_id=project_id, pool_id=pool_id, annotator_of=annotator_of)
             if label is not None:
                 labels.append(label)
                 labelled.add(item_id)
@@ -563,7 +559,7 @@ def _annotator_mapper(args: argparse.Namespace, api: LabelStudioAPI | None) -> A
         raw = Path(raw[1:]).read_text()
     mapping = json.loads(raw) if raw else {}
     if not isinstance(mapping, dict):
-        raise ValueError("--annotator-map must be a JSON object: {\"<ls user id or email>\": \"<annotator id>\"}")
+        raise ValueError('--annotator-map must be a JSON object: {"<ls user id or email>": "<annotator id>"}')
     return AnnotatorMapper(mapping, api=api)
 
 

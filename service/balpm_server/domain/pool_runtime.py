@@ -31,6 +31,9 @@ class PoolRuntime:
     graph: KnnGraph | None = None
     posterior_version: int = 0
     posterior_state: Any = None
+    lora: Any = None  # a posterior.lora.LoraEnsemble for POSTERIOR_KIND_LORA_ENSEMBLE pools
+    texts_a: list[str] | None = None  # prompt + completion A by row (LoRA pools only)
+    texts_b: list[str] | None = None
     epistemic_version: int = -1
     epistemic_N: np.ndarray | None = None
     probs_N_E: np.ndarray | None = None
@@ -42,5 +45,6 @@ class PoolRuntime:
         self.split_N = self.heldout_target_N = None
         self.prompt_N_D = self.a_N_D = self.b_N_D = None
         self.graph = None
+        self.texts_a = self.texts_b = None
         self.epistemic_version = -1
         self.epistemic_N = self.probs_N_E = None

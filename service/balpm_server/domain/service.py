@@ -30,6 +30,7 @@ from balpm_server import errors, metrics
 from balpm_server.acquisition import (
     AcquisitionParams,
     AplInputs,
+    KnnGraph,
     Strategy,
     bald_from_probs,
     build_knn_graph,
@@ -63,6 +64,7 @@ from balpm_server.posterior import (
     EnsembleConfig,
     PosteriorStore,
     TrainProgress,
+    TrainResult,
     evaluate,
     predict_probs,
     train_ensemble,
@@ -119,6 +121,8 @@ class PoolService:
         self._cancel_flags: dict[str, threading.Event] = {}
         self._running_training: dict[str, str] = {}
         self._featurize_tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._graph_locks: dict[str, threading.Lock] = {}
         self.ready = False
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -139,9 +143,10 @@ class PoolService:
         self.ready = False
         for flag in self._cancel_flags.values():
             flag.set()
-        for task in list(self._featurize_tasks.values()):
+        tasks = [*self._featurize_tasks.values(), *self._background]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._featurize_tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.extractor is not None:
             await self.extractor.close()
         self.store.close()
@@ -189,13 +194,88 @@ class PoolService:
         rt.a_N_D = fs.read("a", n)
         rt.b_N_D = fs.read("b", n)
 
-    def _load_posterior(self, rt: PoolRuntime, version: int) -> None:
+    def _load_posterior(self, info: PoolInfo, rt: PoolRuntime) -> None:
+        version = info.posterior_version
         if version == 0 or (rt.posterior_version == version and rt.posterior_state is not None):
             return
         state, _manifest = self._posterior_store(rt.pool_id).load(version)
+        rt.lora = None
+        if state.config.posterior == "lora_ensemble":
+            from balpm_server.posterior.lora import lora_ensemble_from_state
+
+            rt.lora = lora_ensemble_from_state(state, info.settings.lora_model_path)
         rt.posterior_state = state
         rt.posterior_version = version
         rt.epistemic_version = -1
+
+    def _texts(self, info: PoolInfo, rt: PoolRuntime) -> tuple[list[str], list[str]]:
+        """Pair texts by row, loaded only for LoRA pools (their posterior reads tokens)."""
+        if info.settings.posterior_kind != "lora_ensemble":
+            return [], []
+        if rt.texts_a is None or rt.texts_b is None:
+            rt.texts_a, rt.texts_b = self.store.texts_by_row(info.pool_id)
+        return rt.texts_a, rt.texts_b
+
+    @staticmethod
+    def _member_probs(
+        rt: PoolRuntime, fa_N_D: np.ndarray, fb_N_D: np.ndarray, texts_a: Sequence[str], texts_b: Sequence[str]
+    ) -> np.ndarray:
+        """probs_N_E of the loaded posterior: features for MLP heads, texts for LoRA adapters."""
+        if rt.lora is not None:
+            from balpm_server.posterior.lora import predict_probs_lora
+
+            return predict_probs_lora(rt.lora, list(texts_a), list(texts_b))
+        return predict_probs(rt.posterior_state, fa_N_D, fb_N_D)
+
+    def _graph(self, info: PoolInfo, prompt_N_D: np.ndarray) -> KnnGraph:
+        """The pool's kNN graph: loaded from disk when it matches the items, else built and saved."""
+        s = info.settings
+        path = self._pool_dir(info.pool_id) / f"knn-k{s.knn_k}-std{int(s.standardize_features)}.npz"
+        with self._graph_locks.setdefault(info.pool_id, threading.Lock()):
+            return self._load_or_build_graph(info, prompt_N_D, path)
+
+    def _load_or_build_graph(self, info: PoolInfo, prompt_N_D: np.ndarray, path: Path) -> KnnGraph:
+        s = info.settings
+        if path.exists():
+            try:
+                graph = KnnGraph.load(path)
+                if graph.n_items == len(prompt_N_D) and graph.k == s.knn_k:
+                    return graph
+            except errors.BalpmError:
+                log.warning("ignoring unreadable kNN graph %s", path)
+        graph = build_knn_graph(
+            prompt_N_D, s.knn_k, standardize=s.standardize_features,
+            exact_threshold=self.settings.knn_exact_threshold,
+        )
+        tmp = path.with_suffix(".tmp.npz")
+        graph.save(tmp)
+        tmp.replace(path)
+        return graph
+
+    async def _prebuild_graph(self, pool_id: str) -> None:
+        """Build the kNN graph in the background after an upload, so the first BAL-PM call is fast."""
+        info = self.store.pool_info(pool_id, counts=False)
+        if info is None or info.state != PoolState.READY:
+            return
+        rt = self._runtime(pool_id)
+        async with rt.lock:
+            self._load_items(info, rt)
+            prompt_N_D, n_rows = rt.prompt_N_D, len(rt.item_ids or [])
+        if prompt_N_D is None or n_rows <= info.settings.knn_k or rt.graph is not None:
+            return
+        try:
+            graph = await asyncio.to_thread(self._graph, info, prompt_N_D)
+        except errors.BalpmError as e:
+            log.warning("kNN graph of pool %s not prebuilt: %s", pool_id, e.message)
+            return
+        async with rt.lock:
+            if rt.item_ids is not None and len(rt.item_ids) == graph.n_items:
+                rt.graph = graph
+
+    def _schedule_graph(self, pool_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._prebuild_graph(pool_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _ensure_ready(self, info: PoolInfo) -> None:
         if info.state == PoolState.FEATURIZING:
@@ -229,6 +309,18 @@ class PoolService:
             v.int_range(width, f"settings.hidden_sizes[{i}]", 1, 16_384)
         if s.posterior_kind not in ("mlp_ensemble", "lora_ensemble"):
             raise errors.InvalidArgument("unknown settings.posterior_kind", field="settings.posterior_kind")
+        if s.posterior_kind == "lora_ensemble" and not (Path(s.lora_model_path) / "config.json").is_file():
+            raise errors.InvalidArgument(
+                "settings.lora_model_path must be a local model folder with a config.json on the server",
+                field="settings.lora_model_path",
+            )
+        for name in ("apl_policy_model_path", "apl_reference_model_path"):
+            path = getattr(s, name)
+            if path and not (Path(path) / "config.json").is_file():
+                raise errors.InvalidArgument(
+                    f"settings.{name} must be a local model folder with a config.json on the server",
+                    field=f"settings.{name}",
+                )
         if len(self.store.pool_ids(tenant)) >= self.settings.max_pools_per_tenant:
             raise errors.ResourceExhausted(
                 f"tenant already holds max_pools_per_tenant={self.settings.max_pools_per_tenant} pools",
@@ -433,6 +525,8 @@ class PoolService:
                 rt.invalidate_items()
         if accepted and (not client_features or self._server_apl(info)):
             self._schedule_featurize(pool_id)
+        elif accepted:
+            self._schedule_graph(pool_id)
         info = self._require_pool(tenant, pool_id, counts=True)
         return UploadResult(accepted, duplicates, tuple(rejections)), info
 
@@ -492,6 +586,7 @@ class PoolService:
                 await self._score_apl(info)
             self.store.set_pool_state(pool_id, PoolState.READY)
             self._runtime(pool_id).invalidate_items()
+            self._schedule_graph(pool_id)
         except asyncio.CancelledError:
             raise
         except errors.BalpmError as e:
@@ -690,6 +785,9 @@ class PoolService:
                 rows_L, targets_L = self.store.label_targets(info.pool_id)
                 assert rt.a_N_D is not None and rt.b_N_D is not None
                 feats_a, feats_b = rt.a_N_D[rows_L], rt.b_N_D[rows_L]
+                all_a, all_b = self._texts(info, rt)
+                pair_a = [all_a[r] for r in rows_L] if all_a else []
+                pair_b = [all_b[r] for r in rows_L] if all_b else []
             s = info.settings
             config = EnsembleConfig(
                 ensemble_size=s.ensemble_size,
@@ -700,6 +798,7 @@ class PoolService:
                 batch_size=32,
                 warm_start=warm_start,
                 device=self.settings.device,
+                posterior=s.posterior_kind,
             )
             init = None
             latest = self._posterior_store(info.pool_id).latest_version()
@@ -715,17 +814,28 @@ class PoolService:
 
                 loop.call_soon_threadsafe(apply)
 
-            result = await asyncio.to_thread(
-                train_ensemble,
-                feats_a,
-                feats_b,
-                targets_L,
-                config,
-                seed=seed,
-                init=init,
-                progress=on_progress,
-                should_stop=cancel.is_set,
-            )
+            lora = None
+            if s.posterior_kind == "lora_ensemble":
+                from balpm_server.posterior.lora import lora_ensemble_to_state, train_lora_ensemble
+
+                lora = await asyncio.to_thread(
+                    train_lora_ensemble, s.lora_model_path, pair_a, pair_b, targets_L, config,
+                    seed=seed, progress=on_progress, should_stop=cancel.is_set,
+                )
+                result = TrainResult(lora_ensemble_to_state(lora), op.train_loss, op.val_log_likelihood,
+                                     op.epoch, len(rows_L))
+            else:
+                result = await asyncio.to_thread(
+                    train_ensemble,
+                    feats_a,
+                    feats_b,
+                    targets_L,
+                    config,
+                    seed=seed,
+                    init=init,
+                    progress=on_progress,
+                    should_stop=cancel.is_set,
+                )
             train_s = time.perf_counter() - started
             metrics.observe_training(train_s, result.val_log_likelihood)
             manifest = {
@@ -744,7 +854,7 @@ class PoolService:
             }
             version = await asyncio.to_thread(self._posterior_store(info.pool_id).save, result.state, manifest)
             self.store.set_posterior_version(info.pool_id, version)
-            rt.posterior_state, rt.posterior_version = result.state, version
+            rt.posterior_state, rt.posterior_version, rt.lora = result.state, version, lora
             rt.epistemic_version = -1
             op.state = OperationState.SUCCEEDED
             op.result = {
@@ -805,12 +915,12 @@ class PoolService:
 
     def _scores(self, info: PoolInfo, rt: PoolRuntime) -> np.ndarray | None:
         """BALD epistemic scores of every pool row for the latest posterior (cached per version)."""
-        self._load_posterior(rt, info.posterior_version)
+        self._load_posterior(info, rt)
         if info.posterior_version == 0 or rt.posterior_state is None:
             return None
         if rt.epistemic_version != info.posterior_version or rt.epistemic_N is None:
             assert rt.a_N_D is not None and rt.b_N_D is not None
-            rt.probs_N_E = predict_probs(rt.posterior_state, rt.a_N_D, rt.b_N_D)
+            rt.probs_N_E = self._member_probs(rt, rt.a_N_D, rt.b_N_D, *self._texts(info, rt))
             rt.epistemic_N = bald_from_probs(rt.probs_N_E)
             rt.epistemic_version = info.posterior_version
         return rt.epistemic_N
@@ -904,9 +1014,7 @@ class PoolService:
                         field="strategy",
                         reason="POOL_TOO_SMALL",
                     )
-                rt.graph = await asyncio.to_thread(
-                    build_knn_graph, rt.prompt_N_D, s.knn_k, standardize=s.standardize_features
-                )
+                rt.graph = await asyncio.to_thread(self._graph, info, rt.prompt_N_D)
             apl = None
             if strat in (Strategy.APL_CERTAINTY, Strategy.APL_ENTROPY, Strategy.APL_HYBRID):
                 m = self.store.apl_scores(pool_id)
@@ -973,10 +1081,14 @@ class PoolService:
 
     async def _features_for(
         self, info: PoolInfo, rt: PoolRuntime, item_ids: Sequence[str], items: Sequence[ItemIn], field: str
-    ) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Features of stored items (by id) or ad-hoc items (client vectors or extracted)."""
+    ) -> tuple[list[str], np.ndarray, np.ndarray, list[str], list[str]]:
+        """Features (and, for LoRA pools, pair texts) of stored items (by id) or ad-hoc items."""
         self._load_items(info, rt)
         assert rt.a_N_D is not None and rt.b_N_D is not None
+        all_a, all_b = self._texts(info, rt)
+        lora = info.settings.posterior_kind == "lora_ensemble"
+        pair_a: list[str] = []
+        pair_b: list[str] = []
         if item_ids:
             rows = []
             for i, iid in enumerate(item_ids):
@@ -986,7 +1098,9 @@ class PoolService:
                         f"{field}[{i}] {iid!r} is not in pool {info.pool_id!r}", field=f"{field}[{i}]"
                     )
                 rows.append(row)
-            return list(item_ids), rt.a_N_D[rows], rt.b_N_D[rows]
+            if lora:
+                pair_a, pair_b = [all_a[r] for r in rows], [all_b[r] for r in rows]
+            return list(item_ids), rt.a_N_D[rows], rt.b_N_D[rows], pair_a, pair_b
         dim = info.settings.feature_dim
         ids, fa, fb, texts_a, texts_b = [], [], [], [], []
         for i, item in enumerate(items):
@@ -1000,7 +1114,14 @@ class PoolService:
                     )
                 fa.append(rt.a_N_D[row])
                 fb.append(rt.b_N_D[row])
-            elif info.settings.feature_source == FeatureSource.CLIENT:
+                if lora:
+                    pair_a.append(all_a[row])
+                    pair_b.append(all_b[row])
+                continue
+            if lora:
+                pair_a.append(item.prompt + item.completion_a)
+                pair_b.append(item.prompt + item.completion_b)
+            if info.settings.feature_source == FeatureSource.CLIENT:
                 fa.append(v.features(item.completion_a_features, dim, f"{field}[{i}].completion_a_features"))
                 fb.append(v.features(item.completion_b_features, dim, f"{field}[{i}].completion_b_features"))
             else:
@@ -1010,8 +1131,8 @@ class PoolService:
         if texts_a:
             assert self.extractor is not None
             feats = await self.extractor.embed(texts_a + texts_b)
-            return ids, feats[: len(texts_a)], feats[len(texts_a) :]
-        return ids, np.stack(fa).astype(np.float32), np.stack(fb).astype(np.float32)
+            return ids, feats[: len(texts_a)], feats[len(texts_a) :], pair_a, pair_b
+        return ids, np.stack(fa).astype(np.float32), np.stack(fb).astype(np.float32), pair_a, pair_b
 
     def _require_posterior(self, info: PoolInfo, rt: PoolRuntime) -> None:
         if info.posterior_version == 0:
@@ -1020,7 +1141,7 @@ class PoolService:
                 field="pool_id",
                 reason="NO_POSTERIOR",
             )
-        self._load_posterior(rt, info.posterior_version)
+        self._load_posterior(info, rt)
 
     async def predict(
         self, tenant: str, pool_id: str, item_ids: Sequence[str], items: Sequence[ItemIn]
@@ -1032,8 +1153,10 @@ class PoolService:
             raise errors.InvalidArgument("give item_ids or items", field="item_ids", reason="EMPTY_BATCH")
         rt = self._runtime(pool_id)
         self._require_posterior(info, rt)
-        ids, fa, fb = await self._features_for(info, rt, item_ids, items, "item_ids" if item_ids else "items")
-        probs_N_E = await asyncio.to_thread(predict_probs, rt.posterior_state, fa, fb)
+        ids, fa, fb, ta, tb = await self._features_for(
+            info, rt, item_ids, items, "item_ids" if item_ids else "items"
+        )
+        probs_N_E = await asyncio.to_thread(self._member_probs, rt, fa, fb, ta, tb)
         epistemic_N = bald_from_probs(probs_N_E)
         mean_N = probs_N_E.mean(axis=1)
         eps = 1e-12
@@ -1058,7 +1181,7 @@ class PoolService:
         rt = self._runtime(pool_id)
         self._require_posterior(info, rt)
         if items:
-            _ids, fa, fb = await self._features_for(info, rt, [], [it for it, _ in items], "items")
+            _ids, fa, fb, ta, tb = await self._features_for(info, rt, [], [it for it, _ in items], "items")
             targets_N = np.array([p.target for _, p in items], dtype=np.float64)
         else:
             self._load_items(info, rt)
@@ -1072,7 +1195,9 @@ class PoolService:
                 )
             assert rt.heldout_target_N is not None
             fa, fb, targets_N = rt.a_N_D[rows], rt.b_N_D[rows], rt.heldout_target_N[rows]
-        probs_N_E = await asyncio.to_thread(predict_probs, rt.posterior_state, fa, fb)
+            all_a, all_b = self._texts(info, rt)
+            ta, tb = ([all_a[r] for r in rows], [all_b[r] for r in rows]) if all_a else ([], [])
+        probs_N_E = await asyncio.to_thread(self._member_probs, rt, fa, fb, ta, tb)
         m = evaluate(probs_N_E, targets_N)
         return EvaluationOut(
             m.log_likelihood, m.accuracy, m.brier, m.ece, m.mean_epistemic, m.count, info.posterior_version

@@ -290,6 +290,13 @@ class SqliteStore:
             )
         ]
 
+    def texts_by_row(self, pool_id: str) -> tuple[list[str], list[str]]:
+        """(prompt + completion A, prompt + completion B) of every item, in row order."""
+        rows = self._query(
+            "SELECT prompt, completion_a, completion_b FROM items WHERE pool_id = ? ORDER BY row", (pool_id,)
+        )
+        return [p + a for p, a, _ in rows], [p + b for p, _, b in rows]
+
     def items_missing_apl(self, pool_id: str) -> list[tuple[str, str, str, str]]:
         """(item_id, prompt, completion_a, completion_b) of items without APL log-probabilities."""
         return [

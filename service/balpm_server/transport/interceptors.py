@@ -5,7 +5,7 @@ sets runs inside the handler's own task: with `grpc.aio`, context variables set 
 `intercept_service` itself do not reach the handler. Per RPC it
 
 1. takes `x-request-id` from the metadata (or makes one), puts it in `REQUEST_ID` and
-   echoes it in the initial metadata (and, on errors, in the trailing metadata);
+   echoes it in the trailing metadata (on success and on errors);
 2. for `balpm.v1.BalpmService` with an API key store: authenticates the bearer token,
    checks the key's role and sets `CURRENT_TENANT` to the key's tenant (health and
    reflection stay open);
@@ -18,10 +18,11 @@ sets runs inside the handler's own task: with `grpc.aio`, context variables set 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -160,7 +161,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         call.request_id = request_id_from(incoming)
         REQUEST_ID.set(call.request_id)
         metrics.RPC_IN_FLIGHT.labels(call.service, call.method).inc()
-        await context.send_initial_metadata((("x-request-id", call.request_id),))
+        # Trailing, not initial, metadata: an eager initial-metadata write costs a round of
+        # I/O per call; error statuses add the id to their own trailing metadata (status.py).
+        context.set_trailing_metadata((("x-request-id", call.request_id),))
         if not ours:
             return request
         if self.keys is not None:
@@ -246,4 +249,26 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 self._exit(call, context, exc)
 
-        return behavior
+        async def writer_behavior(request: Any, context: grpc.aio.ServicerContext) -> None:
+            # Handlers that stream with `await context.write(...)` (e.g. Health.Watch) instead of yield.
+            call = _Call(service, method)
+            exc: BaseException | None = None
+            try:
+                try:
+                    request = await self._enter(call, context, request, ours)
+                    if ours and stream_in:
+                        request = _checked_stream(request)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await status.abort(context, e, method)
+                await cast(Awaitable[None], inner(request, context))
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                self._exit(call, context, exc)
+
+        if inspect.isasyncgenfunction(inner):
+            return behavior
+        return cast(Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], writer_behavior)

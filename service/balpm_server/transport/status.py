@@ -32,14 +32,27 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
+MAX_MESSAGE_CHARS = 1024
+MAX_METADATA_CHARS = 256
+
+
+def _clip(text: str, limit: int) -> str:
+    """Bound text echoed from requests: status details travel in HTTP/2 trailers (8-16 KiB limits)."""
+    return text if len(text) <= limit else text[: limit - 15] + f"...[{len(text)} chars]"
+
+
 def to_status_proto(err: errors.BalpmError) -> status_pb2.Status:
-    """Build the rich status of a domain error."""
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
-    details = [info]
+    """Build the rich status of a domain error (message and metadata clipped to bounded sizes)."""
+    message = _clip(err.message, MAX_MESSAGE_CHARS)
+    metadata = {_clip(k, 64): _clip(v, MAX_METADATA_CHARS) for k, v in err.metadata.items()}
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=metadata)
+    details: list[Any] = [info]
     if err.field:
         details.append(
             error_details_pb2.BadRequest(
-                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)]
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=_clip(err.field, 256), description=message)
+                ]
             )
         )
     packed = []
@@ -47,7 +60,7 @@ def to_status_proto(err: errors.BalpmError) -> status_pb2.Status:
         a = any_pb2.Any()
         a.Pack(d)
         packed.append(a)
-    return status_pb2.Status(code=err.code.value[0], message=err.message, details=packed)
+    return status_pb2.Status(code=err.code.value[0], message=message, details=packed)
 
 
 def internal_status() -> status_pb2.Status:
