@@ -155,6 +155,18 @@ class SqliteStore:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
+    def _query_ids(self, select: str, pool_id: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Run `select ... WHERE pool_id = ? AND <id column> IN (...)` over `ids` in chunks.
+
+        `select` ends with the id column name; only placeholders are formatted into SQL.
+        """
+        rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows += self._query(f"{select} IN ({marks})", (pool_id, *chunk))
+        return rows
+
     # ---- pools -------------------------------------------------------------------------
 
     def insert_pool(self, pool_id: str, tenant: str, settings: PoolSettings, extractor: str) -> None:
@@ -241,16 +253,9 @@ class SqliteStore:
 
     def item_digests(self, pool_id: str, item_ids: Sequence[str]) -> dict[str, str]:
         """Stored content digests of the given item ids that exist."""
-        out: dict[str, str] = {}
-        for start in range(0, len(item_ids), 500):
-            chunk = list(item_ids[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            rows = self._query(
-                f"SELECT item_id, digest FROM items WHERE pool_id = ? AND item_id IN ({marks})",
-                (pool_id, *chunk),
-            )
-            out.update(dict(rows))
-        return out
+        return dict(
+            self._query_ids("SELECT item_id, digest FROM items WHERE pool_id = ? AND item_id", pool_id, item_ids)
+        )
 
     def reserve_rows(self, conn: sqlite3.Connection, pool_id: str, count: int) -> int:
         """Reserve `count` consecutive feature rows inside a transaction; returns the first."""
@@ -356,46 +361,28 @@ class SqliteStore:
 
     def item_splits(self, pool_id: str, item_ids: Sequence[str]) -> dict[str, int]:
         """item_id -> split of the given items that exist."""
-        out: dict[str, int] = {}
-        for start in range(0, len(item_ids), 500):
-            chunk = list(item_ids[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            rows = self._query(
-                f"SELECT item_id, split FROM items WHERE pool_id = ? AND item_id IN ({marks})",
-                (pool_id, *chunk),
-            )
-            out.update({iid: int(split) for iid, split in rows})
-        return out
+        rows = self._query_ids("SELECT item_id, split FROM items WHERE pool_id = ? AND item_id", pool_id, item_ids)
+        return {iid: int(split) for iid, split in rows}
 
     def item_texts(self, pool_id: str, item_ids: Sequence[str]) -> dict[str, ItemText]:
         """Text fields of the given items that exist."""
-        out: dict[str, ItemText] = {}
-        for start in range(0, len(item_ids), 500):
-            chunk = list(item_ids[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            for iid, p, a, b in self._query(
-                f"SELECT item_id, prompt, completion_a, completion_b FROM items"
-                f" WHERE pool_id = ? AND item_id IN ({marks})",
-                (pool_id, *chunk),
-            ):
-                out[iid] = ItemText(iid, p, a, b)
-        return out
+        rows = self._query_ids(
+            "SELECT item_id, prompt, completion_a, completion_b FROM items WHERE pool_id = ? AND item_id",
+            pool_id,
+            item_ids,
+        )
+        return {iid: ItemText(iid, p, a, b) for iid, p, a, b in rows}
 
     # ---- labels ------------------------------------------------------------------------
 
     def existing_labels(self, pool_id: str, label_ids: Sequence[str]) -> dict[str, tuple[str, int, str]]:
         """label_id -> (item_id, preference, annotator_id) for labels already stored."""
-        out: dict[str, tuple[str, int, str]] = {}
-        for start in range(0, len(label_ids), 500):
-            chunk = list(label_ids[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            for lid, iid, pref, ann in self._query(
-                f"SELECT label_id, item_id, preference, annotator_id FROM labels"
-                f" WHERE pool_id = ? AND label_id IN ({marks})",
-                (pool_id, *chunk),
-            ):
-                out[lid] = (iid, int(pref), ann)
-        return out
+        rows = self._query_ids(
+            "SELECT label_id, item_id, preference, annotator_id FROM labels WHERE pool_id = ? AND label_id",
+            pool_id,
+            label_ids,
+        )
+        return {lid: (iid, int(pref), ann) for lid, iid, pref, ann in rows}
 
     def insert_labels(
         self, conn: sqlite3.Connection, pool_id: str, labels: Sequence[LabelIn], labels_per_item: int = 1
