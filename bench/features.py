@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -42,11 +44,43 @@ def load_harness() -> ModuleType:
 def make_texts(n: int, seed: int = 0) -> list[str]:
     """Preference-pair-like texts of 5..80 words."""
     rng = np.random.default_rng(seed)
-    words = (
-        "the assistant answered question carefully because user asked about safety code python "
-        "model reward preference human label helpful harmless honest explain why however answer "
-        "better worse response prompt example data training learning bayesian active policy"
-    ).split()
+    words = [
+        "the",
+        "assistant",
+        "answered",
+        "question",
+        "carefully",
+        "because",
+        "user",
+        "asked",
+        "about",
+        "safety",
+        "code",
+        "python",
+        "model",
+        "reward",
+        "preference",
+        "human",
+        "label",
+        "helpful",
+        "harmless",
+        "honest",
+        "explain",
+        "why",
+        "however",
+        "answer",
+        "better",
+        "worse",
+        "response",
+        "prompt",
+        "example",
+        "data",
+        "training",
+        "learning",
+        "bayesian",
+        "active",
+        "policy",
+    ]
     return [" ".join(rng.choice(words, size=int(rng.integers(5, 80)))) for _ in range(n)]
 
 
@@ -60,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length-tokens", type=int, default=128)
     p.add_argument("--pooling", choices=["mean", "last_token"], default="mean")
     p.add_argument("--max-in-flight", type=int, default=4, help="concurrent Triton requests")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per cell (best is kept)")
     p.add_argument("--gpu", action="store_true", help="use config.pbtxt (KIND_GPU) and cuda")
     args = p.parse_args(argv)
     if not args.model_path:
@@ -68,15 +102,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def time_triton(ex: object, texts: list[str], repeats: int) -> tuple[float, np.ndarray]:
-    """Best wall time of `repeats` runs of `ex.embed(texts)` (after one warm-up)."""
-    await ex.embed(texts[:64])  # type: ignore[attr-defined]
-    best_s, feats = float("inf"), np.zeros(0)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        feats = await ex.embed(texts)  # type: ignore[attr-defined]
-        best_s = min(best_s, time.perf_counter() - t0)
-    return best_s, feats
+async def time_cell(local: Any, remote: Any, texts: list[str], repeats: int) -> tuple[float, float, float]:
+    """Alternate in-process and Triton runs (fair under a noisy host); keep each one's best.
+
+    Returns:
+        (in-process texts/s, Triton texts/s, max abs feature difference).
+    """
+    try:
+        await remote.embed(texts[:64])  # warm-up: channel, dim() probe
+        best_local_s = best_remote_s = float("inf")
+        local_N_D = remote_N_D = np.zeros(0)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            local_N_D = local.embed_sync(texts)
+            best_local_s = min(best_local_s, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            remote_N_D = await remote.embed(texts)
+            best_remote_s = min(best_remote_s, time.perf_counter() - t0)
+    finally:
+        await remote.close()
+    diff = float(np.abs(remote_N_D - local_N_D).max())
+    return len(texts) / best_local_s, len(texts) / best_remote_s, diff
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,11 +144,11 @@ def main(argv: list[str] | None = None) -> None:
         model_path=Path(args.model_path).resolve(),
         max_length_tokens=args.max_length_tokens,
     )
-    server = harness.TritonServer(
-        install, repo, work, model_config_name="" if args.gpu else "cpu"
-    )
+    server = harness.TritonServer(install, repo, work, model_config_name="" if args.gpu else "cpu")
     print(f"starting tritonserver (log {server.log_path}) ...", flush=True)
     t0 = time.perf_counter()
+    # tritonserver runs in its own session: turn SIGTERM into SystemExit so `finally` stops it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     server.start(ready_timeout_s=300.0)
     print(f"tritonserver ready in {time.perf_counter() - t0:.1f}s", flush=True)
 
@@ -117,30 +163,22 @@ def main(argv: list[str] | None = None) -> None:
                 device=device,
             )
             local.embed_sync(texts[:64])  # load + warm-up
-            local_s = float("inf")
-            local_N_D = np.zeros(0)
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                local_N_D = local.embed_sync(texts)
-                local_s = min(local_s, time.perf_counter() - t0)
-
-            async def run_triton(bs: int = batch_size) -> tuple[float, np.ndarray]:
-                ex = TritonExtractor(
-                    server.grpc_url,
-                    harness.MODEL_NAME,
-                    output_name=output,
-                    batch_size=bs,
-                    max_in_flight=args.max_in_flight,
-                    timeout_s=120.0,
+            cell = asyncio.run(
+                time_cell(
+                    local,
+                    TritonExtractor(
+                        server.grpc_url,
+                        harness.MODEL_NAME,
+                        output_name=output,
+                        batch_size=batch_size,
+                        max_in_flight=args.max_in_flight,
+                        timeout_s=120.0,
+                    ),
+                    texts,
+                    args.repeats,
                 )
-                try:
-                    return await time_triton(ex, texts, args.repeats)
-                finally:
-                    await ex.close()
-
-            triton_s, triton_N_D = asyncio.run(run_triton())
-            diff = float(np.abs(triton_N_D - local_N_D).max())
-            rows.append((batch_size, len(texts) / local_s, len(texts) / triton_s, diff))
+            )
+            rows.append((batch_size, *cell))
             print(f"batch {batch_size}: done", flush=True)
     finally:
         server.stop()

@@ -13,7 +13,7 @@ import pytest
 from balpm import Client
 from balpm.cli import main as balpm_main
 from balpm.errors import FailedPreconditionError
-from balpm.integrations.label_studio import LabelStudioAPI
+from balpm.integrations.label_studio import AnnotatorMapper, LabelStudioAPI
 from balpm.integrations.webhook import SECRET_HEADER, make_webhook_server
 from tests.conftest import ServerThread, synthetic_items
 from tests.labelstudio.conftest import LabelStudio, _free_port
@@ -177,7 +177,12 @@ def test_label_studio_round_trip_ingests_each_annotation_once_and_excludes_label
 
     # Webhook: Label Studio calls the receiver on submit; a later sync sees it as a duplicate.
     port = _free_port()
-    webhook = make_webhook_server(client, pool_id=POOL, project_id=project_id, port=port, secret="s3cret")
+    # Same annotator map as the syncs (e-mail keys are looked up through the Label Studio API),
+    # otherwise the webhook's label would differ from the sync's and be reported as a conflict.
+    mapper = AnnotatorMapper({ls.username: "alice"}, api=api)
+    webhook = make_webhook_server(
+        client, pool_id=POOL, project_id=project_id, annotator_of=mapper, port=port, secret="s3cret"
+    )
     thread = threading.Thread(target=webhook.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     thread.start()
     try:
@@ -205,7 +210,8 @@ def test_label_studio_round_trip_ingests_each_annotation_once_and_excludes_label
         webhook.server_close()
         thread.join(10)
     fourth = _sync(capsys, ls, server, project_id, state_file, batch_size=0, seed=4)
-    assert (fourth["labels_stored"], fourth["labels_duplicate"]) == (0, 3)
+    assert (fourth["labels_stored"], fourth["labels_duplicate"]) == (0, 3), json.dumps(fourth)
+    assert fourth["conflicts"] == [f"ls:{project_id}:{a_ann}"]
     assert client.get_pool(POOL).label_count == 4
     assert len(_labels(client)) == 4
 

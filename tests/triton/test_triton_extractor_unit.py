@@ -27,9 +27,7 @@ GOOD_METADATA: dict[str, Any] = {
 
 
 def test_build_extractor_makes_triton_extractor() -> None:
-    settings = Settings.from_env(
-        environ={}, extractor="triton", triton_url="127.0.0.1:1", triton_output="LAST_TOKEN"
-    )
+    settings = Settings.from_env(environ={}, extractor="triton", triton_url="127.0.0.1:1", triton_output="LAST_TOKEN")
     ex = build_extractor(settings)
     assert isinstance(ex, TritonExtractor)
     assert ex.name == "triton:LAST_TOKEN:balpm_extractor"
@@ -69,7 +67,11 @@ def test_metadata_dim_and_validation() -> None:
         ("StatusCode.INTERNAL", "forward pass failed", errors.Unavailable),
         ("StatusCode.RESOURCE_EXHAUSTED", "too big", errors.Unavailable),
         ("StatusCode.NOT_FOUND", "Request for unknown model: 'm' is not found", errors.FailedPrecondition),
-        ("StatusCode.UNAVAILABLE", "Request for unknown model: 'm' has no available versions", errors.FailedPrecondition),
+        (
+            "StatusCode.UNAVAILABLE",
+            "Request for unknown model: 'm' has no available versions",
+            errors.FailedPrecondition,
+        ),
         ("StatusCode.INVALID_ARGUMENT", "unexpected inference input 'X'", errors.FailedPrecondition),
         (None, "boom", errors.Unavailable),
     ],
@@ -82,9 +84,7 @@ def test_every_error_is_typed(status: str | None, message: str, expected: type) 
 
 
 def test_retries_are_bounded_then_typed() -> None:
-    ex = TritonExtractor(
-        "127.0.0.1:1", "m", max_attempts=4, backoff_initial_s=0.01, retry_budget_s=30.0
-    )
+    ex = TritonExtractor("127.0.0.1:1", "m", max_attempts=4, backoff_initial_s=0.01, retry_budget_s=30.0)
     calls: list[float] = []
 
     async def always_unavailable() -> np.ndarray:
@@ -97,7 +97,9 @@ def test_retries_are_bounded_then_typed() -> None:
     assert info.value.metadata["attempts"] == "4"
     assert not isinstance(info.value.__cause__, errors.BalpmError)
 
-    budget = TritonExtractor("127.0.0.1:1", "m", max_attempts=1000, backoff_initial_s=0.05, backoff_max_s=0.05, retry_budget_s=0.5)
+    budget = TritonExtractor(
+        "127.0.0.1:1", "m", max_attempts=1000, backoff_initial_s=0.05, backoff_max_s=0.05, retry_budget_s=0.5
+    )
     calls.clear()
     started_s = time.monotonic()
     with pytest.raises(errors.Unavailable):

@@ -22,7 +22,23 @@ POOLING_TO_OUTPUT = {"mean": "MEAN_EMBEDDING", "last_token": "LAST_TOKEN"}
 def sample_texts(n: int, seed: int = 0) -> list[str]:
     """Distinct texts of varied length, incl. unknown words, unicode and over-long ones."""
     rng = np.random.default_rng(seed)
-    words = ["the", "good", "bad", "answer", "question", "model", "human", "prefer", "yes", "no", "because", "helpful", "zzz", "é", "😀"]
+    words = [
+        "the",
+        "good",
+        "bad",
+        "answer",
+        "question",
+        "model",
+        "human",
+        "prefer",
+        "yes",
+        "no",
+        "because",
+        "helpful",
+        "zzz",
+        "é",
+        "😀",
+    ]
     out = []
     for i in range(n):
         length = int(rng.integers(1, 12)) if i % 10 else int(rng.integers(70, 120))
@@ -67,7 +83,9 @@ def test_triton_features_equal_in_process(triton_server: TritonFixture, pooling:
     assert np.isfinite(got_N_D).all()
     assert float(np.abs(got_N_D - expected_N_D).max()) <= 1e-4
     # The two poolings really differ (the test would be vacuous otherwise).
-    assert not np.allclose(expected_N_D, in_process(triton_server, "mean" if pooling != "mean" else "last_token", texts))
+    assert not np.allclose(
+        expected_N_D, in_process(triton_server, "mean" if pooling != "mean" else "last_token", texts)
+    )
 
 
 def test_order_kept_with_many_concurrent_requests(triton_server: TritonFixture) -> None:
@@ -75,9 +93,7 @@ def test_order_kept_with_many_concurrent_requests(triton_server: TritonFixture) 
     expected_N_D = in_process(triton_server, "mean", texts)
 
     async def run() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ex = TritonExtractor(
-            triton_server.grpc_url, triton_server.model_name, batch_size=5, max_in_flight=8
-        )
+        ex = TritonExtractor(triton_server.grpc_url, triton_server.model_name, batch_size=5, max_in_flight=8)
         try:
             # Two extractions at once on one extractor share the in-flight cap.
             a, b = await asyncio.gather(ex.embed(texts), ex.embed(texts[::-1]))

@@ -182,9 +182,7 @@ def prepare_model_repository(
     Returns:
         The repository folder, for `--model-repository`.
     """
-    shutil.copytree(
-        MODEL_REPOSITORY, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
+    shutil.copytree(MODEL_REPOSITORY, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     model_dir = dest / MODEL_NAME
     for config in (model_dir / "config.pbtxt", model_dir / "configs" / "cpu.pbtxt"):
         text = config.read_text()
@@ -197,9 +195,7 @@ def prepare_model_repository(
 
 
 def _set_param(text: str, key: str, value: str) -> str:
-    pattern = re.compile(
-        r'(key: "' + re.escape(key) + r'"\s*(?:#[^\n]*\n\s*)*value: \{ string_value: )"[^"]*"'
-    )
+    pattern = re.compile(r'(key: "' + re.escape(key) + r'"\s*(?:#[^\n]*\n\s*)*value: \{ string_value: )"[^"]*"')
     new, n = pattern.subn(lambda m: f'{m.group(1)}"{value}"', text)
     if n != 1:
         raise ValueError(f"parameter {key!r} not found exactly once in config")
@@ -246,9 +242,7 @@ class TritonServer:
     def command(self) -> list[str]:
         """The tritonserver command line."""
         backends = self.install.make_backends_dir(self.work_dir / "backends")
-        config_name = [f"--model-config-name={self.model_config_name}"] * bool(
-            self.model_config_name
-        )
+        config_name = [f"--model-config-name={self.model_config_name}"] * bool(self.model_config_name)
         return [
             str(self.install.server_bin),
             f"--model-repository={self.model_repository}",
@@ -298,15 +292,15 @@ class TritonServer:
                     f"tritonserver exited (rc={None if self.process is None else self.process.returncode}):\n"
                     + self.log_tail()
                 )
-            with contextlib.suppress(urllib.error.URLError, OSError):
-                with urllib.request.urlopen(url, timeout=2.0) as resp:
-                    if resp.status == 200:
-                        return
+            with (
+                contextlib.suppress(urllib.error.URLError, OSError),
+                urllib.request.urlopen(url, timeout=2.0) as resp,
+            ):
+                if resp.status == 200:
+                    return
             time.sleep(0.2)
         self.stop()
-        raise TritonUnavailableError(
-            f"tritonserver not ready after {timeout_s:.0f}s:\n{self.log_tail()}"
-        )
+        raise TritonUnavailableError(f"tritonserver not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
 
     def is_running(self) -> bool:
         """Whether the process is alive."""
@@ -390,7 +384,53 @@ def build_tiny_model(dest: Path, *, seed: int = 0, n_positions: int = 128) -> Pa
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
 
-    words = ["the", "a", "an", "is", "was", "be", "to", "of", "and", "in", "that", "it", "for", "on", "with", "as", "at", "by", "this", "from", "or", "good", "bad", "better", "worse", "answer", "question", "prompt", "reply", "model", "human", "label", "prefer", "yes", "no", "maybe", "because", "safe", "unsafe", "helpful", "harmless", "honest", "short", "long", "text"]
+    words = [
+        "the",
+        "a",
+        "an",
+        "is",
+        "was",
+        "be",
+        "to",
+        "of",
+        "and",
+        "in",
+        "that",
+        "it",
+        "for",
+        "on",
+        "with",
+        "as",
+        "at",
+        "by",
+        "this",
+        "from",
+        "or",
+        "good",
+        "bad",
+        "better",
+        "worse",
+        "answer",
+        "question",
+        "prompt",
+        "reply",
+        "model",
+        "human",
+        "label",
+        "prefer",
+        "yes",
+        "no",
+        "maybe",
+        "because",
+        "safe",
+        "unsafe",
+        "helpful",
+        "harmless",
+        "honest",
+        "short",
+        "long",
+        "text",
+    ]
     specials = ["[PAD]", "[UNK]", "[EOS]"]
     vocab = {tok: i for i, tok in enumerate(specials + words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))

@@ -34,12 +34,8 @@ INPUT_NAME = "TEXT"
 OUTPUT_NAMES = ("MEAN_EMBEDDING", "LAST_TOKEN")
 
 # Status strings as tritonclient reports them (str(grpc.StatusCode.X)).
-_RETRYABLE_STATUSES = frozenset(
-    {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNKNOWN"}
-)
-_DEPLOYMENT_STATUSES = frozenset(
-    {"StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT", "StatusCode.UNIMPLEMENTED"}
-)
+_RETRYABLE_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNKNOWN"})
+_DEPLOYMENT_STATUSES = frozenset({"StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT", "StatusCode.UNIMPLEMENTED"})
 _MAX_MESSAGE_BYTES = 2**31 - 1
 
 T = TypeVar("T")
@@ -172,8 +168,10 @@ class TritonExtractor:
         message = _message_of(e)
         meta = {"url": self._url, "model": self._model_name, "status": status or type(e).__name__}
         lowered = message.lower()
-        if status in _DEPLOYMENT_STATUSES or "unknown model" in lowered or (
-            "is not found" in lowered and self._model_name in message
+        if (
+            status in _DEPLOYMENT_STATUSES
+            or "unknown model" in lowered
+            or ("is not found" in lowered and self._model_name in message)
         ):
             return errors.FailedPrecondition(
                 f"Triton {what} failed for model {self._model_name!r}: {message}",
@@ -290,9 +288,7 @@ class TritonExtractor:
                 reason="TRITON_UNAVAILABLE",
                 metadata={"url": self._url},
             )
-        ready = await client.is_model_ready(
-            self._model_name, self._model_version, client_timeout=timeout_s
-        )
+        ready = await client.is_model_ready(self._model_name, self._model_version, client_timeout=timeout_s)
         if not ready:
             raise errors.FailedPrecondition(
                 f"Triton model {self._model_name!r} is missing or not ready at {self._url}",
@@ -322,8 +318,7 @@ class TritonExtractor:
                 problems.append(f"output {self._output_name} of shape [-1, D] (got {shape})")
         if problems:
             raise errors.FailedPrecondition(
-                f"Triton model {self._model_name!r} has unexpected metadata: expected "
-                + "; ".join(problems),
+                f"Triton model {self._model_name!r} has unexpected metadata: expected " + "; ".join(problems),
                 reason="TRITON_BAD_METADATA",
                 metadata={"url": self._url, "model": self._model_name},
             )
@@ -406,8 +401,7 @@ class TritonExtractor:
             if got is None or got.ndim != 2 or got.shape[0] != len(texts):
                 shape = None if got is None else got.shape
                 raise errors.FailedPrecondition(
-                    f"Triton output {self._output_name} has shape {shape}, "
-                    f"expected ({len(texts)}, D)",
+                    f"Triton output {self._output_name} has shape {shape}, expected ({len(texts)}, D)",
                     reason="TRITON_BAD_METADATA",
                 )
             return np.asarray(got, dtype=np.float32)

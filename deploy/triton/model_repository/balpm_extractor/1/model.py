@@ -65,6 +65,9 @@ def _param(model_config: dict[str, Any], key: str, default: str) -> str:
 class TritonPythonModel:
     """Feature extractor run by the Triton Python backend (one instance per instance_group)."""
 
+    _tokenizer: Any
+    _model: Any
+
     def initialize(self, args: dict[str, str]) -> None:
         """Load tokenizer and model once per instance.
 
@@ -139,11 +142,7 @@ class TritonPythonModel:
             raw = tensor.as_numpy().reshape(-1)
             start = len(texts)
             for value in raw:
-                texts.append(
-                    value.decode("utf-8", errors="replace")
-                    if isinstance(value, bytes)
-                    else str(value)
-                )
+                texts.append(value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value))
             spans.append((r, start, len(texts)))
 
         if texts:
@@ -167,9 +166,7 @@ class TritonPythonModel:
             for r, start, stop in spans:
                 responses[r] = pb_utils.InferenceResponse(
                     output_tensors=[
-                        pb_utils.Tensor(
-                            "LAST_TOKEN", np.ascontiguousarray(last_N_D[start:stop], np.float32)
-                        ),
+                        pb_utils.Tensor("LAST_TOKEN", np.ascontiguousarray(last_N_D[start:stop], np.float32)),
                         pb_utils.Tensor(
                             "MEAN_EMBEDDING",
                             np.ascontiguousarray(mean_N_D[start:stop], np.float32),
