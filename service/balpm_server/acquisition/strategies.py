@@ -57,7 +57,18 @@ def _entropy_from_log2r(log2r_N: np.ndarray, count_N: np.ndarray, d_ent: float) 
 
 def top_b_desc(scores_C: np.ndarray, b: int) -> np.ndarray:
     """Positions of the `b` largest scores, descending, ties by lowest position."""
-    order = np.argsort(-np.asarray(scores_C, dtype=np.float64), kind="stable")
+    neg_C = -np.asarray(scores_C, dtype=np.float64)
+    if b <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if b < len(neg_C):
+        # O(C) selection, then a sort of only the b winners; same result as a stable argsort.
+        kth = np.partition(neg_C, b - 1)[b - 1]
+        if np.isfinite(kth):
+            strict = np.flatnonzero(neg_C < kth)
+            ties = np.flatnonzero(neg_C == kth)[: b - len(strict)]
+            chosen = np.concatenate([strict, ties])
+            return np.asarray(chosen[np.lexsort((chosen, neg_C[chosen]))], dtype=np.int64)
+    order = np.argsort(neg_C, kind="stable")
     return np.asarray(order[:b], dtype=np.int64)
 
 

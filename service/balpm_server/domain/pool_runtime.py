@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from balpm_server.acquisition import KnnGraph
+from balpm_server.domain.occupancy import Occupancy
 
 
 @dataclass
@@ -31,6 +32,7 @@ class PoolRuntime:
     graph: KnnGraph | None = None
     posterior_version: int = 0
     posterior_state: Any = None
+    occupancy: Occupancy | None = None
     lora: Any = None  # a posterior.lora.LoraEnsemble for POSTERIOR_KIND_LORA_ENSEMBLE pools
     texts_a: list[str] | None = None  # prompt + completion A by row (LoRA pools only)
     texts_b: list[str] | None = None
@@ -45,6 +47,7 @@ class PoolRuntime:
         self.split_N = self.heldout_target_N = None
         self.prompt_N_D = self.a_N_D = self.b_N_D = None
         self.graph = None
+        self.occupancy = None
         self.texts_a = self.texts_b = None
         self.epistemic_version = -1
         self.epistemic_N = self.probs_N_E = None

@@ -58,6 +58,7 @@ from balpm_server.domain.models import (
     StoredLabel,
     UploadResult,
 )
+from balpm_server.domain.occupancy import Occupancy
 from balpm_server.domain.pool_runtime import PoolRuntime
 from balpm_server.features import FeatureExtractor
 from balpm_server.posterior import (
@@ -96,9 +97,12 @@ def _parse_page_token(token: str, field: str = "page_token") -> int:
     if not token:
         return 0
     try:
-        return int(base64.urlsafe_b64decode(token.encode()).decode())
+        value = int(base64.urlsafe_b64decode(token.encode()).decode())
     except (ValueError, UnicodeDecodeError) as e:
         raise errors.InvalidArgument("page_token is not a token this server issued", field=field) from e
+    if not 0 <= value < 2**62:
+        raise errors.InvalidArgument("page_token is not a token this server issued", field=field)
+    return value
 
 
 class PoolService:
@@ -190,6 +194,10 @@ class PoolService:
         rt.row_of = {iid: i for i, iid in enumerate(ids)}
         rt.split_N = split_N
         rt.heldout_target_N = target_N
+        rt.occupancy = Occupancy.from_records(
+            n, info.settings.labels_per_item, self.store.label_annotators(info.pool_id),
+            self.store.active_leases(info.pool_id, time.time()),
+        )
         rt.prompt_N_D = fs.read("prompt", n)
         rt.a_N_D = fs.read("a", n)
         rt.b_N_D = fs.read("b", n)
@@ -692,6 +700,9 @@ class PoolService:
                         req_digest,
                         json.dumps({"stored_count": len(fresh), "duplicate_count": dup}),
                     )
+            if rt.occupancy is not None:
+                for c in fresh:
+                    rt.occupancy.add_label(rt.row_of[c.item_id], c.annotator_id)
         return IngestResult(len(fresh), dup, self.store.label_count(pool_id))
 
     async def export_labels(
@@ -973,24 +984,8 @@ class PoolService:
             n = len(rt.item_ids)
             now = time.time()
             in_pool_N = rt.split_N == int(Split.POOL)
-            labelled_N = np.zeros(n, dtype=bool)
-            annotators = self.store.annotators_of(pool_id)
-            done_N = np.zeros(n, dtype=bool)
-            mine_N = np.zeros(n, dtype=bool)
-            for row, anns in annotators.items():
-                labelled_N[row] = True
-                done_N[row] = len(anns) >= s.labels_per_item
-                mine_N[row] = annotator in anns
-            leases = self.store.active_leases(pool_id, now)
-            lease_count_N = np.zeros(n, dtype=np.int64)
-            for row, holder in leases:
-                lease_count_N[row] += 1
-                if holder == annotator:
-                    mine_N[row] = True
-            labels_N = np.array([len(annotators.get(r, ())) for r in range(n)], dtype=np.int64)
-            full_N = labels_N + lease_count_N >= s.labels_per_item
-            candidate_N = in_pool_N & ~done_N & ~mine_N & ~full_N
-            acquired_N = in_pool_N & (labelled_N | (lease_count_N > 0))
+            assert rt.occupancy is not None
+            candidate_N, acquired_N = rt.occupancy.masks(in_pool_N, annotator, now)
             n_candidates = int(candidate_N.sum())
             if n_candidates == 0:
                 raise errors.FailedPrecondition(
@@ -1033,7 +1028,10 @@ class PoolService:
             )
             chosen = [rt.item_ids[int(r)] for r in batch.indices_B]
             expire_s = now + ttl_s
-            self.store.insert_leases(pool_id, chosen, annotator, expire_s)
+            # The lease is durable (fsync) before the reply; done off the event loop.
+            await asyncio.to_thread(self.store.insert_leases, pool_id, chosen, annotator, expire_s)
+            for r in batch.indices_B.tolist():
+                rt.occupancy.add_lease(int(r), annotator, expire_s)
             texts = self.store.item_texts(pool_id, chosen)
             acquire_s = time.perf_counter() - started
             metrics.observe_acquisition(strat.name, acquire_s, batch.epistemic_B, batch.entropy_B)
@@ -1059,8 +1057,14 @@ class PoolService:
         for i, iid in enumerate(item_ids):
             v.item_id(iid, f"item_ids[{i}]")
         ann = v.annotator_id(annotator_id, "annotator_id") if annotator_id else ""
-        async with self._runtime(pool_id).lock:
-            return self.store.release_leases(pool_id, item_ids, ann)
+        rt = self._runtime(pool_id)
+        async with rt.lock:
+            released = self.store.release_leases(pool_id, item_ids, ann)
+            if rt.occupancy is not None:
+                for iid in item_ids:
+                    if iid in rt.row_of:
+                        rt.occupancy.release(rt.row_of[iid], ann)
+            return released
 
     async def update_item_scores(self, tenant: str, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
         """Set APL log-probabilities of items."""

@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS leases (
   expire_time REAL NOT NULL,
   PRIMARY KEY (pool_id, item_id, annotator_id)
 );
+CREATE INDEX IF NOT EXISTS leases_expiry ON leases (pool_id, expire_time);
 CREATE TABLE IF NOT EXISTS operations (
   operation_id TEXT PRIMARY KEY,
   pool_id TEXT NOT NULL,
@@ -436,37 +437,28 @@ class SqliteStore:
         targets_L = np.array([Preference(r[1]).target for r in rows], dtype=np.float32)
         return rows_L, targets_L
 
-    def annotator_counts(self, pool_id: str) -> dict[int, int]:
-        """Feature row -> number of distinct annotators who labelled it."""
-        rows = self._query(
-            "SELECT i.row, COUNT(DISTINCT l.annotator_id) FROM labels l JOIN items i"
-            " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ? GROUP BY i.row",
-            (pool_id,),
-        )
-        return {int(r): int(n) for r, n in rows}
-
-    def annotators_of(self, pool_id: str) -> dict[int, set[str]]:
-        """Feature row -> annotators who labelled it."""
-        out: dict[int, set[str]] = {}
-        for r, ann in self._query(
-            "SELECT DISTINCT i.row, l.annotator_id FROM labels l JOIN items i"
-            " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ?",
-            (pool_id,),
-        ):
-            out.setdefault(int(r), set()).add(ann)
-        return out
-
     # ---- leases ------------------------------------------------------------------------
 
-    def active_leases(self, pool_id: str, now_s: float) -> list[tuple[int, str]]:
-        """(feature row, annotator_id) of unexpired leases."""
+    def active_leases(self, pool_id: str, now_s: float) -> list[tuple[int, str, float]]:
+        """(feature row, annotator_id, expire_s) of unexpired leases."""
         return [
-            (int(r), ann)
-            for r, ann in self._query(
-                "SELECT i.row, l.annotator_id FROM leases l JOIN items i"
+            (int(r), ann, float(exp))
+            for r, ann, exp in self._query(
+                "SELECT i.row, l.annotator_id, l.expire_time FROM leases l JOIN items i"
                 " ON i.pool_id = l.pool_id AND i.item_id = l.item_id"
                 " WHERE l.pool_id = ? AND l.expire_time > ?",
                 (pool_id, now_s),
+            )
+        ]
+
+    def label_annotators(self, pool_id: str) -> list[tuple[int, str]]:
+        """Distinct (feature row, annotator_id) pairs of the pool's labels."""
+        return [
+            (int(r), ann)
+            for r, ann in self._query(
+                "SELECT DISTINCT i.row, l.annotator_id FROM labels l JOIN items i"
+                " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ?",
+                (pool_id,),
             )
         ]
 

@@ -1,0 +1,114 @@
+"""Who has labelled and who currently leases each pool row, kept in memory.
+
+SQLite is the durable record of labels and leases; this mirror lets AcquireBatch
+compute its candidate and acquired masks with array operations instead of joins and
+Python loops over the whole pool. It is rebuilt from SQLite whenever the pool's
+runtime is (re)loaded and updated in place, under the pool lock, after each commit.
+
+Shapes: N pool rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+
+class Occupancy:
+    """Labels and leases per row.
+
+    Args:
+        n_rows: Pool rows N.
+        labels_per_item: Distinct annotators an item needs (consensus labelling).
+    """
+
+    def __init__(self, n_rows: int, labels_per_item: int) -> None:
+        self.k = labels_per_item
+        self.labels_N = np.zeros(n_rows, dtype=np.int64)
+        self.lease_cnt_N = np.zeros(n_rows, dtype=np.int64)
+        self.lease_min_exp_N = np.full(n_rows, np.inf)
+        self._labellers: dict[int, set[str]] = {}
+        self._leases: dict[int, dict[str, float]] = {}
+        self._labelled_by: dict[str, set[int]] = {}
+        self._leased_by: dict[str, set[int]] = {}
+
+    @classmethod
+    def from_records(
+        cls,
+        n_rows: int,
+        labels_per_item: int,
+        labels: Iterable[tuple[int, str]],
+        leases: Iterable[tuple[int, str, float]],
+    ) -> Occupancy:
+        """Build from (row, annotator) labels and (row, annotator, expire_s) leases."""
+        occ = cls(n_rows, labels_per_item)
+        for row, ann in labels:
+            occ._note_label(row, ann)
+        for row, ann, expire_s in leases:
+            occ.add_lease(row, ann, expire_s)
+        return occ
+
+    def _note_label(self, row: int, annotator: str) -> None:
+        anns = self._labellers.setdefault(row, set())
+        if annotator not in anns:
+            anns.add(annotator)
+            self.labels_N[row] = len(anns)
+            self._labelled_by.setdefault(annotator, set()).add(row)
+
+    def _refresh(self, row: int) -> None:
+        holders = self._leases.get(row, {})
+        self.lease_cnt_N[row] = len(holders)
+        self.lease_min_exp_N[row] = min(holders.values(), default=np.inf)
+        if not holders:
+            self._leases.pop(row, None)
+
+    def add_label(self, row: int, annotator: str) -> None:
+        """Record a label: it ends the labeller's lease, and every lease once the item is complete."""
+        self._note_label(row, annotator)
+        self.release(row, annotator)
+        if self.labels_N[row] >= self.k:
+            self.release(row, "")
+
+    def add_lease(self, row: int, annotator: str, expire_s: float) -> None:
+        """Lease a row to an annotator until `expire_s` (epoch seconds)."""
+        self._leases.setdefault(row, {})[annotator] = expire_s
+        self._leased_by.setdefault(annotator, set()).add(row)
+        self._refresh(row)
+
+    def release(self, row: int, annotator: str) -> int:
+        """End a lease ("" ends every lease on the row); returns how many ended."""
+        holders = self._leases.get(row, {})
+        names = list(holders) if not annotator else [annotator] if annotator in holders else []
+        for name in names:
+            del holders[name]
+            self._leased_by.get(name, set()).discard(row)
+        self._refresh(row)
+        return len(names)
+
+    def purge_expired(self, now_s: float) -> None:
+        """Drop leases that expired at or before `now_s` (only rows with one are visited)."""
+        for row in np.flatnonzero((self.lease_cnt_N > 0) & (self.lease_min_exp_N <= now_s)).tolist():
+            holders = self._leases.get(row, {})
+            for name in [a for a, exp in holders.items() if exp <= now_s]:
+                del holders[name]
+                self._leased_by.get(name, set()).discard(row)
+            self._refresh(row)
+
+    def masks(self, in_pool_N: np.ndarray, annotator: str, now_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate and acquired masks for one caller.
+
+        Returns:
+            (candidate_N, acquired_N): rows the caller may be given (not complete, not
+            fully leased, not already labelled or leased by this caller), and rows that
+            count as acquired in the entropy term (labelled or leased by anyone).
+        """
+        self.purge_expired(now_s)
+        mine_N = np.zeros(len(in_pool_N), dtype=bool)
+        for rows in (self._labelled_by.get(annotator), self._leased_by.get(annotator)):
+            if rows:
+                mine_N[np.fromiter(rows, dtype=np.int64, count=len(rows))] = True
+        full_N = self.labels_N + self.lease_cnt_N >= self.k
+        candidate_N = in_pool_N & ~full_N & ~mine_N
+        acquired_N = in_pool_N & ((self.labels_N > 0) | (self.lease_cnt_N > 0))
+        return candidate_N, acquired_N
