@@ -121,7 +121,7 @@ def _features_for(pairs: Sequence[HiddenPair], args: argparse.Namespace) -> Pair
     t0 = time.perf_counter()
     feats, stats = extract_features(
         pairs,
-        cache_path=Path(args.data_dir) / "feature_cache.sqlite3",
+        cache_path=Path(args.feature_cache) if args.feature_cache else Path(args.data_dir) / "feature_cache.sqlite3",
         model_path=args.model_path,
         pooling=args.pooling,
         device=args.device,
@@ -180,13 +180,14 @@ def run_one(
         epochs=args.epochs,
         feature_source=data.feature_source,
         pool_settings=tuple(_pool_settings(args, data, spec.knn_k).items()),
-        acquire_options=(("beta", spec.beta),),
+        acquire_options=(("beta", spec.beta),) + ((("d_ent", args.d_ent),) if args.d_ent is not None else ()),
         tags=(
             ("oracle", spec.oracle),
             ("phase", spec.phase),
             ("redundancy", data.info.get("redundancy", 1)),
             ("beta", spec.beta),
             ("knn_k", spec.knn_k),
+            ("d_ent", args.d_ent if args.d_ent is not None else 1.0),
         ),
     )
     t0 = time.perf_counter()
@@ -277,13 +278,17 @@ def labels_to_reach(labels_L: np.ndarray, curve_L: np.ndarray, target: float) ->
 
 
 def savings_table(
-    records: list[dict[str, Any]], n_boot: int = 2000, seed: int = 0
+    records: list[dict[str, Any]], n_boot: int = 2000, seed: int = 0, reference: str = "RANDOM"
 ) -> list[dict[str, Any]]:
-    """Per strategy: labels to reach RANDOM's final mean test LL, saving and a paired bootstrap CI over seeds."""
+    """Per strategy: labels to reach `reference`'s final mean test LL, saving and a paired bootstrap CI over seeds.
+
+    The saving is 1 - needed / (the reference's final label count); a resample in which
+    the strategy never reaches the target counts as -inf (so the CI shows "n/a").
+    """
     cur = curves(records, "test_log_likelihood")
-    if "RANDOM" not in cur:
+    if reference not in cur:
         return []
-    labels_L, rand = cur["RANDOM"]
+    labels_L, rand = cur[reference]
     seeds = sorted(set.intersection(*(set(c[1]) for c in cur.values())))
     n_final = float(labels_L[-1])
     rng = np.random.default_rng(seed)
@@ -299,7 +304,7 @@ def savings_table(
             idx = [seeds.index(s) for s in b]
             n_b = labels_to_reach(lab_L, mat[idx].mean(axis=0), float(rmat[idx, -1].mean()))
             sav.append(1.0 - n_b / n_final if math.isfinite(n_b) else -math.inf)
-        lo, hi = np.percentile(np.array(sav), [2.5, 97.5])
+        lo, hi = np.percentile(np.array(sav), [2.5, 97.5], method="lower")
         final = mat[:, -1]
         rows.append(
             {
@@ -446,6 +451,13 @@ def write_markdown(
             f"[{_fmt_pct(r['ci_lo'])}, {_fmt_pct(r['ci_hi'])}] | {r['final_ll']:.4f} +- {r['final_ll_se']:.4f} | "
             f"{d.get('distinct_prompts', math.nan):.1f} / {d.get('batch_size', math.nan):.0f} | {r['n_seeds']} |"
         )
+    vs_bald = savings_table(records, reference="BALD")
+    if vs_bald:
+        lines += ["", f"The same against BALD's final mean test LL ({vs_bald[0]['target_ll']:.4f}):", "",
+                  "| strategy | labels needed | saving vs BALD's budget | 95% CI |", "| --- | --- | --- | --- |"]
+        for r in vs_bald:
+            lines.append(f"| {r['strategy']} | {_fmt_labels(r['labels_needed'])} | {_fmt_pct(r['saving'])} | "
+                         f"[{_fmt_pct(r['ci_lo'])}, {_fmt_pct(r['ci_hi'])}] |")
     lines += ["", "Batch composition and score terms (means over rounds >= 1 and seeds; `range` = max - min "
               "within a batch):", "",
               "| strategy | distinct prompts | epistemic (BALD) | epistemic range | beta x entropy | "
@@ -547,15 +559,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.2, help="pool rows held out for tuning")
     p.add_argument("--beta", type=float, default=None, help="skip tuning: BAL-PM beta")
     p.add_argument("--knn-k", type=int, default=None, help="skip tuning: BAL-PM k")
+    p.add_argument("--d-ent", type=float, default=None, help="BAL-PM d_ent of every AcquireBatch (default: pool's, 1)")
     p.add_argument("--workers", type=int, default=2, help="parallel runs against the one server")
     p.add_argument("--device", default="auto", help="server torch device (auto, cpu, cuda)")
     p.add_argument("--model-path", default="", help="local model folder for features (\"\" = bundled MiniLM)")
     p.add_argument("--pooling", default="mean", choices=["mean", "last_token"])
-    p.add_argument("--data-dir", default=".cache/hh-data", help="server data dir (feature cache inside)")
+    p.add_argument(
+        "--data-dir",
+        default=".cache/hh-data",
+        help="server data dir (feature cache inside); never share it with another running server",
+    )
+    p.add_argument("--feature-cache", default="", help="client-side feature cache (default: the server's)")
     p.add_argument("--server", default="", help="use a running server instead (its data dir must match)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--no-headroom", action="store_true", help="skip the all-pool-labels fit")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny pool, 2 seeds, 3 rounds")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-render plots and markdown from <out-dir>/label_efficiency_<oracle>.jsonl and the summary JSON",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.pool_rows = args.pool_rows or "0:300"
@@ -567,9 +590,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report_only(args: argparse.Namespace) -> None:
+    """Rebuild every oracle's PNG and markdown from the stored JSONL and summary (no runs)."""
+    out_dir = Path(args.out_dir)
+    summary = json.loads((out_dir / "label_efficiency_summary.json").read_text())
+    for oracle, o in summary["oracles"].items():
+        recs = [json.loads(line) for line in (out_dir / f"label_efficiency_{oracle}.jsonl").read_text().splitlines()]
+        main_recs = [r for r in recs if r.get("phase", "main") == "main"]
+        tune_rows = summarise_tuning([r for r in recs if r.get("phase") == "tune"])
+        info = o["info"]
+        red = f", redundancy R={info['redundancy']}" if oracle == "model" else ""
+        n_seeds = len({r["seed"] for r in main_recs})
+        png = out_dir / f"label_efficiency_{oracle}.png"
+        plot(main_recs, f"{oracle} oracle{red}; {n_seeds} seeds, mean +- SE", png)
+        md = out_dir / f"label_efficiency_{oracle}.md"
+        if "header" not in summary and md.exists():  # older summaries: keep the header the run wrote
+            text = md.read_text().split("\n\nOracle:")[0]
+            summary["header"] = text.split("\n\n", 1)[1] if "\n\n" in text else text
+        o["table"] = write_markdown(
+            md,
+            oracle,
+            main_recs,
+            tune_rows,
+            (o["chosen_beta"], o["chosen_k"]),
+            info,
+            o["headroom"],
+            summary.get("header", f"Command: `{summary['command']}`  \nMachine: {summary['machine']}"),
+        )
+    (out_dir / "label_efficiency_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark."""
     args = parse_args(argv)
+    if args.report_only:
+        report_only(args)
+        return
     t_start = time.perf_counter()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -624,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"epochs {args.epochs or 'server default'}; features: {args.model_path or 'bundled all-MiniLM-L6-v2'} "
             f"({args.pooling} pooling)."
         )
-        summary: dict[str, Any] = {"command": command, "machine": machine(), "oracles": {}}
+        summary: dict[str, Any] = {"command": command, "machine": machine(), "header": header, "oracles": {}}
         chosen: tuple[float, int] | None = (
             (args.beta, args.knn_k) if args.beta is not None and args.knn_k is not None else None
         )

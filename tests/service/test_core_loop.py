@@ -209,3 +209,19 @@ def test_concurrent_annotators_never_get_the_same_item(server: ServerThread, cli
     assert released == 15
     c = client.acquire("lease", batch_size=25, strategy="RANDOM", annotator_id="carol")
     assert {x.item.item_id for x in c.items}.isdisjoint(ids_b)
+
+
+def test_abandoned_watch_streams_do_not_crash_the_server(server: ServerThread, client: Client) -> None:
+    items, truth = synthetic_items(40, 4, seed=9)
+    client.create_pool("watch", feature_source="CLIENT", feature_dim=4, ensemble_size=2, hidden_sizes=[8],
+                       epochs=400)
+    client.upload_items("watch", items)
+    client.ingest_labels("watch", [{"label_id": f"l{i}", "item_id": f"it-{i}", "preference": truth[f"it-{i}"]}
+                                   for i in range(40)])
+    op = client.update_posterior("watch", seed=0, wait=False)
+    for _ in range(30):  # read one progress message, then walk away mid-stream
+        stream = client.stub.WatchOperation(pb.WatchOperationRequest(operation_id=op.operation_id))
+        next(iter(stream))
+        stream.cancel()
+    client.wait_operation(op.operation_id)
+    assert _serving(server.target)

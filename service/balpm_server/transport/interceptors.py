@@ -92,7 +92,7 @@ def _code_name(context: grpc.aio.ServicerContext, exc: BaseException | None) -> 
 class _Call:
     """Book-keeping of one RPC."""
 
-    __slots__ = ("code", "method", "request_id", "service", "started", "tenant")
+    __slots__ = ("code", "method", "peer", "request_id", "service", "started", "tenant")
 
     def __init__(self, service: str, method: str) -> None:
         self.service = service
@@ -101,6 +101,7 @@ class _Call:
         self.request_id = ""
         self.tenant = ""
         self.code = "OK"
+        self.peer = ""
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -156,6 +157,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def _enter(self, call: _Call, context: grpc.aio.ServicerContext, request: Any, ours: bool) -> Any:
         """Set the request id, authenticate, set the tenant; returns the request to pass on."""
+        # Read the peer now: after a streaming call ends (e.g. the client stops reading),
+        # the context's C call is released and context.peer() would dereference NULL.
+        call.peer = context.peer()
         metadata = context.invocation_metadata() or ()
         incoming = next((v for k, v in metadata if k == "x-request-id"), None)
         call.request_id = request_id_from(incoming)
@@ -196,7 +200,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     "duration_ms": round(elapsed_s * 1000.0, 3),
                     "tenant": call.tenant,
                     "request_id": call.request_id,
-                    "peer": context.peer(),
+                    "peer": call.peer,
                 },
             )
 
