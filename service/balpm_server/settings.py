@@ -63,6 +63,7 @@ class Settings:
         max_pools_per_tenant: Pools one tenant may hold.
         max_training_jobs_per_tenant: Concurrent UpdatePosterior operations per tenant.
         default_lease_ttl_s: Lease length when AcquireBatch gives none.
+        max_lease_ttl_s: Longest lease AcquireBatch accepts (default 90 days).
         knn_exact_threshold: Pools up to this size get an exact FAISS kNN; larger ones HNSW.
         shutdown_grace_s: Seconds SIGTERM waits for in-flight RPCs before stopping.
         api_keys_file: JSON file of hashed API keys; "" disables authentication.
@@ -96,6 +97,7 @@ class Settings:
     max_pools_per_tenant: int = 100
     max_training_jobs_per_tenant: int = 2
     default_lease_ttl_s: float = 3600.0
+    max_lease_ttl_s: float = 90 * 24 * 3600.0
     knn_exact_threshold: int = 50_000
     shutdown_grace_s: float = 10.0
     api_keys_file: str = ""

@@ -960,6 +960,12 @@ class PoolService:
                 reason="MAX_BATCH_SIZE",
             )
         v.finite(lease_ttl_s, "lease_ttl_s", low=0.0)
+        if lease_ttl_s > self.settings.max_lease_ttl_s:
+            raise errors.InvalidArgument(
+                f"lease_ttl_s {lease_ttl_s} exceeds max_lease_ttl_s={self.settings.max_lease_ttl_s:.0f}",
+                field="lease_ttl_s",
+                reason="MAX_LEASE_TTL",
+            )
         ttl_s = lease_ttl_s or self.settings.default_lease_ttl_s
         annotator = v.annotator_id(annotator_id, "annotator_id")
         s = info.settings
