@@ -73,49 +73,29 @@ def hide_preferences(rows: list[dict[str, Any]], seed: int, *, heldout: bool = F
     return out
 
 
-def demo_rows(n: int, seed: int) -> list[dict[str, Any]]:
+def demo_rows(n: int, seed: int, *, label_noise: float = 0.2) -> list[dict[str, Any]]:
     """Synthetic preference rows (shared format) for the README demo.
 
-    The preferred response is the one that answers the prompt's topic helpfully;
-    the rejected one is evasive, so the preference is learnable from text features.
+    Annotators prefer the response that stays on the prompt's topic and gives a
+    concrete tip; the other one drifts to another topic or stays vague. A fraction
+    `label_noise` of the rows has its preference flipped, as real annotators disagree,
+    so a model learns a real but imperfect curve.
     """
     rng = random.Random(seed)
-    topics = [
-        "python lists",
-        "baking bread",
-        "tax returns",
-        "tomato plants",
-        "bike repair",
-        "sleep habits",
-        "learning french",
-        "saving money",
-        "running shoes",
-        "chess openings",
-        "car batteries",
-        "coffee",
-    ]
-    helpful = [
-        "Here is a clear step-by-step answer about {t}: first, {x}; then check the result carefully.",
-        "Good question about {t}. The key idea is {x}, and here is an example to make it concrete.",
-        "For {t}, most experts recommend {x}. I can explain the reasons if you like.",
-    ]
-    unhelpful = [
-        "I don't know anything about {t}.",
-        "Why would you ask about {t}? Figure it out yourself.",
-        "{t} is boring. Let's talk about something else.",
-    ]
+    topics = ["python lists", "baking bread", "tax returns", "tomato plants", "bike repair", "sleep habits",
+              "learning french", "saving money", "running shoes", "chess openings", "car batteries", "coffee"]
     tips = ["start small", "measure twice", "keep notes", "ask a specialist", "compare options", "be patient"]
+    openers = ["Sure.", "Good question.", "Happy to help.", "Here is what I would do."]
     rows = []
     for i in range(n):
         t = rng.choice(topics)
-        x = rng.choice(tips)
+        other = rng.choice([x for x in topics if x != t])
         prompt = f"\n\nHuman: Can you help me with {t}? Variant {rng.randint(0, 9999)}.\n\nAssistant:"
-        rows.append(
-            {
-                "id": f"demo-{i}",
-                "prompt": prompt,
-                "chosen": " " + rng.choice(helpful).format(t=t, x=x),
-                "rejected": " " + rng.choice(unhelpful).format(t=t),
-            }
-        )
+        good = f" {rng.choice(openers)} For {t}, {rng.choice(tips)} and check the result."
+        bad = rng.choice([
+            f" {rng.choice(openers)} For {other}, {rng.choice(tips)} and check the result.",
+            f" {rng.choice(openers)} It depends on many things about {t}.",
+        ])
+        chosen, rejected = (bad, good) if rng.random() < label_noise else (good, bad)
+        rows.append({"id": f"demo-{i}", "prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
