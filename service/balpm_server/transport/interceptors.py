@@ -178,6 +178,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             raise _malformed_error()
         return request
 
+    async def _admit(
+        self, call: _Call, context: grpc.aio.ServicerContext, request: Any, ours: bool, stream_in: bool
+    ) -> Any:
+        """`_enter` plus stream checking; any failure is aborted through the one status mapping."""
+        try:
+            request = await self._enter(call, context, request, ours)
+            if ours and stream_in:
+                request = _checked_stream(request)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await status.abort(context, e, call.method)
+        return request
+
     def _exit(self, call: _Call, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
         call.code = _code_name(context, exc)
         elapsed_s = time.perf_counter() - call.started
@@ -212,14 +226,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(service, method)
             exc: BaseException | None = None
             try:
-                try:
-                    request = await self._enter(call, context, request, ours)
-                    if ours and stream_in:
-                        request = _checked_stream(request)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as e:
-                    await status.abort(context, e, method)
+                request = await self._admit(call, context, request, ours, stream_in)
                 return await inner(request, context)
             except BaseException as e:
                 exc = e
@@ -237,14 +244,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(service, method)
             exc: BaseException | None = None
             try:
-                try:
-                    request = await self._enter(call, context, request, ours)
-                    if ours and stream_in:
-                        request = _checked_stream(request)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as e:
-                    await status.abort(context, e, method)
+                request = await self._admit(call, context, request, ours, stream_in)
                 async for response in inner(request, context):
                     yield response
             except BaseException as e:
@@ -258,14 +258,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(service, method)
             exc: BaseException | None = None
             try:
-                try:
-                    request = await self._enter(call, context, request, ours)
-                    if ours and stream_in:
-                        request = _checked_stream(request)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as e:
-                    await status.abort(context, e, method)
+                request = await self._admit(call, context, request, ours, stream_in)
                 await cast(Awaitable[None], inner(request, context))
             except BaseException as e:
                 exc = e
