@@ -225,3 +225,29 @@ def test_abandoned_watch_streams_do_not_crash_the_server(server: ServerThread, c
         stream.cancel()
     client.wait_operation(op.operation_id)
     assert _serving(server.target)
+
+
+def test_training_is_exclusive_cancellable_and_can_warm_start(server: ServerThread, client: Client) -> None:
+    from balpm.errors import AbortedError, BalpmError
+
+    items, truth = synthetic_items(120, 8, seed=11)
+    client.create_pool("ops", feature_source="CLIENT", feature_dim=8, ensemble_size=2, hidden_sizes=[256, 64],
+                       epochs=10_000)
+    client.upload_items("ops", items)
+    client.ingest_labels("ops", [{"label_id": f"l{i}", "item_id": f"it-{i}", "preference": truth[f"it-{i}"]}
+                                 for i in range(120)])
+    running = client.update_posterior("ops", seed=0, wait=False)
+    with pytest.raises(AbortedError) as e:
+        client.update_posterior("ops", seed=1, wait=False)
+    assert e.value.reason == "TRAINING_IN_PROGRESS" and e.value.metadata["operation_id"] == running.operation_id
+    client.cancel_operation(running.operation_id)
+    with pytest.raises(BalpmError) as cancelled:
+        client.wait_operation(running.operation_id, timeout_s=60)
+    assert cancelled.value.reason == "OPERATION_STATE_CANCELLED"
+    assert client.get_operation(running.operation_id).state == pb.Operation.STATE_CANCELLED
+    assert client.get_pool("ops").posterior_version == 0
+
+    first = client.update_posterior("ops", seed=2, epochs=5)
+    warm = client.update_posterior("ops", seed=3, epochs=2, warm_start=True)
+    assert (first.result.posterior_version, warm.result.posterior_version) == (1, 2)
+    assert client.predict("ops", item_ids=["it-0"]).posterior_version == 2
