@@ -1,0 +1,59 @@
+"""balpm-server configured for Triton: upload featurised by a real tritonserver, train, acquire."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from balpm import Client
+from balpm_server.features.transformers_extractor import TransformersExtractor
+from balpm_server.storage import FeatureStore
+from tests.conftest import ServerThread, make_settings
+
+pytestmark = pytest.mark.triton
+
+WORDS = ["the", "a", "good", "bad", "answer", "question", "helpful", "reply", "human", "model", "yes", "no"]
+
+
+def test_server_pool_is_featurised_through_triton_and_matches_in_process(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(
+        tmp_path / "data",
+        extractor="triton",
+        triton_url=triton_server.grpc_url,
+        triton_model=triton_server.model_name,
+        triton_output="MEAN_EMBEDDING",
+        max_length_tokens=triton_server.max_length_tokens,
+    )
+    server = ServerThread(settings)
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(40):
+        words = lambda n: " ".join(rng.choice(WORDS, size=n))  # noqa: E731
+        items.append({"item_id": f"t{i}", "prompt": f"human {words(6)}", "completion_a": f" {words(5)}",
+                      "completion_b": f" {words(4)}"})
+    truth = {it["item_id"]: "A" if len(it["completion_a"]) > len(it["completion_b"]) else "B" for it in items}
+    try:
+        with Client(server.target) as c:
+            pool = c.create_pool("via-triton", ensemble_size=2, hidden_sizes=[16], epochs=5, knn_k=5)
+            assert pool.extractor.startswith("triton:MEAN_EMBEDDING") and pool.settings.feature_dim > 0
+            c.upload_items("via-triton", items)
+            ready = c.wait_pool_ready("via-triton", timeout_s=180)
+            assert ready.featurized_count == 40
+            batch = c.acquire("via-triton", batch_size=12, strategy="BALPM", seed=0)
+            c.ingest_labels("via-triton", [{"label_id": f"l{a.item.item_id}", "item_id": a.item.item_id,
+                                            "preference": truth[a.item.item_id]} for a in batch.items])
+            assert c.update_posterior("via-triton", seed=0).result.posterior_version == 1
+            again = c.acquire("via-triton", batch_size=5, strategy="BALPM", seed=1)
+            assert again.posterior_version == 1 and len(again.items) == 5
+            dim = ready.settings.feature_dim
+        stored = FeatureStore(Path(settings.data_dir) / "pools" / "via-triton" / "features", dim)
+        local = TransformersExtractor(str(triton_server.model_path), pooling="mean",
+                                      max_length_tokens=triton_server.max_length_tokens, device="cpu")
+        for kind, texts in (("prompt", [it["prompt"] for it in items]),
+                            ("a", [it["prompt"] + it["completion_a"] for it in items])):
+            got_N_D = stored.read(kind, 40)
+            assert float(np.abs(got_N_D - local.embed_sync(texts)).max()) <= 1e-4
+    finally:
+        server.stop()
