@@ -38,7 +38,6 @@ class PoolRuntime:
     texts_b: list[str] | None = None
     epistemic_version: int = -1
     epistemic_N: np.ndarray | None = None
-    probs_N_E: np.ndarray | None = None
 
     def invalidate_items(self) -> None:
         """Forget everything derived from the item set (after an upload)."""
@@ -50,4 +49,4 @@ class PoolRuntime:
         self.occupancy = None
         self.texts_a = self.texts_b = None
         self.epistemic_version = -1
-        self.epistemic_N = self.probs_N_E = None
+        self.epistemic_N = None

@@ -17,11 +17,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -385,8 +386,6 @@ class PoolService:
             self._cancel_flags[op_id].set()
         self.store.delete_pool(pool_id)
         self._runtimes.pop(pool_id, None)
-        import shutil
-
         shutil.rmtree(self._pool_dir(info.pool_id), ignore_errors=True)
 
     # ---- uploads -----------------------------------------------------------------------
@@ -609,12 +608,6 @@ class PoolService:
             self._featurize_tasks.pop(pool_id, None)
             if self.store.pool_row(pool_id) is not None:
                 self._schedule_featurize(pool_id)
-
-    async def wait_featurized(self, pool_id: str) -> None:
-        """Wait until the pool's background featurisation finishes (tests, CLI)."""
-        task = self._featurize_tasks.get(pool_id)
-        if task is not None:
-            await asyncio.shield(task)
 
     # ---- labels ------------------------------------------------------------------------
 
@@ -931,8 +924,8 @@ class PoolService:
             return None
         if rt.epistemic_version != info.posterior_version or rt.epistemic_N is None:
             assert rt.a_N_D is not None and rt.b_N_D is not None
-            rt.probs_N_E = self._member_probs(rt, rt.a_N_D, rt.b_N_D, *self._texts(info, rt))
-            rt.epistemic_N = bald_from_probs(rt.probs_N_E)
+            probs_N_E = self._member_probs(rt, rt.a_N_D, rt.b_N_D, *self._texts(info, rt))
+            rt.epistemic_N = bald_from_probs(probs_N_E)
             rt.epistemic_version = info.posterior_version
         return rt.epistemic_N
 
@@ -1213,5 +1206,3 @@ class PoolService:
             m.log_likelihood, m.accuracy, m.brier, m.ece, m.mean_epistemic, m.count, info.posterior_version
         )
 
-
-Progress = Callable[[TrainProgress], None]

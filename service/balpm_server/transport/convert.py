@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, cast
 
+import grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 
@@ -39,17 +39,7 @@ OP_STATE_TO_PB = {
     m.OperationState.FAILED: pb.Operation.STATE_FAILED,
     m.OperationState.CANCELLED: pb.Operation.STATE_CANCELLED,
 }
-GRPC_CODE_NUMBERS = {
-    "CANCELLED": 1,
-    "INVALID_ARGUMENT": 3,
-    "NOT_FOUND": 5,
-    "ALREADY_EXISTS": 6,
-    "FAILED_PRECONDITION": 9,
-    "ABORTED": 10,
-    "RESOURCE_EXHAUSTED": 8,
-    "INTERNAL": 13,
-    "UNAVAILABLE": 14,
-}
+GRPC_CODE_NUMBERS: dict[str, int] = {c.name: c.value[0] for c in grpc.StatusCode}
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -241,7 +231,3 @@ def options_from_pb(o: pb.StrategyOptions) -> dict[str, float]:
         out["apl_entropy_top_s"] = float(o.apl_entropy_top_s)
     return out
 
-
-def nan_safe(x: float) -> float:
-    """Floats pass through (NaN is a legal proto double); kept for symmetry."""
-    return x if not math.isinf(x) else math.copysign(1e308, x)
