@@ -918,14 +918,24 @@ class PoolService:
     # ---- acquisition -------------------------------------------------------------------
 
     def _scores(self, info: PoolInfo, rt: PoolRuntime) -> np.ndarray | None:
-        """BALD epistemic scores of every pool row for the latest posterior (cached per version)."""
+        """BALD epistemic scores by row for the latest posterior (cached per version).
+
+        Only SPLIT_POOL rows are scored: held-out rows are never candidates nor counted as
+        acquired, so their entries stay 0.
+        """
         self._load_posterior(info, rt)
         if info.posterior_version == 0 or rt.posterior_state is None:
             return None
         if rt.epistemic_version != info.posterior_version or rt.epistemic_N is None:
-            assert rt.a_N_D is not None and rt.b_N_D is not None
-            probs_N_E = self._member_probs(rt, rt.a_N_D, rt.b_N_D, *self._texts(info, rt))
-            rt.epistemic_N = bald_from_probs(probs_N_E)
+            assert rt.a_N_D is not None and rt.b_N_D is not None and rt.split_N is not None
+            rows = np.flatnonzero(rt.split_N == int(Split.POOL))
+            all_a, all_b = self._texts(info, rt)
+            texts_a = [all_a[r] for r in rows] if all_a else []
+            texts_b = [all_b[r] for r in rows] if all_b else []
+            probs_P_E = self._member_probs(rt, rt.a_N_D[rows], rt.b_N_D[rows], texts_a, texts_b)
+            epistemic_N = np.zeros(len(rt.split_N), dtype=np.float64)
+            epistemic_N[rows] = bald_from_probs(probs_P_E)
+            rt.epistemic_N = epistemic_N
             rt.epistemic_version = info.posterior_version
         return rt.epistemic_N
 
