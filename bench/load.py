@@ -9,6 +9,11 @@ annotator id, and prints a latency / throughput table:
     python bench/load.py                      # 100k items, dim 32, 32 clients, batch 16
     python bench/load.py --items 20000 --requests 320 --json out.json
 
+Rows: first gRPC Health.Check under the same closed loop, the transport floor (what
+this machine's Python gRPC does with no work at all); then AcquireBatch per strategy
+closed-loop (saturation: every client re-sends at once) and open-loop at `--rate-rps`
+(Poisson arrivals, latency from the scheduled send time); then IngestLabels.
+
 Target: p99 <= 50 ms for AcquireBatch with cached scores (batch 16). Profile the
 server with `--py-spy out.svg` (py-spy record on the server process during the run).
 """
@@ -32,6 +37,7 @@ from typing import Any, cast
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from balpm import Client
 from balpm.v1 import balpm_pb2 as pb
@@ -46,6 +52,7 @@ class Row:
 
     rpc: str
     strategy: str
+    mode: str
     requests: int
     errors: int
     p50_ms: float
@@ -117,9 +124,22 @@ def make_pool(client: Client, n_items: int, dim: int, n_labels: int, seed: int) 
 
 
 async def run_load(
-    target: str, rpc: str, strategy: str, clients: int, requests: int, batch_size: int, label_offset: int
+    target: str,
+    rpc: str,
+    strategy: str,
+    clients: int,
+    requests: int,
+    batch_size: int,
+    label_offset: int,
+    rate_rps: float = 0.0,
 ) -> Row:
-    """`requests` calls spread over `clients` concurrent channels; returns the row."""
+    """`requests` calls spread over `clients` concurrent channels; returns the row.
+
+    Closed loop (`rate_rps` 0): each client sends its next call as soon as the last
+    returns, so the row measures saturation. Open loop: calls are scheduled as a Poisson
+    stream of `rate_rps` in total, and latency counts from the scheduled send time, so a
+    backlog shows up in the figures (no coordinated omission).
+    """
     per_client = max(1, requests // clients)
     latencies_ms: list[float] = []
     server_ms: list[float] = []
@@ -131,11 +151,18 @@ async def run_load(
         nonlocal errors
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.BalpmServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
             await channel.channel_ready()
+            await start_gate.wait()
             leased: list[str] = []
+            rng = np.random.default_rng(w)
+            scheduled = time.perf_counter()
             for j in range(per_client):
-                if rpc == "AcquireBatch":
-                    req: Any = pb.AcquireBatchRequest(
+                if rpc == "Health":
+                    req: Any = health_pb2.HealthCheckRequest()
+                    method: Any = health.Check
+                elif rpc == "AcquireBatch":
+                    req = pb.AcquireBatchRequest(
                         pool_id=POOL,
                         batch_size=batch_size,
                         strategy=strat,
@@ -143,7 +170,7 @@ async def run_load(
                         annotator_id=f"{strategy}-{w}",
                         lease_ttl_s=600.0,
                     )
-                    method: Any = stub.AcquireBatch
+                    method = stub.AcquireBatch
                 else:
                     base = label_offset + (w * per_client + j) * batch_size
                     req = pb.IngestLabelsRequest(
@@ -159,7 +186,12 @@ async def run_load(
                         ],
                     )
                     method = stub.IngestLabels
-                started = time.perf_counter()
+                if rate_rps > 0:
+                    scheduled += rng.exponential(clients / rate_rps)
+                    await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+                    started = scheduled
+                else:
+                    started = time.perf_counter()
                 try:
                     resp = await method(req, timeout=30)
                 except grpc.aio.AioRpcError as e:
@@ -172,18 +204,23 @@ async def run_load(
                 if rpc == "AcquireBatch":
                     server_ms.append(resp.acquire_s * 1000.0)
                     leased.extend(a.item.item_id for a in resp.items)
-            if leased:  # untimed: give the items back so the next row sees the same pool
+            if leased and rpc == "AcquireBatch":  # untimed: give the items back so the next row sees the same pool
                 await stub.ReleaseItems(
                     pb.ReleaseItemsRequest(pool_id=POOL, item_ids=leased, annotator_id=f"{strategy}-{w}"), timeout=60
                 )
 
+    start_gate = asyncio.Event()
+    tasks = [asyncio.ensure_future(worker(w)) for w in range(clients)]
+    await asyncio.sleep(0.5)  # let every channel connect before the clock starts
     started = time.perf_counter()
-    await asyncio.gather(*(worker(w) for w in range(clients)))
+    start_gate.set()
+    await asyncio.gather(*tasks)
     wall_s = (max(ended) if ended else time.perf_counter()) - started  # the untimed releases come after
     lat = np.array(latencies_ms) if latencies_ms else np.array([np.nan])
     return Row(
         rpc=rpc,
         strategy=strategy or "-",
+        mode=f"open {rate_rps:g} req/s" if rate_rps > 0 else "closed",
         requests=len(latencies_ms) + errors,
         errors=errors,
         p50_ms=float(np.percentile(lat, 50)),
@@ -198,15 +235,15 @@ async def run_load(
 def print_table(rows: list[Row], target_p99_ms: float) -> None:
     """Markdown table of the rows."""
     print(
-        "| rpc | strategy | requests | errors | p50 ms | p95 ms | p99 ms | max ms | throughput req/s "
+        "| rpc | strategy | load | requests | errors | p50 ms | p95 ms | p99 ms | max ms | throughput req/s "
         "| server acquire p50 ms | p99 target |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         verdict = ("met" if r.p99_ms <= target_p99_ms else "MISSED") if r.rpc == "AcquireBatch" else "-"
         print(
-            f"| {r.rpc} | {r.strategy} | {r.requests} | {r.errors} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} "
-            f"| {r.max_ms:.1f} | {r.throughput_rps:.0f} | {r.server_acquire_p50_ms:.1f} | {verdict} |"
+            f"| {r.rpc} | {r.strategy} | {r.mode} | {r.requests} | {r.errors} | {r.p50_ms:.1f} | {r.p95_ms:.1f} "
+            f"| {r.p99_ms:.1f} | {r.max_ms:.1f} | {r.throughput_rps:.0f} | {r.server_acquire_p50_ms:.1f} | {verdict} |"
         )
 
 
@@ -221,6 +258,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16, help="AcquireBatch batch_size and labels per IngestLabels")
     p.add_argument("--strategies", default="RANDOM,BALD,BALPM")
     p.add_argument("--target-p99-ms", type=float, default=50.0)
+    p.add_argument(
+        "--rate-rps", type=float, default=100.0, help="also an open-loop row per strategy at this total rate (0: no)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--py-spy", default="", help="write a py-spy flame graph (SVG) of the server during the load")
     p.add_argument("--json", default="", help="also write the rows as JSON")
@@ -238,12 +278,19 @@ def main() -> None:
             spy = subprocess.Popen(
                 [spy_exe, "record", "-o", args.py_spy, "--pid", str(proc.pid), "--rate", "200", "--nonblocking"]
             )
-        rows = []
-        for strategy in [s.strip().upper() for s in args.strategies.split(",") if s.strip()]:
-            rows.append(
-                asyncio.run(run_load(target, "AcquireBatch", strategy, args.clients, args.requests, args.batch_size, 0))
-            )
-            print(f"# done AcquireBatch {strategy}", flush=True)
+        rows = [asyncio.run(run_load(target, "Health", "", args.clients, args.requests, args.batch_size, 0))]
+        print("# done Health (the transport floor: gRPC with no work)", flush=True)
+        strategies = [s.strip().upper() for s in args.strategies.split(",") if s.strip()]
+        for rate_rps in (0.0, *([args.rate_rps] if args.rate_rps > 0 else [])):
+            for strategy in strategies:
+                rows.append(
+                    asyncio.run(
+                        run_load(
+                            target, "AcquireBatch", strategy, args.clients, args.requests, args.batch_size, 0, rate_rps
+                        )
+                    )
+                )
+                print(f"# done AcquireBatch {strategy} {rows[-1].mode}", flush=True)
         rows.append(
             asyncio.run(run_load(target, "IngestLabels", "", args.clients, args.requests, args.batch_size, args.labels))
         )

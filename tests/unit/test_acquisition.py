@@ -17,6 +17,8 @@ from balpm_server.acquisition import (
     Strategy,
     bald_from_probs,
     build_knn_graph,
+    descending_order,
+    first_open,
     select_batch,
 )
 from balpm_server.acquisition.reference import balpm_reference, dense_knn_radius
@@ -294,6 +296,31 @@ def test_bald_top_k_equals_stable_argsort(pool):
     expected = sorted(rows.tolist(), key=lambda r: (-epi[r], r))[:b]
     assert batch.indices_B.tolist() == expected
     np.testing.assert_array_equal(batch.total_B, epi[expected])
+
+
+@PROPS
+@given(scored_pools(), st.integers(1, 64))
+def test_walking_the_cached_ranking_equals_bald_top_k(pool, chunk):
+    """The service's BALD fast path: rank the pool once, then take the first open rows."""
+    cand, epi, b = pool
+    pool_rows = np.arange(len(cand))
+    order = descending_order(epi, pool_rows[::-1])  # input order must not matter
+    looked: list[int] = []
+
+    def is_open(rows):
+        looked.extend(rows.tolist())
+        return cand[rows]
+
+    rows_B = first_open(order, b, is_open, chunk=chunk)
+    batch = select_batch(
+        Strategy.BALD, batch_size=b, candidate_mask_N=cand, acquired_mask_N=~cand,
+        rng=np.random.default_rng(0), params=AcquisitionParams(), epistemic_N=epi,
+    )
+    assert rows_B.tolist() == batch.indices_B.tolist()
+    # It stops once the batch is full: chunks double, so it looks at < 2 x (last pick position + 1) + chunk rows.
+    last = int(np.flatnonzero(order == rows_B[-1])[0])
+    assert len(looked) < 2 * (last + 1) + chunk
+    assert first_open(order, int(cand.sum()) + 1, lambda r: cand[r]).size == int(cand.sum())  # runs out: fewer
 
 
 @PROPS

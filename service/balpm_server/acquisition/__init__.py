@@ -16,6 +16,8 @@ from balpm_server.acquisition.params import (
     Strategy,
 )
 from balpm_server.acquisition.strategies import (
+    descending_order,
+    first_open,
     greedy_balpm,
     ksg_entropy_term,
     select_batch,
@@ -31,6 +33,8 @@ __all__ = [
     "bald_from_probs",
     "binary_entropy",
     "build_knn_graph",
+    "descending_order",
+    "first_open",
     "greedy_balpm",
     "ksg_entropy_term",
     "pair_dist",

@@ -10,6 +10,7 @@ B batch, E ball entries of the kNN graph.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from scipy.special import digamma
@@ -194,6 +195,38 @@ def _mask(x: np.ndarray, n: int | None, field: str) -> np.ndarray:
             raise InvalidArgument(f"{field} must be a boolean mask", field=field)
         arr = arr.astype(bool)
     return arr
+
+
+def descending_order(scores_N: np.ndarray, rows_C: np.ndarray) -> np.ndarray:
+    """`rows_C` ranked by descending score, ties by lowest row: the order `top_b_desc` uses.
+
+    Computed once per posterior version, it turns BALD top-B into a walk from the front
+    (`first_open`) that skips rows taken since, instead of an O(N) selection per call.
+    """
+    rows_C = np.sort(np.asarray(rows_C, dtype=np.int64))
+    neg_C = -np.asarray(scores_N, dtype=np.float64)[rows_C]
+    return np.asarray(rows_C[np.argsort(neg_C, kind="stable")], dtype=np.int64)
+
+
+def first_open(
+    order_R: np.ndarray, b: int, is_open: Callable[[np.ndarray], np.ndarray], *, chunk: int = 256
+) -> np.ndarray:
+    """The first `b` rows of `order_R` for which `is_open` holds, in order.
+
+    `is_open` is evaluated on growing slices (chunk, 2 x chunk, ...), so the cost follows
+    the number of rows looked at, not the length of the ranking. Returns fewer than `b`
+    rows when the ranking runs out.
+    """
+    picked: list[np.ndarray] = []
+    need, pos = b, 0
+    while need > 0 and pos < order_R.size:
+        rows_R = order_R[pos : pos + chunk]
+        hit_R = rows_R[np.asarray(is_open(rows_R), dtype=bool)][:need]
+        picked.append(hit_R)
+        need -= hit_R.size
+        pos += rows_R.size
+        chunk *= 2
+    return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
 
 
 def select_batch(

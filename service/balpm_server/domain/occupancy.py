@@ -28,6 +28,8 @@ class Occupancy:
         self.labels_N = np.zeros(n_rows, dtype=np.int64)
         self.lease_cnt_N = np.zeros(n_rows, dtype=np.int64)
         self.lease_min_exp_N = np.full(n_rows, np.inf)
+        self.full_N = np.zeros(n_rows, dtype=bool)  # labels + leases >= k: nobody may be given it
+        self._next_expiry_s = np.inf  # no lease expires before this (a lower bound)
         self._labellers: dict[int, set[str]] = {}
         self._leases: dict[int, dict[str, float]] = {}
         self._labelled_by: dict[str, set[int]] = {}
@@ -55,11 +57,13 @@ class Occupancy:
             anns.add(annotator)
             self.labels_N[row] = len(anns)
             self._labelled_by.setdefault(annotator, set()).add(row)
+            self.full_N[row] = self.labels_N[row] + self.lease_cnt_N[row] >= self.k
 
     def _refresh(self, row: int) -> None:
         holders = self._leases.get(row, {})
         self.lease_cnt_N[row] = len(holders)
         self.lease_min_exp_N[row] = min(holders.values(), default=np.inf)
+        self.full_N[row] = self.labels_N[row] + self.lease_cnt_N[row] >= self.k
         if not holders:
             self._leases.pop(row, None)
 
@@ -74,6 +78,7 @@ class Occupancy:
         """Lease a row to an annotator until `expire_s` (epoch seconds)."""
         self._leases.setdefault(row, {})[annotator] = expire_s
         self._leased_by.setdefault(annotator, set()).add(row)
+        self._next_expiry_s = min(self._next_expiry_s, expire_s)
         self._refresh(row)
 
     def release(self, row: int, annotator: str) -> int:
@@ -87,13 +92,39 @@ class Occupancy:
         return len(names)
 
     def purge_expired(self, now_s: float) -> None:
-        """Drop leases that expired at or before `now_s` (only rows with one are visited)."""
+        """Drop leases that expired at or before `now_s` (only rows with one are visited).
+
+        O(1) until the earliest lease expires; then one vectorised pass over the rows.
+        """
+        if now_s < self._next_expiry_s:
+            return
         for row in np.flatnonzero((self.lease_cnt_N > 0) & (self.lease_min_exp_N <= now_s)).tolist():
             holders = self._leases.get(row, {})
             for name in [a for a, exp in holders.items() if exp <= now_s]:
                 del holders[name]
                 self._leased_by.get(name, set()).discard(row)
             self._refresh(row)
+        live_N = self.lease_min_exp_N[self.lease_cnt_N > 0]
+        self._next_expiry_s = float(live_N.min()) if live_N.size else np.inf
+
+    def _mine(self, annotator: str) -> list[set[int]]:
+        return [rows for rows in (self._labelled_by.get(annotator), self._leased_by.get(annotator)) if rows]
+
+    def open_among(self, rows_R: np.ndarray, annotator: str) -> np.ndarray:
+        """Which of `rows_R` the caller may be given now (call `purge_expired` first).
+
+        The same rule as `masks`' candidates, evaluated only on the given rows, so a
+        caller walking a precomputed ranking pays for the rows it looks at, not for N.
+        """
+        open_R = ~self.full_N[rows_R]
+        if self.k == 1:  # a row this caller labelled or leases is already full
+            return open_R
+        mine = self._mine(annotator)
+        if mine:
+            open_R &= np.fromiter(
+                (not any(r in rows for rows in mine) for r in rows_R.tolist()), dtype=bool, count=len(rows_R)
+            )
+        return open_R
 
     def masks(self, in_pool_N: np.ndarray, annotator: str, now_s: float) -> tuple[np.ndarray, np.ndarray]:
         """Candidate and acquired masks for one caller.
@@ -105,10 +136,8 @@ class Occupancy:
         """
         self.purge_expired(now_s)
         mine_N = np.zeros(len(in_pool_N), dtype=bool)
-        for rows in (self._labelled_by.get(annotator), self._leased_by.get(annotator)):
-            if rows:
-                mine_N[np.fromiter(rows, dtype=np.int64, count=len(rows))] = True
-        full_N = self.labels_N + self.lease_cnt_N >= self.k
-        candidate_N = in_pool_N & ~full_N & ~mine_N
+        for rows in self._mine(annotator):
+            mine_N[np.fromiter(rows, dtype=np.int64, count=len(rows))] = True
+        candidate_N = in_pool_N & ~self.full_N & ~mine_N
         acquired_N = in_pool_N & ((self.labels_N > 0) | (self.lease_cnt_N > 0))
         return candidate_N, acquired_N

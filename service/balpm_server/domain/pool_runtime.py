@@ -38,6 +38,7 @@ class PoolRuntime:
     texts_b: list[str] | None = None
     epistemic_version: int = -1
     epistemic_N: np.ndarray | None = None
+    bald_order_R: np.ndarray | None = None  # pool rows by descending epistemic_N (ties: lowest row)
 
     def invalidate_items(self) -> None:
         """Forget everything derived from the item set (after an upload)."""
@@ -50,3 +51,4 @@ class PoolRuntime:
         self.texts_a = self.texts_b = None
         self.epistemic_version = -1
         self.epistemic_N = None
+        self.bald_order_R = None

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -31,13 +32,18 @@ from balpm_server import errors, metrics
 from balpm_server.acquisition import (
     AcquisitionParams,
     AplInputs,
+    CandidateBatch,
     KnnGraph,
     Strategy,
     bald_from_probs,
     build_knn_graph,
+    descending_order,
+    first_open,
     select_batch,
 )
+from balpm_server.acquisition.params import STOCHASTIC_BALD
 from balpm_server.domain import validation as v
+from balpm_server.domain.group_commit import GroupCommit
 from balpm_server.domain.models import (
     AcquiredItem,
     AcquireResult,
@@ -46,6 +52,7 @@ from balpm_server.domain.models import (
     FeatureSource,
     IngestResult,
     ItemIn,
+    ItemText,
     LabelIn,
     Operation,
     OperationState,
@@ -80,6 +87,10 @@ DEFAULT_TENANT = "default"
 MAX_LABELS_PER_REQUEST = 10_000
 MIN_LABELS_TO_TRAIN = 2
 RESTART_REASON = "the server restarted while this operation was running; run UpdatePosterior again"
+
+
+# Strategies that rank by the BALD scores of every pool row; the others score only their picks.
+SCORED_STRATEGIES = frozenset({Strategy.BALD, Strategy.BALPM, *STOCHASTIC_BALD})
 
 
 def _digest(*parts: object) -> str:
@@ -128,6 +139,10 @@ class PoolService:
         self._featurize_tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._graph_locks: dict[str, threading.Lock] = {}
+        # Leases of concurrent AcquireBatch calls are written (and their texts read) together.
+        self._leases: GroupCommit[tuple[str, Sequence[str], str, float], dict[str, ItemText]] = GroupCommit(
+            self.store.lease_and_read, flush_now=self.store.lease_and_read_nowait
+        )
         self.ready = False
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -917,27 +932,43 @@ class PoolService:
 
     # ---- acquisition -------------------------------------------------------------------
 
+    @staticmethod
+    def _fresh_scores(info: PoolInfo, rt: PoolRuntime) -> np.ndarray | None:
+        """The cached BALD scores when they belong to the latest posterior, else None (no I/O)."""
+        if info.posterior_version and rt.epistemic_version == info.posterior_version:
+            return rt.epistemic_N
+        return None
+
     def _scores(self, info: PoolInfo, rt: PoolRuntime) -> np.ndarray | None:
         """BALD epistemic scores by row for the latest posterior (cached per version).
 
         Only SPLIT_POOL rows are scored: held-out rows are never candidates nor counted as
-        acquired, so their entries stay 0.
+        acquired, so their entries stay 0. The BALD ranking of the pool rows is cached
+        with them.
         """
         self._load_posterior(info, rt)
         if info.posterior_version == 0 or rt.posterior_state is None:
             return None
         if rt.epistemic_version != info.posterior_version or rt.epistemic_N is None:
-            assert rt.a_N_D is not None and rt.b_N_D is not None and rt.split_N is not None
+            assert rt.split_N is not None
             rows = np.flatnonzero(rt.split_N == int(Split.POOL))
-            all_a, all_b = self._texts(info, rt)
-            texts_a = [all_a[r] for r in rows] if all_a else []
-            texts_b = [all_b[r] for r in rows] if all_b else []
-            probs_P_E = self._member_probs(rt, rt.a_N_D[rows], rt.b_N_D[rows], texts_a, texts_b)
             epistemic_N = np.zeros(len(rt.split_N), dtype=np.float64)
-            epistemic_N[rows] = bald_from_probs(probs_P_E)
+            epistemic_N[rows] = self._epistemic_of_rows(info, rt, rows)
+            rt.bald_order_R = descending_order(epistemic_N, rows)
             rt.epistemic_N = epistemic_N
             rt.epistemic_version = info.posterior_version
         return rt.epistemic_N
+
+    def _epistemic_of_rows(self, info: PoolInfo, rt: PoolRuntime, rows_R: np.ndarray) -> np.ndarray:
+        """BALD scores of the given rows under the latest posterior (zeros before the first)."""
+        self._load_posterior(info, rt)
+        if info.posterior_version == 0 or rt.posterior_state is None:
+            return np.zeros(len(rows_R))
+        assert rt.a_N_D is not None and rt.b_N_D is not None
+        all_a, all_b = self._texts(info, rt)
+        texts_a = [all_a[r] for r in rows_R] if all_a else []
+        texts_b = [all_b[r] for r in rows_R] if all_b else []
+        return bald_from_probs(self._member_probs(rt, rt.a_N_D[rows_R], rt.b_N_D[rows_R], texts_a, texts_b))
 
     async def acquire(
         self,
@@ -989,61 +1020,41 @@ class PoolService:
         async with rt.lock:
             started = time.perf_counter()
             self._load_items(info, rt)
-            assert rt.item_ids is not None and rt.split_N is not None and rt.prompt_N_D is not None
-            n = len(rt.item_ids)
+            assert rt.item_ids is not None and rt.occupancy is not None
             now = time.time()
-            in_pool_N = rt.split_N == int(Split.POOL)
-            assert rt.occupancy is not None
-            candidate_N, acquired_N = rt.occupancy.masks(in_pool_N, annotator, now)
-            n_candidates = int(candidate_N.sum())
-            if n_candidates == 0:
-                raise errors.FailedPrecondition(
-                    f"pool {pool_id!r} has no acquirable items left (all labelled or leased)",
-                    field="batch_size",
-                    reason="POOL_EXHAUSTED",
+            rt.occupancy.purge_expired(now)
+            epistemic_N = self._fresh_scores(info, rt)
+            if epistemic_N is None and strat in SCORED_STRATEGIES:
+                epistemic_N = await asyncio.to_thread(self._scores, info, rt)
+            batch = None
+            if strat is Strategy.BALD and epistemic_N is not None and rt.bald_order_R is not None:
+                batch = self._bald_fast(rt, epistemic_N, batch_size, annotator)
+            if batch is None:
+                batch = await self._select(info, rt, strat, batch_size, annotator, now, seed, params, epistemic_N)
+            if info.posterior_version and strat not in SCORED_STRATEGIES:  # report the picks' BALD
+                epi_B = (
+                    epistemic_N[batch.indices_B]
+                    if epistemic_N is not None
+                    else await asyncio.to_thread(self._epistemic_of_rows, info, rt, batch.indices_B)
                 )
-            if batch_size > n_candidates:
-                raise errors.FailedPrecondition(
-                    f"batch_size {batch_size} exceeds the {n_candidates} acquirable items of pool {pool_id!r}",
-                    field="batch_size",
-                    reason="BATCH_LARGER_THAN_POOL",
-                    metadata={"acquirable": str(n_candidates)},
-                )
-            epistemic_N = await asyncio.to_thread(self._scores, info, rt)
-            needs_graph = strat in (Strategy.BALPM, Strategy.ENTROPY_ONLY)
-            if needs_graph and rt.graph is None:
-                if n <= s.knn_k:
-                    raise errors.FailedPrecondition(
-                        f"BAL-PM needs more than knn_k={s.knn_k} items; the pool has {n}",
-                        field="strategy",
-                        reason="POOL_TOO_SMALL",
-                    )
-                rt.graph = await asyncio.to_thread(self._graph, info, rt.prompt_N_D)
-            apl = None
-            if strat in (Strategy.APL_CERTAINTY, Strategy.APL_ENTROPY, Strategy.APL_HYBRID):
-                m = self.store.apl_scores(pool_id)
-                apl = AplInputs(m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4] if np.isfinite(m[:, 4]).any() else None)
-            batch = await asyncio.to_thread(
-                select_batch,
-                strat,
-                batch_size=batch_size,
-                candidate_mask_N=candidate_N,
-                acquired_mask_N=acquired_N,
-                rng=np.random.default_rng(seed),
-                params=params,
-                epistemic_N=epistemic_N,
-                graph=rt.graph if needs_graph else None,
-                apl=apl,
-            )
-            chosen = [rt.item_ids[int(r)] for r in batch.indices_B]
+                batch = dataclasses.replace(batch, epistemic_B=np.asarray(epi_B, dtype=np.float64))
+            rows_B = batch.indices_B.tolist()
+            chosen = [rt.item_ids[r] for r in rows_B]
             expire_s = now + ttl_s
-            # The lease is durable (fsync) before the reply; done off the event loop.
-            await asyncio.to_thread(self.store.insert_leases, pool_id, chosen, annotator, expire_s)
-            for r in batch.indices_B.tolist():
-                rt.occupancy.add_lease(int(r), annotator, expire_s)
-            texts = self.store.item_texts(pool_id, chosen)
-            acquire_s = time.perf_counter() - started
-            metrics.observe_acquisition(strat.name, acquire_s, batch.epistemic_B, batch.entropy_B)
+            # Leased in memory under the lock (so the next caller skips these rows), then
+            # made durable before the reply; a failed write takes the leases back.
+            for r in rows_B:
+                rt.occupancy.add_lease(r, annotator, expire_s)
+        try:
+            texts = await self._leases.submit((pool_id, chosen, annotator, expire_s))
+        except BaseException:
+            async with rt.lock:
+                if rt.occupancy is not None:
+                    for r in rows_B:
+                        rt.occupancy.release(r, annotator)
+            raise
+        acquire_s = time.perf_counter() - started
+        metrics.observe_acquisition(strat.name, acquire_s, batch.epistemic_B, batch.entropy_B)
         items = tuple(
             AcquiredItem(
                 item=texts[iid],
@@ -1054,9 +1065,82 @@ class PoolService:
             )
             for i, iid in enumerate(chosen)
         )
-        return AcquireResult(
-            items, info.posterior_version if epistemic_N is not None else 0, strat, expire_s, acquire_s
+        return AcquireResult(items, info.posterior_version, strat, expire_s, acquire_s)
+
+    @staticmethod
+    def _bald_fast(rt: PoolRuntime, epistemic_N: np.ndarray, batch_size: int, annotator: str) -> CandidateBatch | None:
+        """BALD top-B by walking the cached ranking; None when it cannot fill the batch.
+
+        Same rows as `select_batch(BALD)` over the full candidate mask (tested), in
+        O(rows looked at) instead of O(N).
+        """
+        assert rt.occupancy is not None and rt.bald_order_R is not None
+        occ = rt.occupancy
+        rows_B = first_open(rt.bald_order_R, batch_size, lambda rows_R: occ.open_among(rows_R, annotator))
+        if rows_B.size < batch_size:
+            return None  # the general path raises the precise error
+        epi_B = epistemic_N[rows_B]
+        return CandidateBatch(rows_B, epi_B, epi_B, np.full(batch_size, np.nan))
+
+    async def _select(
+        self,
+        info: PoolInfo,
+        rt: PoolRuntime,
+        strat: Strategy,
+        batch_size: int,
+        annotator: str,
+        now: float,
+        seed: int,
+        params: AcquisitionParams,
+        epistemic_N: np.ndarray | None,
+    ) -> CandidateBatch:
+        """The general path: full candidate masks, then `select_batch` (off the loop unless cheap)."""
+        assert rt.split_N is not None and rt.prompt_N_D is not None and rt.occupancy is not None
+        s = info.settings
+        n = len(rt.split_N)
+        candidate_N, acquired_N = rt.occupancy.masks(rt.split_N == int(Split.POOL), annotator, now)
+        n_candidates = int(candidate_N.sum())
+        if n_candidates == 0:
+            raise errors.FailedPrecondition(
+                f"pool {info.pool_id!r} has no acquirable items left (all labelled or leased)",
+                field="batch_size",
+                reason="POOL_EXHAUSTED",
+            )
+        if batch_size > n_candidates:
+            raise errors.FailedPrecondition(
+                f"batch_size {batch_size} exceeds the {n_candidates} acquirable items of pool {info.pool_id!r}",
+                field="batch_size",
+                reason="BATCH_LARGER_THAN_POOL",
+                metadata={"acquirable": str(n_candidates)},
+            )
+        needs_graph = strat in (Strategy.BALPM, Strategy.ENTROPY_ONLY)
+        if needs_graph and rt.graph is None:
+            if n <= s.knn_k:
+                raise errors.FailedPrecondition(
+                    f"BAL-PM needs more than knn_k={s.knn_k} items; the pool has {n}",
+                    field="strategy",
+                    reason="POOL_TOO_SMALL",
+                )
+            rt.graph = await asyncio.to_thread(self._graph, info, rt.prompt_N_D)
+        apl = None
+        if strat in (Strategy.APL_CERTAINTY, Strategy.APL_ENTROPY, Strategy.APL_HYBRID):
+            m = self.store.apl_scores(info.pool_id)
+            apl = AplInputs(m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4] if np.isfinite(m[:, 4]).any() else None)
+        select = functools.partial(
+            select_batch,
+            strat,
+            batch_size=batch_size,
+            candidate_mask_N=candidate_N,
+            acquired_mask_N=acquired_N,
+            rng=np.random.default_rng(seed),
+            params=params,
+            epistemic_N=epistemic_N,
+            graph=rt.graph if needs_graph else None,
+            apl=apl,
         )
+        if strat in (Strategy.RANDOM, Strategy.BALD):  # O(N) array work: cheaper than a thread hop
+            return select()
+        return await asyncio.to_thread(select)
 
     async def release_items(self, tenant: str, pool_id: str, item_ids: Sequence[str], annotator_id: str) -> int:
         """End leases on items; returns how many leases ended."""
