@@ -198,6 +198,22 @@ def run_one(
     return recs
 
 
+def _spec_key(spec: RunSpec) -> tuple[str, str, int, float, int]:
+    return (spec.phase, spec.strategy, spec.seed, float(spec.beta), int(spec.knn_k))
+
+
+def _completed_runs(path: Path) -> dict[tuple[str, str, int, float, int], list[dict[str, Any]]]:
+    """Records of an earlier (interrupted) run grouped by spec, for `--resume`."""
+    done: dict[tuple[str, str, int, float, int], list[dict[str, Any]]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                key = (r["phase"], r["strategy"], int(r["seed"]), float(r["beta"]), int(r["knn_k"]))
+                done.setdefault(key, []).append(r)
+    return done
+
+
 def run_many(
     target: str,
     specs: Sequence[RunSpec],
@@ -205,10 +221,24 @@ def run_many(
     args: argparse.Namespace,
     rounds: int,
     sink: Callable[[list[dict[str, Any]]], None],
+    done: dict[tuple[str, str, int, float, int], list[dict[str, Any]]],
 ) -> list[dict[str, Any]]:
-    """Run specs with `args.workers` parallel clients against one server."""
+    """Run specs with `args.workers` parallel clients against one server.
+
+    Specs whose complete run (`rounds` + 1 records) is already in `done` (from
+    `--resume`) are not run again; their records are returned with the new ones.
+    """
     out: list[dict[str, Any]] = []
     lock = threading.Lock()
+    todo = []
+    for spec in specs:
+        have = done.get(_spec_key(spec), [])
+        if len(have) == rounds + 1:
+            out.extend(have)
+        else:
+            todo.append(spec)
+    if len(todo) < len(specs):
+        _log(f"resume: {len(specs) - len(todo)} of {len(specs)} runs already complete")
 
     def job(spec: RunSpec) -> None:
         with Client(target, timeout_s=600) as c:
@@ -218,7 +248,7 @@ def run_many(
             sink(recs)
 
     with ThreadPoolExecutor(max_workers=max(1, args.workers)) as ex:
-        for f in [ex.submit(job, s) for s in specs]:
+        for f in [ex.submit(job, s) for s in todo]:
             f.result()
     return out
 
@@ -572,6 +602,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-cache", default="", help="client-side feature cache (default: the server's)")
     p.add_argument("--server", default="", help="use a running server instead (its data dir must match)")
     p.add_argument("--out-dir", default="bench/results")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the complete runs already in <out-dir>/label_efficiency_<oracle>.jsonl and run only the rest",
+    )
     p.add_argument("--no-headroom", action="store_true", help="skip the all-pool-labels fit")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny pool, 2 seeds, 3 rounds")
     p.add_argument(
@@ -687,7 +722,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         for oracle in oracles:
             t_o = time.perf_counter()
             jsonl = out_dir / f"label_efficiency_{oracle}.jsonl"
-            fh = open(jsonl, "w", encoding="utf-8")  # noqa: SIM115
+            done = _completed_runs(jsonl) if args.resume else {}
+            if done:
+                # Keep only complete runs: a partial one is rerun from its start.
+                n_rounds = {"tune": args.tune_rounds, "main": args.rounds}
+                done = {k: v for k, v in done.items() if len(v) == n_rounds[k[0]] + 1}
+                jsonl.write_text("".join(json.dumps(r) + "\n" for v in done.values() for r in v), encoding="utf-8")
+            fh = open(jsonl, "a" if args.resume else "w", encoding="utf-8")  # noqa: SIM115
 
             def sink(recs: list[dict[str, Any]], fh: Any = fh) -> None:
                 for r in recs:
@@ -701,14 +742,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                     specs = [RunSpec(oracle, "BALPM", s, "tune", b, k) for s in range(args.tune_seeds)
                              for b, k in grid]
                     _log(f"{oracle}: tuning BAL-PM over {len(grid)} (beta, k) x {args.tune_seeds} seeds")
-                    tune_recs = run_many(target, specs, data_for, args, args.tune_rounds, sink)
+                    tune_recs = run_many(target, specs, data_for, args, args.tune_rounds, sink, done)
                     tune_rows = summarise_tuning(tune_recs)
                     best = max(tune_rows, key=lambda t: t["score"])
                     chosen = (best["beta"], best["knn_k"])
                     _log(f"{oracle}: chose beta {chosen[0]}, k {chosen[1]}")
                 assert chosen is not None
                 specs = [RunSpec(oracle, st, s, "main", chosen[0], chosen[1]) for s in seeds for st in strategies]
-                main_recs = run_many(target, specs, data_for, args, args.rounds, sink)
+                main_recs = run_many(target, specs, data_for, args, args.rounds, sink, done)
             finally:
                 fh.close()
             headroom = None

@@ -10,6 +10,13 @@ separate validation set (BT negative log-likelihood of the ensemble mean).
 Minibatch: 128 pairs per member by default (the service default,
 `EnsembleConfig.batch_size`), i.e. 256 rows (A and B sides) per member per step.
 
+Ceiling: the table also prints the arithmetic rate each run achieved (analytic FLOPs of
+forward + backward over the time), `gemm_s`, the time the run's matrix products take
+on their own at the same shapes (one member step timed in isolation x steps), and
+`ceiling` = sequential time / gemm_s: the most any implementation that trains each
+member on its own minibatches (as the issue requires) could gain over the sequential
+run, since it still has to do those products.
+
 Usage:
     python bench/posterior.py [--sizes 1000,10000] [--dim 1024] [--ensemble 5] [--epochs 2]
                               [--batch-size 128] [--device auto]
@@ -18,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -41,6 +49,50 @@ def synthetic(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.nda
     b_N_D = rng.normal(size=(n, d)).astype(np.float32)
     p_N = 1 / (1 + np.exp(-((a_N_D - b_N_D) @ w_D)))
     return a_N_D, b_N_D, (rng.random(n) < p_N).astype(np.float64)
+
+
+def train_flops(n_pairs: int, d: int, hidden: tuple[int, ...], members: int, epochs: int) -> float:
+    """Analytic FLOPs of training: forward, weight gradients, and input gradients below layer 1."""
+    dims = (d, *hidden, 1)
+    fwd = sum(a * b for a, b in itertools.pairwise(dims))  # MACs per row
+    grad_w = fwd
+    grad_x = sum(a * b for a, b in itertools.pairwise(dims[1:]))  # features need no gradient
+    return 2.0 * (fwd + grad_w + grad_x) * 2 * n_pairs * members * epochs  # 2 rows (A, B) per pair
+
+
+def gemm_only_step_s(batch_pairs: int, d: int, hidden: tuple[int, ...], device: torch.device) -> float:
+    """Seconds one member's training step spends in its matrix products alone.
+
+    The products of forward and backward at the training's own shapes (2 x batch rows):
+    X W per layer, X^T G for every weight gradient, G W^T below the top layer except
+    into the frozen features. Any implementation that trains each member on its own
+    minibatches does these products; this is their time with nothing else around them.
+    """
+    dims = (d, *hidden, 1)
+    m = 2 * batch_pairs
+    xs = [torch.randn(m, a, device=device) for a in dims[:-1]]
+    ws = [torch.randn(a, b, device=device) for a, b in itertools.pairwise(dims)]
+    gs = [torch.randn(m, b, device=device) for b in dims[1:]]
+
+    def step() -> None:
+        for x, w in zip(xs, ws, strict=True):
+            x @ w
+        for x, g in zip(xs, gs, strict=True):
+            x.T @ g
+        for g, w in zip(gs[1:], ws[1:], strict=True):
+            g @ w.T
+
+    for _ in range(3):
+        step()
+    reps = 30
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
 
 
 def main() -> None:
@@ -73,8 +125,12 @@ def main() -> None:
     train_members_sequentially(wa, wb, wt, config(1), seed=0)
 
     va, vb, vt = synthetic(args.val, args.dim, seed=1)
+    hidden = EnsembleConfig().hidden_sizes
+    step_s = gemm_only_step_s(args.batch_size, args.dim, hidden, device)
+    print(f"matrix products of one member step at these shapes, alone: {step_s * 1e3:.2f} ms")
     header = (f"{'labels':>7} {'batched_s':>10} {'sequential_s':>13} {'speedup':>8} "
-              f"{'val_loss_batched':>17} {'val_loss_sequential':>20}")
+              f"{'val_loss_batched':>17} {'val_loss_sequential':>20} {'GFLOP/s_b':>10} {'GFLOP/s_s':>10} "
+              f"{'gemm_s':>7} {'ceiling':>8}")
     print(header)
     print("-" * len(header))
     for n in (int(s) for s in args.sizes.split(",")):
@@ -92,8 +148,13 @@ def main() -> None:
         t_seq = time.perf_counter() - start
         loss_b = -evaluate(predict_probs(batched.state, va, vb), vt).log_likelihood
         loss_s = -evaluate(predict_probs(seq.state, va, vb), vt).log_likelihood
+        flops = train_flops(n, args.dim, cfg.hidden_sizes, args.ensemble, args.epochs)
+        rate_b, rate_s = flops / t_batched / 1e9, flops / t_seq / 1e9
+        steps = args.epochs * args.ensemble * -(-n // args.batch_size)
+        gemm_s = steps * step_s  # the floor of any implementation doing these products
         print(f"{n:>7} {t_batched:>10.2f} {t_seq:>13.2f} {t_seq / t_batched:>7.1f}x "
-              f"{loss_b:>17.4f} {loss_s:>20.4f}", flush=True)
+              f"{loss_b:>17.4f} {loss_s:>20.4f} {rate_b:>10.0f} {rate_s:>10.0f} {gemm_s:>7.2f} "
+              f"{t_seq / gemm_s:>7.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -224,6 +224,9 @@ def bt_loss(logits_E_B: torch.Tensor, targets_B: torch.Tensor) -> torch.Tensor:
     return bce_with_logits(logits_E_B, t_E_B, reduction="none").mean(dim=-1)
 
 
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _member_seeds(seed: int, member: int) -> tuple[np.random.Generator, int]:
     """Member-specific data RNG and torch init seed, independent of E."""
     data_rng = np.random.default_rng([seed, 1, member])
@@ -378,8 +381,11 @@ def _train_members(
         k: torch.cat([p[k] for p in init_members]).to(device=device, dtype=dtype).requires_grad_()
         for k in param_names(len(config.hidden_sizes))
     }
+    # Fused AdamW: one pass over each parameter per step instead of ~10 elementwise
+    # passes; the stacked E-member tensors (42 MB at the reference shape) are far past
+    # the caches, so the unfused step was memory-bound and half of a CPU training step.
     opt = torch.optim.AdamW(list(params.values()), lr=config.learning_rate,
-                            weight_decay=config.weight_decay)
+                            weight_decay=config.weight_decay, fused=dtype in _FUSED_DTYPES)
 
     fa_N_D = torch.from_numpy(np.ascontiguousarray(feats_a_N_D)).to(device=device, dtype=dtype)
     fb_N_D = torch.from_numpy(np.ascontiguousarray(feats_b_N_D)).to(device=device, dtype=dtype)
