@@ -61,6 +61,14 @@ class Row:
     max_ms: float
     throughput_rps: float
     server_acquire_p50_ms: float
+    server_cpu_ms_per_req: float
+    client_cpu_ms_per_req: float
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen[str], str]:
@@ -125,6 +133,7 @@ def make_pool(client: Client, n_items: int, dim: int, n_labels: int, seed: int) 
 
 async def run_load(
     target: str,
+    server_pid: int,
     rpc: str,
     strategy: str,
     clients: int,
@@ -138,7 +147,8 @@ async def run_load(
     Closed loop (`rate_rps` 0): each client sends its next call as soon as the last
     returns, so the row measures saturation. Open loop: calls are scheduled as a Poisson
     stream of `rate_rps` in total, and latency counts from the scheduled send time, so a
-    backlog shows up in the figures (no coordinated omission).
+    backlog shows up in the figures (no coordinated omission). CPU per request is the
+    server process's and this (client) process's CPU time over the timed calls.
     """
     per_client = max(1, requests // clients)
     latencies_ms: list[float] = []
@@ -204,16 +214,26 @@ async def run_load(
                 if rpc == "AcquireBatch":
                     server_ms.append(resp.acquire_s * 1000.0)
                     leased.extend(a.item.item_id for a in resp.items)
+            done_count[0] += 1
+            if done_count[0] == clients:
+                all_done.set()
+            await released.wait()
             if leased and rpc == "AcquireBatch":  # untimed: give the items back so the next row sees the same pool
                 await stub.ReleaseItems(
                     pb.ReleaseItemsRequest(pool_id=POOL, item_ids=leased, annotator_id=f"{strategy}-{w}"), timeout=60
                 )
 
-    start_gate = asyncio.Event()
+    start_gate, all_done, released = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    done_count = [0]
     tasks = [asyncio.ensure_future(worker(w)) for w in range(clients)]
     await asyncio.sleep(0.5)  # let every channel connect before the clock starts
+    cpu0_server, cpu0_client = process_cpu_s(server_pid), time.process_time()
     started = time.perf_counter()
     start_gate.set()
+    # A worker that fails before finishing ends the wait too; gather re-raises its error.
+    await asyncio.wait([asyncio.ensure_future(all_done.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
+    cpu_server, cpu_client = process_cpu_s(server_pid) - cpu0_server, time.process_time() - cpu0_client
+    released.set()
     await asyncio.gather(*tasks)
     wall_s = (max(ended) if ended else time.perf_counter()) - started  # the untimed releases come after
     lat = np.array(latencies_ms) if latencies_ms else np.array([np.nan])
@@ -229,6 +249,8 @@ async def run_load(
         max_ms=float(lat.max()),
         throughput_rps=len(latencies_ms) / wall_s,
         server_acquire_p50_ms=float(np.percentile(server_ms, 50)) if server_ms else float("nan"),
+        server_cpu_ms_per_req=cpu_server * 1000.0 / max(1, len(latencies_ms)),
+        client_cpu_ms_per_req=cpu_client * 1000.0 / max(1, len(latencies_ms)),
     )
 
 
@@ -236,14 +258,15 @@ def print_table(rows: list[Row], target_p99_ms: float) -> None:
     """Markdown table of the rows."""
     print(
         "| rpc | strategy | load | requests | errors | p50 ms | p95 ms | p99 ms | max ms | throughput req/s "
-        "| server acquire p50 ms | p99 target |"
+        "| server acquire p50 ms | server CPU ms/req | client CPU ms/req | p99 target |"
     )
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         verdict = ("met" if r.p99_ms <= target_p99_ms else "MISSED") if r.rpc == "AcquireBatch" else "-"
         print(
             f"| {r.rpc} | {r.strategy} | {r.mode} | {r.requests} | {r.errors} | {r.p50_ms:.1f} | {r.p95_ms:.1f} "
-            f"| {r.p99_ms:.1f} | {r.max_ms:.1f} | {r.throughput_rps:.0f} | {r.server_acquire_p50_ms:.1f} | {verdict} |"
+            f"| {r.p99_ms:.1f} | {r.max_ms:.1f} | {r.throughput_rps:.0f} | {r.server_acquire_p50_ms:.1f} "
+            f"| {r.server_cpu_ms_per_req:.2f} | {r.client_cpu_ms_per_req:.2f} | {verdict} |"
         )
 
 
@@ -262,7 +285,11 @@ def main() -> None:
         "--rate-rps", type=float, default=100.0, help="also an open-loop row per strategy at this total rate (0: no)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--py-spy", default="", help="write a py-spy flame graph (SVG) of the server during the load")
+    p.add_argument(
+        "--py-spy",
+        default="",
+        help="write a py-spy profile of the server during the load: flame graph SVG, or collapsed stacks if *.txt",
+    )
     p.add_argument("--json", default="", help="also write the rows as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     args = p.parse_args()
@@ -276,9 +303,21 @@ def main() -> None:
         if args.py_spy:
             spy_exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             spy = subprocess.Popen(
-                [spy_exe, "record", "-o", args.py_spy, "--pid", str(proc.pid), "--rate", "200", "--nonblocking"]
+                [
+                    spy_exe,
+                    "record",
+                    "-o",
+                    args.py_spy,
+                    "--pid",
+                    str(proc.pid),
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                    "--format",
+                    "raw" if args.py_spy.endswith(".txt") else "flamegraph",
+                ]
             )
-        rows = [asyncio.run(run_load(target, "Health", "", args.clients, args.requests, args.batch_size, 0))]
+        rows = [asyncio.run(run_load(target, proc.pid, "Health", "", args.clients, args.requests, args.batch_size, 0))]
         print("# done Health (the transport floor: gRPC with no work)", flush=True)
         strategies = [s.strip().upper() for s in args.strategies.split(",") if s.strip()]
         for rate_rps in (0.0, *([args.rate_rps] if args.rate_rps > 0 else [])):
@@ -286,13 +325,25 @@ def main() -> None:
                 rows.append(
                     asyncio.run(
                         run_load(
-                            target, "AcquireBatch", strategy, args.clients, args.requests, args.batch_size, 0, rate_rps
+                            target,
+                            proc.pid,
+                            "AcquireBatch",
+                            strategy,
+                            args.clients,
+                            args.requests,
+                            args.batch_size,
+                            0,
+                            rate_rps,
                         )
                     )
                 )
                 print(f"# done AcquireBatch {strategy} {rows[-1].mode}", flush=True)
         rows.append(
-            asyncio.run(run_load(target, "IngestLabels", "", args.clients, args.requests, args.batch_size, args.labels))
+            asyncio.run(
+                run_load(
+                    target, proc.pid, "IngestLabels", "", args.clients, args.requests, args.batch_size, args.labels
+                )
+            )
         )
         if spy is not None:
             spy.send_signal(signal.SIGINT)
