@@ -599,7 +599,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=".cache/hh-data",
         help="server data dir (feature cache inside); never share it with another running server",
     )
-    p.add_argument("--feature-cache", default="", help="client-side feature cache (default: the server's)")
+    p.add_argument(
+        "--feature-cache",
+        default="",
+        help="client-side feature cache (default: the server's, <data-dir>/feature_cache.sqlite3, which the "
+        "in-process server always uses for SERVER-feature pools such as the human oracle's)",
+    )
     p.add_argument("--server", default="", help="use a running server instead (its data dir must match)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument(
