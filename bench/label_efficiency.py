@@ -198,8 +198,9 @@ def run_one(
     return recs
 
 
-def _spec_key(spec: RunSpec) -> tuple[str, str, int, float, int]:
-    return (spec.phase, spec.strategy, spec.seed, float(spec.beta), int(spec.knn_k))
+def _run_key(phase: str, strategy: str, seed: int, beta: float, knn_k: int) -> tuple[str, str, int, float, int]:
+    """What identifies one run, for `--resume` (records carry the same fields)."""
+    return (phase, strategy, int(seed), float(beta), int(knn_k))
 
 
 def _completed_runs(path: Path) -> dict[tuple[str, str, int, float, int], list[dict[str, Any]]]:
@@ -209,7 +210,7 @@ def _completed_runs(path: Path) -> dict[tuple[str, str, int, float, int], list[d
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 r = json.loads(line)
-                key = (r["phase"], r["strategy"], int(r["seed"]), float(r["beta"]), int(r["knn_k"]))
+                key = _run_key(r["phase"], r["strategy"], r["seed"], r["beta"], r["knn_k"])
                 done.setdefault(key, []).append(r)
     return done
 
@@ -232,7 +233,7 @@ def run_many(
     lock = threading.Lock()
     todo = []
     for spec in specs:
-        have = done.get(_spec_key(spec), [])
+        have = done.get(_run_key(spec.phase, spec.strategy, spec.seed, spec.beta, spec.knn_k), [])
         if len(have) == rounds + 1:
             out.extend(have)
         else:

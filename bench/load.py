@@ -157,7 +157,8 @@ async def run_load(
     errors = 0
     strat = cast(Any, pb.Strategy.Value(f"STRATEGY_{strategy}") if strategy else 0)
 
-    async def worker(w: int) -> None:
+    async def worker(w: int) -> list[str]:
+        """Sends this client's calls; returns the item ids it leased (released after the clock)."""
         nonlocal errors
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.BalpmServiceStub(channel)
@@ -214,28 +215,24 @@ async def run_load(
                 if rpc == "AcquireBatch":
                     server_ms.append(resp.acquire_s * 1000.0)
                     leased.extend(a.item.item_id for a in resp.items)
-            done_count[0] += 1
-            if done_count[0] == clients:
-                all_done.set()
-            await released.wait()
-            if leased and rpc == "AcquireBatch":  # untimed: give the items back so the next row sees the same pool
-                await stub.ReleaseItems(
-                    pb.ReleaseItemsRequest(pool_id=POOL, item_ids=leased, annotator_id=f"{strategy}-{w}"), timeout=60
-                )
+            return leased
 
-    start_gate, all_done, released = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    done_count = [0]
+    start_gate = asyncio.Event()
     tasks = [asyncio.ensure_future(worker(w)) for w in range(clients)]
     await asyncio.sleep(0.5)  # let every channel connect before the clock starts
     cpu0_server, cpu0_client = process_cpu_s(server_pid), time.process_time()
     started = time.perf_counter()
     start_gate.set()
-    # A worker that fails before finishing ends the wait too; gather re-raises its error.
-    await asyncio.wait([asyncio.ensure_future(all_done.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
+    leased_by_worker = await asyncio.gather(*tasks)
     cpu_server, cpu_client = process_cpu_s(server_pid) - cpu0_server, time.process_time() - cpu0_client
-    released.set()
-    await asyncio.gather(*tasks)
-    wall_s = (max(ended) if ended else time.perf_counter()) - started  # the untimed releases come after
+    wall_s = (max(ended) if ended else time.perf_counter()) - started
+    async with grpc.aio.insecure_channel(target) as channel:  # untimed: the next row sees the same pool
+        stub = pb_grpc.BalpmServiceStub(channel)
+        for w, leased in enumerate(leased_by_worker):
+            if leased:
+                await stub.ReleaseItems(
+                    pb.ReleaseItemsRequest(pool_id=POOL, item_ids=leased, annotator_id=f"{strategy}-{w}"), timeout=60
+                )
     lat = np.array(latencies_ms) if latencies_ms else np.array([np.nan])
     return Row(
         rpc=rpc,

@@ -66,7 +66,8 @@ def gemm_only_step_s(batch_pairs: int, d: int, hidden: tuple[int, ...], device: 
     The products of forward and backward at the training's own shapes (2 x batch rows):
     X W per layer, X^T G for every weight gradient, G W^T below the top layer except
     into the frozen features. Any implementation that trains each member on its own
-    minibatches does these products; this is their time with nothing else around them.
+    minibatches does these products; this is their time with nothing else around them
+    (in bf16 on CUDA, like the training's autocast).
     """
     dims = (d, *hidden, 1)
     m = 2 * batch_pairs
@@ -75,6 +76,10 @@ def gemm_only_step_s(batch_pairs: int, d: int, hidden: tuple[int, ...], device: 
     gs = [torch.randn(m, b, device=device) for b in dims[1:]]
 
     def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as training does
+            products()
+
+    def products() -> None:
         for x, w in zip(xs, ws, strict=True):
             x @ w
         for x, g in zip(xs, gs, strict=True):
@@ -125,7 +130,7 @@ def main() -> None:
     train_members_sequentially(wa, wb, wt, config(1), seed=0)
 
     va, vb, vt = synthetic(args.val, args.dim, seed=1)
-    hidden = EnsembleConfig().hidden_sizes
+    hidden = config(args.epochs).hidden_sizes
     step_s = gemm_only_step_s(args.batch_size, args.dim, hidden, device)
     print(f"matrix products of one member step at these shapes, alone: {step_s * 1e3:.2f} ms")
     header = (f"{'labels':>7} {'batched_s':>10} {'sequential_s':>13} {'speedup':>8} "
@@ -148,7 +153,7 @@ def main() -> None:
         t_seq = time.perf_counter() - start
         loss_b = -evaluate(predict_probs(batched.state, va, vb), vt).log_likelihood
         loss_s = -evaluate(predict_probs(seq.state, va, vb), vt).log_likelihood
-        flops = train_flops(n, args.dim, cfg.hidden_sizes, args.ensemble, args.epochs)
+        flops = train_flops(n, args.dim, hidden, args.ensemble, args.epochs)
         rate_b, rate_s = flops / t_batched / 1e9, flops / t_seq / 1e9
         steps = args.epochs * args.ensemble * -(-n // args.batch_size)
         gemm_s = steps * step_s  # the floor of any implementation doing these products

@@ -57,13 +57,16 @@ class Occupancy:
             anns.add(annotator)
             self.labels_N[row] = len(anns)
             self._labelled_by.setdefault(annotator, set()).add(row)
-            self.full_N[row] = self.labels_N[row] + self.lease_cnt_N[row] >= self.k
+            self._update_full(row)
+
+    def _update_full(self, row: int) -> None:
+        self.full_N[row] = self.labels_N[row] + self.lease_cnt_N[row] >= self.k
 
     def _refresh(self, row: int) -> None:
         holders = self._leases.get(row, {})
         self.lease_cnt_N[row] = len(holders)
         self.lease_min_exp_N[row] = min(holders.values(), default=np.inf)
-        self.full_N[row] = self.labels_N[row] + self.lease_cnt_N[row] >= self.k
+        self._update_full(row)
         if not holders:
             self._leases.pop(row, None)
 

@@ -462,10 +462,6 @@ class SqliteStore:
             )
         ]
 
-    def insert_leases(self, pool_id: str, item_ids: Sequence[str], annotator_id: str, expire_s: float) -> None:
-        """Lease items to an annotator (replacing that annotator's older lease on them)."""
-        self.lease_and_read([(pool_id, item_ids, annotator_id, expire_s)])
-
     def lease_and_read(
         self, requests: Sequence[tuple[str, Sequence[str], str, float]]
     ) -> list[dict[str, ItemText]]:
