@@ -43,6 +43,8 @@ def cmd_pools(args: argparse.Namespace) -> None:
                     settings[key] = getattr(args, key)
             if args.strategy:
                 settings["default_strategy"] = args.strategy
+            if args.knn_convention:
+                settings["knn_convention"] = args.knn_convention
             _print(c.create_pool(args.pool, **settings))
         elif args.action == "list":
             for pool in c.list_pools():
@@ -189,6 +191,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     for key in ("knn_k", "beta", "ensemble_size"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    if args.knn_convention:
+        settings["knn_convention"] = args.knn_convention
     if args.hidden_sizes:
         settings["hidden_sizes"] = [int(h) for h in args.hidden_sizes.split(",")]
     tags = {"oracle": args.oracle, "redundancy": args.redundancy}
@@ -229,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     pools.add_argument("--strategy", default="")
     pools.add_argument("--ensemble-size", type=int)
     pools.add_argument("--knn-k", type=int)
+    pools.add_argument(
+        "--knn-convention",
+        choices=["STANDARD", "AUTHORS"],
+        type=str.upper,
+        help="BAL-PM kNN radius convention: STANDARD (k-th nearest other pool item, default) or AUTHORS "
+        "(the BAL-PM authors' code: self included, over the acquirable items, log(2 r + 1e-4))",
+    )
     pools.add_argument("--beta", type=float)
     pools.add_argument("--d-ent", type=float)
     pools.add_argument("--labels-per-item", type=int)
@@ -318,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model-path", default="", help="model oracle: extractor model folder (server's)")
     sim.add_argument("--pooling", default="mean", choices=["mean", "last_token"])
     sim.add_argument("--knn-k", type=int)
+    sim.add_argument(
+        "--knn-convention",
+        choices=["STANDARD", "AUTHORS"],
+        type=str.upper,
+        help="BAL-PM kNN radius convention: STANDARD (k-th nearest other pool item, default) or AUTHORS "
+        "(the BAL-PM authors' code: self included, over the acquirable items, log(2 r + 1e-4))",
+    )
     sim.add_argument("--beta", type=float)
     sim.add_argument("--ensemble-size", type=int)
     sim.add_argument("--hidden-sizes", default="", help="comma-separated hidden widths, e.g. 256,64")

@@ -149,7 +149,8 @@ class Client:
 
     def create_pool(self, pool_id: str, **settings: Any) -> pb.Pool:
         """Create a pool. Settings are PoolSettings fields, e.g. feature_source="CLIENT", feature_dim=384,
-        default_strategy="BALPM", beta=0.01, knn_k=13, ensemble_size=5, hidden_sizes=[2048, 256]."""
+        default_strategy="BALPM", beta=0.01, knn_k=13, knn_convention="AUTHORS", ensemble_size=5,
+        hidden_sizes=[2048, 256]."""
         s = dict(settings)
         if isinstance(s.get("feature_source"), str):
             s["feature_source"] = pb.FeatureSource.Value("FEATURE_SOURCE_" + s["feature_source"].upper())
@@ -157,6 +158,8 @@ class Client:
             s["default_strategy"] = strategy_number(s["default_strategy"])
         if isinstance(s.get("posterior_kind"), str):
             s["posterior_kind"] = pb.PosteriorKind.Value("POSTERIOR_KIND_" + s["posterior_kind"].upper())
+        if isinstance(s.get("knn_convention"), str):
+            s["knn_convention"] = pb.KnnConvention.Value("KNN_CONVENTION_" + s["knn_convention"].upper())
         req = pb.CreatePoolRequest(pool_id=pool_id, settings=pb.PoolSettings(**s))
         return self._call(self._stub.CreatePool, req).pool
 

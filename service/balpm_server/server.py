@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
+import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +24,43 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from balpm.v1 import balpm_pb2, balpm_pb2_grpc
-from balpm_server import metrics
+from balpm_server import errors, metrics
 from balpm_server.auth import KeyStore
 from balpm_server.domain.service import PoolService
 from balpm_server.features import FeatureExtractor, build_extractor
 from balpm_server.features.cache import CachedExtractor
 from balpm_server.logs import setup_logging
 from balpm_server.settings import Settings
+from balpm_server.storage import faults
+from balpm_server.storage.faults import storage_error
 from balpm_server.transport.interceptors import ServerInterceptor
 from balpm_server.transport.servicer import BalpmServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = balpm_pb2.DESCRIPTOR.services_by_name["BalpmService"].full_name
+
+
+class StartupError(RuntimeError):
+    """The server cannot start for a reason the operator must fix (printed as one `error:` line)."""
+
+
+def _writable(folder: Path) -> bool:
+    """Whether `folder` (or, when it is missing, its nearest existing parent) is writable (read-only mounts too)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
+def _data_dir_error(settings: Settings, exc: BaseException) -> StartupError | None:
+    """A StartupError for a data dir the stores cannot be opened in (full, read-only, broken), else None."""
+    fault = storage_error(exc)
+    if fault is not None and fault.reason == faults.STORAGE_UNAVAILABLE and not _writable(settings.data_path):
+        fault = errors.Unavailable(faults.MESSAGES[faults.STORAGE_READ_ONLY], reason=faults.STORAGE_READ_ONLY)
+    if fault is not None:
+        return StartupError(f"cannot use data dir {settings.data_path}: {fault.message} [{fault.reason}]")
+    if isinstance(exc, sqlite3.Error):
+        return StartupError(f"cannot open the store in data dir {settings.data_path}: {exc}")
+    return None
 
 
 @dataclass
@@ -129,12 +156,17 @@ async def create_server(settings: Settings) -> RunningServer:
     ]
     server = grpc.aio.server(options=options, interceptors=[ServerInterceptor(keys, SERVICE_NAME)])
     extractor: FeatureExtractor | None = None
-    if settings.extractor:
-        extractor = CachedExtractor(
-            metrics.InstrumentedExtractor(build_extractor(settings), settings.extractor),
-            settings.data_path / "feature_cache.sqlite3",
-        )
-    service = PoolService(settings, extractor)
+    try:  # opens (creates) the stores in the data dir
+        if settings.extractor:
+            extractor = CachedExtractor(
+                metrics.InstrumentedExtractor(build_extractor(settings), settings.extractor),
+                settings.data_path / "feature_cache.sqlite3",
+            )
+        service = PoolService(settings, extractor)
+    except Exception as e:
+        if (err := _data_dir_error(settings, e)) is not None:
+            raise err from e
+        raise
     balpm_pb2_grpc.add_BalpmServiceServicer_to_server(BalpmServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -146,7 +178,14 @@ async def create_server(settings: Settings) -> RunningServer:
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     await server.start()
-    await service.start()
+    try:
+        await service.start()  # writes to the store (interrupted operations)
+    except Exception as e:
+        await server.stop(None)
+        await service.close()
+        if (err := _data_dir_error(settings, e)) is not None:
+            raise err from e
+        raise
     db_path = service.root / "balpm.sqlite3"  # the SqliteStore file PoolService opens
     metrics.STORE_COLLECTOR.add(db_path)
     http_server, metrics_port = start_metrics_http(settings)
@@ -209,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(settings.log_level, json_lines=settings.log_json)
     try:
         asyncio.run(serve(settings))
-    except (ValueError, OSError) as e:  # bad TLS/auth configuration: a clear message, not a traceback
+    # Bad TLS/auth configuration, or a data dir on a full or read-only disk: a clear message, not a traceback.
+    except (ValueError, OSError, StartupError) as e:
         log.error("balpm-server cannot start: %s", e)
         print(f"balpm-server: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -58,10 +58,20 @@ class Settings:
         triton_max_in_flight: Cap on concurrent Triton requests.
         device: Torch device for training/inference: "auto", "cpu" or "cuda".
         max_message_bytes: Max gRPC message size, both directions.
+        max_acquire_reply_bytes: Largest AcquireBatch reply the server sends (serialized
+            bytes; 0 = only max_message_bytes). A larger batch leases nothing and fails with
+            RESOURCE_EXHAUSTED (REPLY_TOO_LARGE). The default, 4 MiB, is gRPC's default
+            client receive limit: a client's rejection of a larger reply is invisible to
+            the server and would leave the batch leased, so raise this only as far as
+            every client's max_receive_message_length.
         max_batch_size: Largest AcquireBatch batch_size accepted.
         max_items_per_chunk: Largest number of items in one UploadItems message.
         max_pools_per_tenant: Pools one tenant may hold.
         max_training_jobs_per_tenant: Concurrent UpdatePosterior operations per tenant.
+        max_predict_texts: Most ad-hoc items (given as texts, so the server extracts their
+            features) in one Predict or Evaluate call; more is INVALID_ARGUMENT (TOO_MANY_TEXTS).
+        max_extractions_per_tenant: Concurrent Predict/Evaluate calls with ad-hoc texts per
+            tenant; one more fails fast with RESOURCE_EXHAUSTED (EXTRACTION_BUSY), retryable.
         default_lease_ttl_s: Lease length when AcquireBatch gives none.
         max_lease_ttl_s: Longest lease AcquireBatch accepts (default 90 days).
         knn_exact_threshold: Pools up to this size get an exact FAISS kNN; larger ones HNSW.
@@ -92,10 +102,13 @@ class Settings:
     triton_max_in_flight: int = 4
     device: str = "auto"
     max_message_bytes: int = 64 * 1024 * 1024
+    max_acquire_reply_bytes: int = 4 * 1024 * 1024
     max_batch_size: int = 10_000
     max_items_per_chunk: int = 1_000
     max_pools_per_tenant: int = 100
     max_training_jobs_per_tenant: int = 2
+    max_predict_texts: int = 64
+    max_extractions_per_tenant: int = 2
     default_lease_ttl_s: float = 3600.0
     max_lease_ttl_s: float = 90 * 24 * 3600.0
     knn_exact_threshold: int = 50_000

@@ -48,7 +48,9 @@ def test_server_pool_is_featurised_through_triton_and_matches_in_process(triton_
             again = c.acquire("via-triton", batch_size=5, strategy="BALPM", seed=1)
             assert again.posterior_version == 1 and len(again.items) == 5
             dim = ready.settings.feature_dim
-        stored = FeatureStore(Path(settings.data_dir) / "pools" / "via-triton" / "features", dim)
+        key = server.running.service.store.pool_key("default", "via-triton")  # the pool's folder name
+        assert key is not None
+        stored = FeatureStore(Path(settings.data_dir) / "pools" / key / "features", dim)
         local = TransformersExtractor(str(triton_server.model_path), pooling="mean",
                                       max_length_tokens=triton_server.max_length_tokens, device="cpu")
         for kind, texts in (("prompt", [it["prompt"] for it in items]),

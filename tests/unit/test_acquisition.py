@@ -13,6 +13,7 @@ from scipy.special import digamma
 from balpm_server.acquisition import (
     AcquisitionParams,
     AplInputs,
+    KnnConvention,
     KnnGraph,
     Strategy,
     bald_from_probs,
@@ -21,7 +22,7 @@ from balpm_server.acquisition import (
     first_open,
     select_batch,
 )
-from balpm_server.acquisition.reference import balpm_reference, dense_knn_radius
+from balpm_server.acquisition.reference import authors_reference, balpm_reference, dense_knn_radius
 from balpm_server.errors import FailedPrecondition, InvalidArgument
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -492,3 +493,274 @@ def test_invalid_requests_raise_typed_errors():
     assert e.value.reason == "POOL_TOO_SMALL"
     with pytest.raises(InvalidArgument):
         build_knn_graph(np.full((10, 2), np.nan), 3)
+
+
+# ---- held-out rows are not kNN neighbours (issue 15, item 13) -----------------------------
+
+
+def sub_graph_reindexed(X: np.ndarray, k: int, member: np.ndarray, **kw):
+    """The graph of the member rows alone, with row numbers mapped back to all N rows."""
+    rows = np.flatnonzero(member)
+    return rows, build_knn_graph(X[rows], k, **kw)
+
+
+@PROPS
+@given(pools(), st.integers(0, 2**32 - 1), st.booleans())
+def test_member_mask_graph_equals_graph_of_member_rows_alone(pool, seed, standardize):
+    X, k, *_ = pool
+    rng = np.random.default_rng(seed)
+    n = len(X)
+    member = rng.random(n) < rng.uniform(0.5, 1.0)
+    member[rng.choice(n, size=k + 1, replace=False)] = True  # more than k members
+    X = X.copy()
+    X[~member] = rng.standard_normal(((~member).sum(), X.shape[1])) * 1e3  # would dominate std
+    graph = build_knn_graph(X, k, standardize=standardize, member_mask_N=member)
+    rows, sub = sub_graph_reindexed(X, k, member, standardize=standardize)
+    assert graph.n_items == n and graph.n_members == rows.size and graph.exact
+    np.testing.assert_array_equal(graph.members(), member)
+    np.testing.assert_array_equal(graph.radius_N[rows], sub.radius_N)
+    assert np.isnan(graph.radius_N[~member]).all()
+    ball_of = {int(r): graph.ball(int(r)).tolist() for r in range(n)}
+    rev_of = {int(r): graph.reverse(int(r)).tolist() for r in range(n)}
+    for i, r in enumerate(rows):
+        assert ball_of[int(r)] == rows[sub.ball(i)].tolist()  # same order: distance, then row
+        assert rev_of[int(r)] == rows[sub.reverse(i)].tolist()
+    for r in np.flatnonzero(~member):
+        assert ball_of[int(r)] == [] and rev_of[int(r)] == []
+    assert graph.n_entries == sub.n_entries
+    acq = rng.random(n) < 0.4
+    np.testing.assert_array_equal(graph.counts_inside(acq)[rows], sub.counts_inside(acq[rows]))
+    assert (graph.counts_inside(acq)[~member] == 0).all()
+
+
+def entropy_only_ids(X, k, member=None, cand=None):
+    n = len(X)
+    member = np.ones(n, dtype=bool) if member is None else member
+    graph = build_knn_graph(X, k, member_mask_N=None if member.all() else member)
+    return select_batch(
+        Strategy.ENTROPY_ONLY, batch_size=int(member.sum()),
+        candidate_mask_N=member if cand is None else cand, acquired_mask_N=np.zeros(n, dtype=bool),
+        rng=np.random.default_rng(0), params=AcquisitionParams(k=k, beta=1.0), graph=graph,
+    ).indices_B.tolist()
+
+
+def test_heldout_rows_are_not_neighbours_issue_15_reproducer():
+    pool = np.array([[0.0], [1.0], [3.0], [7.0], [15.0]])
+    assert entropy_only_ids(pool, 1) == [4, 3, 2, 0, 1]
+    with_heldout = np.vstack([pool, [[0.1]]])
+    everyone = np.ones(6, dtype=bool)
+    # The defect: a graph over all rows lets the held-out [0.1] shrink the ball of row 0.
+    graph_all = build_knn_graph(with_heldout, 1)
+    buggy = select_batch(
+        Strategy.ENTROPY_ONLY, batch_size=5, candidate_mask_N=everyone & (np.arange(6) < 5),
+        acquired_mask_N=np.zeros(6, dtype=bool), rng=np.random.default_rng(0),
+        params=AcquisitionParams(k=1, beta=1.0), graph=graph_all,
+    )
+    assert buggy.indices_B.tolist() == [4, 3, 2, 1, 0]
+    # The fix: pool rows only as members, whatever held-out rows exist and wherever they sit.
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        heldout = np.vstack([[[0.1]], rng.uniform(-1, 16, (trial % 6, 1))])
+        n = 5 + len(heldout)
+        at = np.sort(rng.choice(n, size=5, replace=False))  # pool rows keep their order (ties)
+        member = np.zeros(n, dtype=bool)
+        member[at] = True
+        Xp = np.empty((n, 1))
+        Xp[at] = pool
+        Xp[~member] = heldout
+        ids = entropy_only_ids(Xp, 1, member=member)
+        assert [int(np.searchsorted(at, i)) for i in ids] == [4, 3, 2, 0, 1]
+
+
+def test_member_mask_survives_save_load_and_old_graph_files_are_rejected(tmp_path: pathlib.Path):
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((60, 3))
+    member = rng.random(60) < 0.7
+    graph = build_knn_graph(X, 4, standardize=True, member_mask_N=member)
+    graph.save(tmp_path / "g.npz")
+    loaded = KnnGraph.load(tmp_path / "g.npz")
+    np.testing.assert_array_equal(loaded.member_mask_N, member)
+    np.testing.assert_array_equal(loaded.radius_N, graph.radius_N)  # NaN outside the members
+    for name in ("ball_indptr", "ball_indices", "reverse_indptr", "reverse_indices"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(graph, name))
+    plain = build_knn_graph(X, 4)
+    plain.save(tmp_path / "p.npz")
+    assert KnnGraph.load(tmp_path / "p.npz").member_mask_N is None
+    # A file of format 1 (written before member masks; held-out rows were neighbours) is
+    # not read as "all members": loading fails, so the service rebuilds it.
+    with np.load(tmp_path / "p.npz") as z:
+        old = {name: z[name] for name in z.files}
+    old["format_version"] = np.int64(1)
+    np.savez(tmp_path / "old.npz", **old)
+    with pytest.raises(FailedPrecondition) as e:
+        KnnGraph.load(tmp_path / "old.npz")
+    assert e.value.reason == "GRAPH_FORMAT"
+
+
+def test_member_mask_errors():
+    X = np.random.default_rng(0).standard_normal((20, 2))
+    member = np.zeros(20, dtype=bool)
+    member[:3] = True
+    with pytest.raises(FailedPrecondition) as e:
+        build_knn_graph(X, 3, member_mask_N=member)
+    assert e.value.reason == "POOL_TOO_SMALL"
+    with pytest.raises(InvalidArgument):
+        build_knn_graph(X, 2, member_mask_N=member[:-1])
+    X_nan = X.copy()
+    X_nan[10] = np.nan  # a non-member's features are never read
+    graph = build_knn_graph(X_nan, 2, member_mask_N=member)
+    with pytest.raises(InvalidArgument) as e:
+        select_batch(Strategy.ENTROPY_ONLY, batch_size=2, candidate_mask_N=np.arange(20) < 5,
+                     acquired_mask_N=np.zeros(20, dtype=bool), rng=np.random.default_rng(0),
+                     params=AcquisitionParams(k=2), graph=graph)
+    assert (e.value.field, e.value.reason) == ("candidate_mask_N", "NOT_A_GRAPH_MEMBER")
+
+
+# ---- KnnConvention.AUTHORS (issue 15, item 14) --------------------------------------------
+
+
+def authors_pool(seed: int, k: int):
+    """Small pools with exact duplicates and ties, partial candidate and acquired masks."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(k + 5, 48))
+    d = int(rng.integers(1, 6))
+    if seed % 3 == 0:
+        X = rng.integers(0, 3, (n, d)).astype(np.float64)  # many ties and duplicates
+    else:
+        X = rng.standard_normal((n, d))
+        dup = rng.choice(n, size=n // 4, replace=False)
+        X[dup] = X[rng.integers(0, n, dup.size)]  # exact duplicate prompts
+    cand = rng.random(n) < rng.uniform(0.5, 0.95)
+    cand[rng.choice(n, size=min(n, k + 2), replace=False)] = True
+    acq = ~cand & (rng.random(n) < 0.5)
+    acq |= cand & (rng.random(n) < 0.1)  # labels_per_item > 1: acquired and still a candidate
+    epi = np.round(rng.random(n), 1) * (0.0 if seed % 4 == 1 else 0.3)
+    b = int(rng.integers(1, int(cand.sum()) + 1))
+    return X, cand, acq, epi, b
+
+
+@pytest.mark.parametrize("k", [1, 3, 13])
+@pytest.mark.parametrize("seed", range(10))
+def test_authors_convention_matches_brute_force(seed, k):
+    X, cand, acq, epi, b = authors_pool(seed, k)
+    beta = [0.5, 1.0, 3.0, 0.01][seed % 4]
+    d_ent = [1.0, float(X.shape[1]), 0.3][seed % 3]
+    standardize = seed % 5 == 2
+    params = AcquisitionParams(k=k, beta=beta, d_ent=d_ent, knn_convention=KnnConvention.AUTHORS)
+    for strategy in (Strategy.BALPM, Strategy.ENTROPY_ONLY):
+        batch = select_batch(
+            strategy, batch_size=b, candidate_mask_N=cand, acquired_mask_N=acq,
+            rng=np.random.default_rng(0), params=params, epistemic_N=epi, prompt_N_D=X,
+            standardize_prompt=standardize,
+        )
+        ref = authors_reference(
+            X, k, batch_size=b, candidate_mask_N=cand, acquired_mask_N=acq,
+            epistemic_N=epi if strategy is Strategy.BALPM else None, beta=beta, d_ent=d_ent,
+            standardize=standardize,
+        )
+        assert batch.indices_B.tolist() == ref.indices_B.tolist()
+        np.testing.assert_allclose(batch.total_B, ref.total_B, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(batch.entropy_B, ref.entropy_B, rtol=0, atol=1e-9)
+        np.testing.assert_array_equal(batch.epistemic_B, ref.epistemic_B)
+
+
+def test_authors_convention_matches_brute_force_on_a_larger_float32_pool():
+    rng = np.random.default_rng(21)
+    X = rng.standard_normal((260, 12)).astype(np.float32)
+    X[200:230] = X[:30]  # duplicated prompts
+    cand, acq = masks(rng, 260, 0.8, 0.3)
+    epi = rng.random(260) * 0.05
+    params = AcquisitionParams(k=13, beta=0.02, knn_convention=KnnConvention.AUTHORS)
+    batch = select_batch(Strategy.BALPM, batch_size=40, candidate_mask_N=cand, acquired_mask_N=acq,
+                         rng=np.random.default_rng(0), params=params, epistemic_N=epi, prompt_N_D=X)
+    ref = authors_reference(X, 13, batch_size=40, candidate_mask_N=cand, acquired_mask_N=acq,
+                            epistemic_N=epi, beta=0.02, d_ent=1.0)
+    assert batch.indices_B.tolist() == ref.indices_B.tolist()
+    np.testing.assert_allclose(batch.total_B, ref.total_B, rtol=0, atol=1e-9)
+
+
+def test_authors_reference_follows_the_definition_by_hand():
+    # 1-D points 0, 1, 3, 7, 15; all candidates, nothing acquired, k = 2: with the point
+    # itself included the 2nd smallest distance is the nearest other point: 1, 1, 2, 4, 8.
+    X = np.array([[0.0], [1.0], [3.0], [7.0], [15.0]])
+    cand = np.ones(5, dtype=bool)
+    acq = np.zeros(5, dtype=bool)
+    kw = dict(batch_size=5, candidate_mask_N=cand, acquired_mask_N=acq, epistemic_N=None,
+              beta=1.0, d_ent=1.0)
+    ref = authors_reference(X, 2, **kw)
+    assert ref.indices_B.tolist() == [4, 3, 2, 0, 1]
+    r = np.array([8.0, 4.0, 2.0, 1.0])
+    n = np.array([0, 0, 0, 0])  # 15 is in no ball; 7 in the ball of 15 (gone); 3 in none left
+    np.testing.assert_allclose(ref.entropy_B[:4], np.log(2 * r + 1e-4) - digamma(n + 1.0))
+    assert ref.entropy_B[4] == pytest.approx(np.log(2 * 1.0 + 1e-4) - digamma(2.0))  # 0 acquired
+    # k = 1: every radius is 0 (the point itself), so only exact duplicates are neighbours.
+    Xd = np.array([[0.0], [0.0], [5.0], [9.0]])
+    ref1 = authors_reference(Xd, 1, batch_size=4, candidate_mask_N=np.ones(4, dtype=bool),
+                             acquired_mask_N=np.zeros(4, dtype=bool), epistemic_N=None,
+                             beta=1.0, d_ent=1.0)
+    assert ref1.indices_B.tolist() == [0, 2, 3, 1]  # row 1 loses: its duplicate was acquired
+    assert ref1.entropy_B[-1] == pytest.approx(np.log(1e-4) - digamma(2.0))
+
+
+def test_authors_population_is_this_calls_candidates():
+    X = np.array([[0.0], [1.0], [3.0], [7.0], [15.0], [0.1]])
+    acq = np.zeros(6, dtype=bool)
+    params = AcquisitionParams(k=2, beta=1.0, knn_convention=KnnConvention.AUTHORS)
+
+    def run(cand, acquired=acq, b=1):
+        return select_batch(Strategy.ENTROPY_ONLY, batch_size=b, candidate_mask_N=cand,
+                            acquired_mask_N=acquired, rng=np.random.default_rng(0), params=params,
+                            prompt_N_D=X)
+
+    everyone = np.ones(6, dtype=bool)
+    no_5 = everyone & (np.arange(6) != 5)  # row 5 leased to someone else: not in the population
+    assert run(no_5, b=5).indices_B.tolist() == [4, 3, 2, 0, 1]
+    assert run(everyone, b=6).indices_B.tolist() == [4, 3, 2, 1, 0, 5]
+    # Rows outside the population still count in n(x) when acquired: row 5 leased.
+    leased = ~no_5
+    first = run(no_5, acquired=leased, b=5)
+    assert first.indices_B.tolist() == [4, 3, 2, 0, 1]
+    # n(1) = 2 at its pick: row 0 (picked before it) and the leased row 5 (d = 0.9 <= 1).
+    assert first.entropy_B[-1] == pytest.approx(np.log(2 * 1.0 + 1e-4) - digamma(3.0))
+    assert first.entropy_B[-2] == pytest.approx(np.log(2 * 1.0 + 1e-4) - digamma(2.0))
+
+
+def test_authors_convention_errors_and_graph_free():
+    X = np.random.default_rng(0).standard_normal((30, 3))
+    cand = np.ones(30, dtype=bool)
+    acq = np.zeros(30, dtype=bool)
+    params = AcquisitionParams(k=5, knn_convention=KnnConvention.AUTHORS)
+    base = dict(candidate_mask_N=cand, acquired_mask_N=acq, rng=np.random.default_rng(0), params=params)
+    with pytest.raises(InvalidArgument) as e:
+        select_batch(Strategy.BALPM, batch_size=2, **base)
+    assert (e.value.field, e.value.reason) == ("prompt_N_D", "MISSING_PROMPT_FEATURES")
+    with pytest.raises(InvalidArgument) as e:
+        select_batch(Strategy.BALPM, batch_size=2, prompt_N_D=X[:-1], **base)
+    assert e.value.field == "prompt_N_D"
+    batch = select_batch(Strategy.BALPM, batch_size=3, prompt_N_D=X, **base)  # no graph needed
+    assert len(batch) == 3
+    few = np.arange(30) < 4
+    with pytest.raises(FailedPrecondition) as e:
+        select_batch(Strategy.ENTROPY_ONLY, batch_size=2, prompt_N_D=X, **{**base, "candidate_mask_N": few})
+    assert (e.value.field, e.value.reason) == ("k", "POOL_TOO_SMALL")
+    with pytest.raises(InvalidArgument) as e:
+        select_batch(Strategy.RANDOM, batch_size=2, **{**base, "params": AcquisitionParams(knn_convention="X")})
+    assert e.value.field == "knn_convention"
+    # The convention may come as its string value; non-graph strategies ignore it.
+    by_name = select_batch(Strategy.BALPM, batch_size=3, prompt_N_D=X,
+                           **{**base, "params": AcquisitionParams(k=5, knn_convention="AUTHORS")})
+    assert by_name.indices_B.tolist() == batch.indices_B.tolist()
+
+
+def test_standard_convention_ignores_prompt_features():
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((120, 5))
+    cand, acq = masks(rng, 120, 0.8, 0.2)
+    epi = rng.random(120) * 0.1
+    kw = dict(batch_size=12, candidate_mask_N=cand, acquired_mask_N=acq, rng=np.random.default_rng(0),
+              params=AcquisitionParams(k=5, beta=0.3), epistemic_N=epi, graph=build_knn_graph(X, 5))
+    plain = select_batch(Strategy.BALPM, **kw)
+    with_feats = select_batch(Strategy.BALPM, prompt_N_D=X, **kw)
+    assert plain.indices_B.tolist() == with_feats.indices_B.tolist()
+    np.testing.assert_array_equal(plain.total_B, with_feats.total_B)
+    assert AcquisitionParams().knn_convention is KnnConvention.STANDARD

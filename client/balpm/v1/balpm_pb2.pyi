@@ -49,6 +49,12 @@ class PosteriorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POSTERIOR_KIND_UNSPECIFIED: _ClassVar[PosteriorKind]
     POSTERIOR_KIND_MLP_ENSEMBLE: _ClassVar[PosteriorKind]
     POSTERIOR_KIND_LORA_ENSEMBLE: _ClassVar[PosteriorKind]
+
+class KnnConvention(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KNN_CONVENTION_UNSPECIFIED: _ClassVar[KnnConvention]
+    KNN_CONVENTION_STANDARD: _ClassVar[KnnConvention]
+    KNN_CONVENTION_AUTHORS: _ClassVar[KnnConvention]
 FEATURE_SOURCE_UNSPECIFIED: FeatureSource
 FEATURE_SOURCE_CLIENT: FeatureSource
 FEATURE_SOURCE_SERVER: FeatureSource
@@ -73,9 +79,12 @@ SPLIT_HELDOUT: Split
 POSTERIOR_KIND_UNSPECIFIED: PosteriorKind
 POSTERIOR_KIND_MLP_ENSEMBLE: PosteriorKind
 POSTERIOR_KIND_LORA_ENSEMBLE: PosteriorKind
+KNN_CONVENTION_UNSPECIFIED: KnnConvention
+KNN_CONVENTION_STANDARD: KnnConvention
+KNN_CONVENTION_AUTHORS: KnnConvention
 
 class PoolSettings(_message.Message):
-    __slots__ = ("feature_source", "feature_dim", "ensemble_size", "hidden_sizes", "knn_k", "beta", "d_ent", "default_strategy", "standardize_features", "labels_per_item", "epochs", "posterior_kind", "lora_model_path", "temperature", "apl_beta_dpo", "apl_policy_model_path", "apl_reference_model_path")
+    __slots__ = ("feature_source", "feature_dim", "ensemble_size", "hidden_sizes", "knn_k", "beta", "d_ent", "default_strategy", "standardize_features", "labels_per_item", "epochs", "posterior_kind", "lora_model_path", "temperature", "apl_beta_dpo", "apl_policy_model_path", "apl_reference_model_path", "knn_convention")
     FEATURE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +102,7 @@ class PoolSettings(_message.Message):
     APL_BETA_DPO_FIELD_NUMBER: _ClassVar[int]
     APL_POLICY_MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     APL_REFERENCE_MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    KNN_CONVENTION_FIELD_NUMBER: _ClassVar[int]
     feature_source: FeatureSource
     feature_dim: int
     ensemble_size: int
@@ -110,7 +120,8 @@ class PoolSettings(_message.Message):
     apl_beta_dpo: float
     apl_policy_model_path: str
     apl_reference_model_path: str
-    def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ...) -> None: ...
+    knn_convention: KnnConvention
+    def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ...) -> None: ...
 
 class Pool(_message.Message):
     __slots__ = ("pool_id", "settings", "state", "item_count", "heldout_count", "label_count", "labelled_item_count", "leased_item_count", "posterior_version", "featurized_count", "extractor", "create_time")
@@ -629,3 +640,25 @@ class ExportLabelsResponse(_message.Message):
     labels: _containers.RepeatedCompositeFieldContainer[ExportedLabel]
     next_page_token: str
     def __init__(self, labels: _Optional[_Iterable[_Union[ExportedLabel, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ExportItemsRequest(_message.Message):
+    __slots__ = ("pool_id", "page_size", "page_token", "include_features", "split")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    page_size: int
+    page_token: str
+    include_features: bool
+    split: Split
+    def __init__(self, pool_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_features: _Optional[bool] = ..., split: _Optional[_Union[Split, str]] = ...) -> None: ...
+
+class ExportItemsResponse(_message.Message):
+    __slots__ = ("items", "next_page_token")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    next_page_token: str
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

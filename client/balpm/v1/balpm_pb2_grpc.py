@@ -116,6 +116,11 @@ class BalpmServiceStub:
                 request_serializer=balpm_dot_v1_dot_balpm__pb2.ExportLabelsRequest.SerializeToString,
                 response_deserializer=balpm_dot_v1_dot_balpm__pb2.ExportLabelsResponse.FromString,
                 _registered_method=True)
+        self.ExportItems = channel.unary_stream(
+                '/balpm.v1.BalpmService/ExportItems',
+                request_serializer=balpm_dot_v1_dot_balpm__pb2.ExportItemsRequest.SerializeToString,
+                response_deserializer=balpm_dot_v1_dot_balpm__pb2.ExportItemsResponse.FromString,
+                _registered_method=True)
 
 
 class BalpmServiceServicer:
@@ -198,7 +203,10 @@ class BalpmServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AcquireBatch(self, request, context):
-        """Chooses the next items to label and leases them to the caller.
+        """Chooses the next items to label and leases them to the caller. A reply
+        over the server's max_acquire_reply_bytes (default 4 MiB, gRPC's default
+        client receive limit) is RESOURCE_EXHAUSTED with reason REPLY_TOO_LARGE
+        and leases nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -234,6 +242,14 @@ class BalpmServiceServicer:
 
     def ExportLabels(self, request, context):
         """Streams all labels of a pool, resumable with a page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportItems(self, request, context):
+        """Streams a pool's items in upload order, optionally with their feature vectors
+        (for offline analysis, or a simulation's model oracle), resumable with a page token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -321,6 +337,11 @@ def add_BalpmServiceServicer_to_server(servicer, server):
                     servicer.ExportLabels,
                     request_deserializer=balpm_dot_v1_dot_balpm__pb2.ExportLabelsRequest.FromString,
                     response_serializer=balpm_dot_v1_dot_balpm__pb2.ExportLabelsResponse.SerializeToString,
+            ),
+            'ExportItems': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportItems,
+                    request_deserializer=balpm_dot_v1_dot_balpm__pb2.ExportItemsRequest.FromString,
+                    response_serializer=balpm_dot_v1_dot_balpm__pb2.ExportItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -757,6 +778,33 @@ class BalpmService:
             '/balpm.v1.BalpmService/ExportLabels',
             balpm_dot_v1_dot_balpm__pb2.ExportLabelsRequest.SerializeToString,
             balpm_dot_v1_dot_balpm__pb2.ExportLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/balpm.v1.BalpmService/ExportItems',
+            balpm_dot_v1_dot_balpm__pb2.ExportItemsRequest.SerializeToString,
+            balpm_dot_v1_dot_balpm__pb2.ExportItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

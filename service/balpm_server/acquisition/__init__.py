@@ -8,17 +8,19 @@ Letter legend: N pool items, E ensemble members, B batch, D feature dim, K neigh
 """
 
 from balpm_server.acquisition.bald import bald_from_probs, binary_entropy
-from balpm_server.acquisition.knn import KnnGraph, build_knn_graph, pair_dist
+from balpm_server.acquisition.knn import KnnGraph, build_authors_knn, build_knn_graph, pair_dist
 from balpm_server.acquisition.params import (
     AcquisitionParams,
     AplInputs,
     CandidateBatch,
+    KnnConvention,
     Strategy,
 )
 from balpm_server.acquisition.strategies import (
     descending_order,
     first_open,
     greedy_balpm,
+    greedy_balpm_authors,
     ksg_entropy_term,
     select_batch,
     stochastic_bald_keys,
@@ -28,14 +30,17 @@ __all__ = [
     "AcquisitionParams",
     "AplInputs",
     "CandidateBatch",
+    "KnnConvention",
     "KnnGraph",
     "Strategy",
     "bald_from_probs",
     "binary_entropy",
+    "build_authors_knn",
     "build_knn_graph",
     "descending_order",
     "first_open",
     "greedy_balpm",
+    "greedy_balpm_authors",
     "ksg_entropy_term",
     "pair_dist",
     "select_batch",

@@ -15,12 +15,24 @@ with twice as many neighbours until the ball is closed; in exact mode this makes
 members exactly {p != x : d(x, p) <= r_k(x)} (widening stops at 2048 neighbours on GPU and
 4096 in approximate HNSW mode).
 
+Members: a graph may be built over a subset of the rows (`member_mask_N`, e.g. only the
+SPLIT_POOL rows, never the held-out ones) while keeping the row numbering of all N rows,
+so the caller's masks still line up. A non-member row has no ball (radius NaN), lies in no
+other row's ball and plays no part in the standardisation statistics: over the members
+the graph is exactly the graph of the member rows alone, re-indexed.
+
+Two conventions of r_k (see `KnnConvention`): the graph of `build_knn_graph` uses the
+standard one (k nearest *other* members); `build_authors_knn` builds, per acquisition
+call, the BAL-PM authors' one (k-th smallest distance with the point itself included,
+over the current candidate rows).
+
 Letter legend: N pool items, D feature dim, K neighbours (candidates per row), E ball
 entries (sum of ball sizes), R rows of a chunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 from dataclasses import dataclass
@@ -37,7 +49,9 @@ _CHUNK_ELEMS = 1 << 24  # float64 elements per refinement chunk (128 MiB)
 _REFINE_ELEMS = 1 << 21  # float64 elements per distance-refinement chunk (cache sized)
 _APPROX_MAX_K = 4096  # widening cap of the approximate (HNSW) mode
 _GPU_MAX_K = 2048  # largest k FAISS GPU indexes search
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+"""Graph file version. 2 added `member_mask_N`; files of version 1 (built over every row,
+held-out rows included) are rejected by `KnnGraph.load` so that callers rebuild them."""
 
 
 def pair_dist(a_M_D: np.ndarray, b_M_D: np.ndarray) -> np.ndarray:
@@ -63,14 +77,16 @@ class KnnGraph:
 
     Attributes:
         k: Neighbours per ball.
-        n_items: N.
-        radius_N: float64 distance to the k-th nearest other pool point.
+        n_items: N (all rows, members or not).
+        radius_N: float64 distance to the k-th nearest other member (NaN for non-members).
         ball_indptr: int64 [N + 1] CSR offsets of the ball members.
         ball_indices: int64 [E] members p != x with d(x, p) <= r_k(x), by distance.
         reverse_indptr: int64 [N + 1] CSR offsets of the reverse lists.
         reverse_indices: int64 [E] points x whose ball holds p, ascending.
         exact: True when the candidates came from an exact (flat) search.
-        standardized: True when features were z-scored per dimension first.
+        standardized: True when features were z-scored per dimension (over the members) first.
+        member_mask_N: bool [N], the rows the graph was built over; None means every row.
+            Non-members have empty balls and appear in no ball.
     """
 
     k: int
@@ -82,11 +98,23 @@ class KnnGraph:
     reverse_indices: np.ndarray
     exact: bool = True
     standardized: bool = False
+    member_mask_N: np.ndarray | None = None
 
     @property
     def n_entries(self) -> int:
         """E, the total number of ball memberships."""
         return int(self.ball_indices.shape[0])
+
+    @property
+    def n_members(self) -> int:
+        """Rows the graph was built over (N when `member_mask_N` is None)."""
+        return self.n_items if self.member_mask_N is None else int(np.count_nonzero(self.member_mask_N))
+
+    def members(self) -> np.ndarray:
+        """member_N: bool [N], True for the rows the graph was built over."""
+        if self.member_mask_N is None:
+            return np.ones(self.n_items, dtype=bool)
+        return np.asarray(self.member_mask_N, dtype=bool)
 
     def ball(self, row: int) -> np.ndarray:
         """Members of the ball of `row`."""
@@ -110,7 +138,10 @@ class KnnGraph:
         return np.bincount(rows_E[hit_E], minlength=self.n_items).astype(np.int64)
 
     def save(self, path: pathlib.Path) -> None:
-        """Write the graph to an ``.npz`` file (no pickles)."""
+        """Write the graph to an ``.npz`` file (no pickles), `member_mask_N` included."""
+        extra: dict[str, Any] = {}
+        if self.member_mask_N is not None:
+            extra["member_mask_N"] = np.asarray(self.member_mask_N, dtype=bool)
         np.savez(
             pathlib.Path(path),
             format_version=np.int64(_FORMAT_VERSION),
@@ -123,14 +154,19 @@ class KnnGraph:
             reverse_indices=self.reverse_indices,
             exact=np.bool_(self.exact),
             standardized=np.bool_(self.standardized),
+            **extra,
         )
 
     @classmethod
     def load(cls, path: pathlib.Path) -> KnnGraph:
         """Read a graph written by `save`.
 
+        Files of an older format version (1: no member mask, held-out rows were ball
+        members) are rejected, not read as "all members", so the caller rebuilds them.
+
         Raises:
-            FailedPrecondition: The file is not a graph of this format version.
+            FailedPrecondition: The file is not a graph of this format version (reason
+                GRAPH_FORMAT).
         """
         with np.load(pathlib.Path(path), allow_pickle=False) as z:
             version = int(z["format_version"]) if "format_version" in z else -1
@@ -141,9 +177,18 @@ class KnnGraph:
                     field="graph",
                     reason="GRAPH_FORMAT",
                 )
+            n_items = int(z["n_items"])
+            member_mask_N = np.asarray(z["member_mask_N"], dtype=bool) if "member_mask_N" in z else None
+            if member_mask_N is not None and member_mask_N.shape != (n_items,):
+                raise FailedPrecondition(
+                    f"kNN graph file {path} has a member mask of shape {member_mask_N.shape}, "
+                    f"expected ({n_items},)",
+                    field="graph",
+                    reason="GRAPH_FORMAT",
+                )
             return cls(
                 k=int(z["k"]),
-                n_items=int(z["n_items"]),
+                n_items=n_items,
                 radius_N=np.asarray(z["radius_N"], dtype=np.float64),
                 ball_indptr=np.asarray(z["ball_indptr"], dtype=np.int64),
                 ball_indices=np.asarray(z["ball_indices"], dtype=np.int64),
@@ -151,6 +196,7 @@ class KnnGraph:
                 reverse_indices=np.asarray(z["reverse_indices"], dtype=np.int64),
                 exact=bool(z["exact"]),
                 standardized=bool(z["standardized"]),
+                member_mask_N=member_mask_N,
             )
 
 
@@ -174,9 +220,14 @@ def feature_moments(feats_N_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _Features:
     """float64 view of (optionally standardised) features, materialised per row subset."""
 
-    def __init__(self, feats_N_D: np.ndarray, standardize: bool) -> None:
+    def __init__(
+        self,
+        feats_N_D: np.ndarray,
+        standardize: bool,
+        moments: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         self.raw = feats_N_D
-        self.moments = feature_moments(feats_N_D) if standardize else None
+        self.moments = moments if moments is not None else (feature_moments(feats_N_D) if standardize else None)
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         x = self.raw[idx].astype(np.float64)
@@ -259,7 +310,7 @@ def _refine(
         order = np.lexsort((ids, d), axis=1)
         d_sorted = np.take_along_axis(d, order, axis=1)
         id_sorted = np.take_along_axis(ids, order, axis=1)
-        rad = d_sorted[:, k - 1]
+        rad = d_sorted[:, k - 1] if k > 0 else np.zeros(hi - lo)  # k = 0: duplicates only
         radius_R[lo:hi] = rad
         inside = d_sorted <= rad[:, None]
         n_valid = np.isfinite(d_sorted).sum(axis=1)
@@ -277,50 +328,221 @@ def build_knn_graph(
     standardize: bool = False,
     exact_threshold: int = 200_000,
     use_gpu: bool | None = None,
+    member_mask_N: np.ndarray | None = None,
 ) -> KnnGraph:
     """Build the kNN balls of a pool once (FAISS candidates, float64 radii).
 
-    Exact ``IndexFlatL2`` search up to `exact_threshold` items, HNSW above (IVF-Flat on
+    Exact ``IndexFlatL2`` search up to `exact_threshold` members, HNSW above (IVF-Flat on
     GPU); GPU indexes are used when faiss reports GPUs (or `use_gpu` forces it).
 
     Args:
-        prompt_feats_N_D: Prompt features (float32 or float64), finite.
-        k: Neighbours per ball (the KSG k of Melo et al. 2024), 1 <= k < N.
-        standardize: z-score each feature dimension over the pool first.
-        exact_threshold: Largest N searched exactly.
+        prompt_feats_N_D: Prompt features (float32 or float64); the members' rows finite.
+        k: Neighbours per ball (the KSG k of Melo et al. 2024), 1 <= k < number of members.
+        standardize: z-score each feature dimension over the members first.
+        exact_threshold: Largest number of members searched exactly.
         use_gpu: None = auto (faiss.get_num_gpus() > 0).
+        member_mask_N: bool [N], the rows to build over (e.g. the SPLIT_POOL rows); None
+            means every row. Rows keep their numbering in [0, N); a non-member gets an
+            empty ball and radius NaN, appears in no ball and is ignored by the
+            standardisation statistics. Over the members the result equals the graph of
+            ``prompt_feats_N_D[member_mask_N]`` alone, re-indexed.
 
     Returns:
-        The graph.
+        The graph (`member_mask_N` stored as given, None when not given).
 
     Raises:
-        InvalidArgument: Features not a finite 2-D array, or k < 1.
-        FailedPrecondition: The pool has no more than k items.
+        InvalidArgument: Features not a finite 2-D array, k < 1, or a bad member mask.
+        FailedPrecondition: No more than k members (reason POOL_TOO_SMALL).
     """
+    feats_N_D = _checked_features(prompt_feats_N_D)
+    k = int(k)
+    if k < 1:
+        raise InvalidArgument(f"k must be >= 1, got {k}", field="k")
+    n = int(feats_N_D.shape[0])
+    mask_N = None if member_mask_N is None else _checked_member_mask(member_mask_N, n)
+    rows_M = None if mask_N is None or mask_N.all() else np.flatnonzero(mask_N).astype(np.int64)
+    m = n if rows_M is None else int(rows_M.size)
+    if m <= k:
+        what = "items" if mask_N is None else "member (pool) items"
+        raise FailedPrecondition(
+            f"the kNN graph needs more than k={k} {what}; the pool has {m}",
+            field="k",
+            reason="POOL_TOO_SMALL",
+        )
+    feats_M_D = feats_N_D if rows_M is None else feats_N_D[rows_M]
+    if feats_M_D.dtype.kind == "f" and not _all_finite(feats_M_D):
+        raise InvalidArgument("prompt features contain NaN or inf", field="prompt_features")
+    graph = _build(feats_M_D, k, standardize=standardize, exact=m <= exact_threshold, use_gpu=use_gpu)
+    if mask_N is None:
+        return graph
+    if rows_M is not None:
+        graph = _reindexed(graph, rows_M, n)
+    return dataclasses.replace(graph, member_mask_N=mask_N.copy())
+
+
+def build_authors_knn(
+    prompt_feats_N_D: np.ndarray,
+    k: int,
+    candidate_mask_N: np.ndarray,
+    acquired_mask_N: np.ndarray,
+    *,
+    standardize: bool = False,
+    use_gpu: bool | None = None,
+) -> tuple[KnnGraph, np.ndarray]:
+    """Exact balls and counts of the BAL-PM authors' convention, for one acquisition call.
+
+    The population is the candidate rows (the unlabelled, unleased pool of this call).
+    r_k(x) is the k-th smallest distance from x to the population *with x itself
+    included* (distance 0), i.e. the distance to its (k - 1)-th nearest other candidate
+    (0 when k = 1); the ball of x is every candidate p != x with d(x, p) <= r_k(x); n(x)
+    counts the acquired rows p != x (candidates or not) with d(x, p) <= r_k(x).
+    Exact (flat) search with float64 re-ranking, as `build_knn_graph`.
+
+    Args:
+        prompt_feats_N_D: Prompt features; the candidate and acquired rows finite.
+        k: The authors' k (1 <= k <= number of candidates).
+        candidate_mask_N: bool [N], the population.
+        acquired_mask_N: bool [N], rows counted in n(x).
+        standardize: z-score each dimension with the candidates' mean and std first.
+        use_gpu: None = auto.
+
+    Returns:
+        (graph, count_N): the graph over the candidates (``graph.k == k``, radius NaN
+        outside them) and n(x) as int64 (0 outside the candidates).
+
+    Raises:
+        InvalidArgument: Bad features, k < 1 or bad masks.
+        FailedPrecondition: Fewer than k candidates (field k, reason POOL_TOO_SMALL).
+    """
+    feats_N_D = _checked_features(prompt_feats_N_D)
+    k = int(k)
+    if k < 1:
+        raise InvalidArgument(f"k must be >= 1, got {k}", field="k")
+    n = int(feats_N_D.shape[0])
+    cand_N = _checked_member_mask(candidate_mask_N, n, field="candidate_mask_N")
+    acq_N = _checked_member_mask(acquired_mask_N, n, field="acquired_mask_N")
+    rows_C = np.flatnonzero(cand_N).astype(np.int64)
+    if rows_C.size < k:
+        raise FailedPrecondition(
+            f"the authors' kNN convention needs at least k={k} candidate items; there are {rows_C.size}",
+            field="k",
+            reason="POOL_TOO_SMALL",
+        )
+    rows_T = np.flatnonzero(acq_N & ~cand_N).astype(np.int64)  # acquired rows outside the population
+    used_U = np.concatenate([rows_C, rows_T])
+    if feats_N_D.dtype.kind == "f" and not _all_finite(feats_N_D[used_U]):
+        raise InvalidArgument("prompt features contain NaN or inf", field="prompt_features")
+    feats_C_D = feats_N_D[rows_C]
+    moments = feature_moments(feats_C_D) if standardize else None
+    sub = _build(feats_C_D, k - 1, standardize=standardize, exact=True, use_gpu=use_gpu, moments=moments)
+    graph = dataclasses.replace(_reindexed(sub, rows_C, n), k=k, member_mask_N=cand_N.copy())
+    count_N = graph.counts_inside(acq_N)
+    if rows_T.size:
+        count_N[rows_C] += _count_within(
+            _Features(feats_C_D, standardize, moments),
+            sub.radius_N,
+            _Features(feats_N_D[rows_T], standardize, moments),
+        )
+    return graph, count_N
+
+
+def _checked_features(prompt_feats_N_D: np.ndarray) -> np.ndarray:
     feats_N_D = np.asarray(prompt_feats_N_D)
     if feats_N_D.ndim != 2 or feats_N_D.shape[1] < 1 or feats_N_D.dtype.kind not in "fiu":
         raise InvalidArgument(
             f"prompt features must be a numeric [N, D] array, got shape {feats_N_D.shape}",
             field="prompt_features",
         )
-    k = int(k)
-    if k < 1:
-        raise InvalidArgument(f"k must be >= 1, got {k}", field="k")
-    n = int(feats_N_D.shape[0])
-    if n <= k:
-        raise FailedPrecondition(
-            f"the kNN graph needs more than k={k} items; the pool has {n}",
-            field="k",
-            reason="POOL_TOO_SMALL",
-        )
-    if feats_N_D.dtype.kind == "f" and not _all_finite(feats_N_D):
-        raise InvalidArgument("prompt features contain NaN or inf", field="prompt_features")
+    return feats_N_D
+
+
+def _checked_member_mask(mask: np.ndarray, n: int, field: str = "member_mask_N") -> np.ndarray:
+    arr = np.asarray(mask)
+    if arr.shape != (n,):
+        raise InvalidArgument(f"{field} must have shape ({n},), got {arr.shape}", field=field)
+    if arr.dtype != np.bool_:
+        if arr.dtype.kind not in "iu" or not np.isin(arr, (0, 1)).all():
+            raise InvalidArgument(f"{field} must be a boolean mask", field=field)
+        arr = arr.astype(bool)
+    return arr
+
+
+def _reindexed(sub: KnnGraph, rows_M: np.ndarray, n: int) -> KnnGraph:
+    """The graph `sub` of the rows `rows_M` (ascending) expressed in the row numbers of N rows."""
+    radius_N = np.full(n, np.nan)
+    radius_N[rows_M] = sub.radius_N
+    ball_sizes_N = np.zeros(n, dtype=np.int64)
+    ball_sizes_N[rows_M] = np.diff(sub.ball_indptr)
+    rev_sizes_N = np.zeros(n, dtype=np.int64)
+    rev_sizes_N[rows_M] = np.diff(sub.reverse_indptr)
+    ball_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(ball_sizes_N, out=ball_indptr[1:])
+    reverse_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(rev_sizes_N, out=reverse_indptr[1:])
+    return KnnGraph(
+        k=sub.k,
+        n_items=n,
+        radius_N=radius_N,
+        ball_indptr=ball_indptr,
+        ball_indices=rows_M[sub.ball_indices],  # monotone map: distance-then-id order is kept
+        reverse_indptr=reverse_indptr,
+        reverse_indices=rows_M[sub.reverse_indices],
+        exact=sub.exact,
+        standardized=sub.standardized,
+    )
+
+
+def _count_within(queries: _Features, radius_Q: np.ndarray, targets: _Features) -> np.ndarray:
+    """count_Q: targets t with d(q, t) <= radius_Q[q] (closed ball), exact flat search.
+
+    Candidates come from a CPU ``IndexFlatL2`` (float32) and are re-measured in float64
+    with `pair_dist`; a query is searched again with twice as many neighbours until at
+    least ``_SLACK`` retrieved targets lie outside its ball or every target was retrieved.
+    """
+    q, t = queries.raw.shape[0], targets.raw.shape[0]
+    count_Q = np.zeros(q, dtype=np.int64)
+    if q == 0 or t == 0:
+        return count_Q
+    t32 = targets.float32()
+    index, _ = _make_index(t32, exact=True, use_gpu=False)
+    q32 = queries.float32()
+    todo = np.arange(q, dtype=np.int64)
+    kk = min(t, 1 + _SLACK)
+    while todo.size:
+        again: list[np.ndarray] = []
+        step = max(1, _REFINE_ELEMS // max(1, kk * queries.raw.shape[1]))
+        for lo in range(0, todo.size, step):
+            rows = todo[lo : lo + step]
+            ids = _search(index, q32[rows], kk, True)
+            safe = np.where(ids >= 0, ids, 0)
+            d = pair_dist(queries.rows(rows)[:, None, :], targets.rows(safe.ravel()).reshape(rows.size, kk, -1))
+            valid = ids >= 0
+            inside = valid & (d <= radius_Q[rows][:, None])
+            count_Q[rows] = inside.sum(axis=1)
+            outside = (valid & ~inside).sum(axis=1)
+            if kk < t:
+                again.append(rows[outside < _SLACK])
+        todo = np.concatenate(again) if again else np.empty(0, dtype=np.int64)
+        kk = min(t, 2 * kk)
+    return count_Q
+
+
+def _build(
+    feats_N_D: np.ndarray,
+    k: int,
+    *,
+    standardize: bool,
+    exact: bool,
+    use_gpu: bool | None,
+    moments: tuple[np.ndarray, np.ndarray] | None = None,
+) -> KnnGraph:
+    """The graph of every row of `feats_N_D` (already validated); k = 0 means radius 0."""
     import faiss
 
+    n = int(feats_N_D.shape[0])
     if use_gpu is None:
         use_gpu = bool(hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0)
-    exact = n <= exact_threshold
-    feats = _Features(feats_N_D, standardize)
+    feats = _Features(feats_N_D, standardize, moments)
     x32 = feats.float32()
     index, _gpu_resources = _make_index(x32, exact, use_gpu)
 

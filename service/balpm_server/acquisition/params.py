@@ -34,6 +34,25 @@ APL_STRATEGIES = frozenset({Strategy.APL_CERTAINTY, Strategy.APL_ENTROPY, Strate
 GRAPH_STRATEGIES = frozenset({Strategy.BALPM, Strategy.ENTROPY_ONLY})
 
 
+class KnnConvention(str, enum.Enum):
+    """How BAL-PM's KSG entropy term measures r_k, and over which population.
+
+    STANDARD: r_k(x) is the distance to the k-th nearest *other* point of the pool's
+    kNN graph (all SPLIT_POOL rows, labelled or not; held-out rows never), built once
+    per pool; the log term is log(2 max(r_k, tiny)).
+
+    AUTHORS: parity with the BAL-PM authors' released code: r_k(x) is the k-th smallest
+    distance with x itself included (so the (k - 1)-th nearest other point), over the
+    currently unlabelled, unleased pool (the candidate rows), recomputed on every
+    acquisition call; the log term is log(2 r_k + 1e-4).
+
+    Both count in n(x) the acquired rows p != x with d(x, p) <= r_k(x).
+    """
+
+    STANDARD = "STANDARD"
+    AUTHORS = "AUTHORS"
+
+
 @dataclass(frozen=True)
 class AcquisitionParams:
     """Knobs of the strategies; defaults follow the BAL-PM paper.
@@ -46,6 +65,7 @@ class AcquisitionParams:
         temperature: Gumbel coldness beta of stochastic BALD (Kirsch et al. 2023).
         apl_beta_dpo: DPO beta of the implicit reward of APL.
         apl_entropy_top_s: S of APL_HYBRID; 0 means 4 * batch_size.
+        knn_convention: r_k convention of the entropy term (BALPM, ENTROPY_ONLY).
     """
 
     k: int = 13
@@ -54,6 +74,7 @@ class AcquisitionParams:
     temperature: float = 1.0
     apl_beta_dpo: float = 0.1
     apl_entropy_top_s: int = 0
+    knn_convention: KnnConvention = KnnConvention.STANDARD
 
     def validate(self) -> None:
         """Raise InvalidArgument when a knob is out of range."""
@@ -68,6 +89,13 @@ class AcquisitionParams:
                 f"apl_entropy_top_s must be >= 0, got {self.apl_entropy_top_s}",
                 field="apl_entropy_top_s",
             )
+        try:
+            KnnConvention(self.knn_convention)
+        except ValueError:
+            raise InvalidArgument(
+                f"knn_convention must be one of {[c.value for c in KnnConvention]}, got {self.knn_convention!r}",
+                field="knn_convention",
+            ) from None
 
 
 def _finite(value: float, field: str, *, allow_zero: bool) -> None:
@@ -105,7 +133,8 @@ class CandidateBatch:
         total_B: float64 score of each pick at the moment it was picked.
         epistemic_B: BALD term (0 where no posterior or where the strategy ignores it).
         entropy_B: Raw KSG entropy term log(2 r_k) - psi(n + 1) / d_ent at pick time
-            (NaN for strategies without it); total = epistemic + beta * entropy for BAL-PM.
+            (log(2 r_k + 1e-4) with KnnConvention.AUTHORS; NaN for strategies without it);
+            total = epistemic + beta * entropy for BAL-PM.
     """
 
     indices_B: np.ndarray

@@ -7,16 +7,22 @@ baseline of tests and `bench/acquisition.py`; the service uses `greedy_balpm`.
 Distances use `pair_dist` (the same float64 formula as the kNN graph), so points lying
 exactly on a ball boundary (e.g. the k-th neighbour itself) are counted identically.
 
+`authors_reference` is a plain-loop transcription of the BAL-PM authors' convention
+(`KnnConvention.AUTHORS`), the baseline of `greedy_balpm_authors`.
+
 Letter legend: N pool items, D feature dim, B batch, R rows of a chunk.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from scipy.special import digamma
 
 from balpm_server.acquisition.knn import feature_moments, pair_dist
 from balpm_server.acquisition.params import CandidateBatch
-from balpm_server.acquisition.strategies import R_MIN, ksg_entropy_term
+from balpm_server.acquisition.strategies import AUTHORS_EPS, R_MIN, ksg_entropy_term
 
 _CHUNK_ELEMS = 1 << 22
 
@@ -136,4 +142,77 @@ def balpm_reference(
         beta=beta,
         d_ent=d_ent,
         standardize=standardize,
+    )
+
+
+def authors_reference(
+    feats_N_D: np.ndarray,
+    k: int,
+    *,
+    batch_size: int,
+    candidate_mask_N: np.ndarray,
+    acquired_mask_N: np.ndarray,
+    epistemic_N: np.ndarray | None,
+    beta: float,
+    d_ent: float,
+    standardize: bool = False,
+) -> CandidateBatch:
+    """Brute-force BAL-PM in the authors' convention (KnnConvention.AUTHORS), plain loops.
+
+    Population: the candidate rows. r_k(x) = k-th smallest of {d(x, p) : p candidate},
+    x itself included (distance 0). n(x) = #{p acquired, p != x, d(x, p) <= r_k(x)}.
+    Greedy: pick the candidate with the largest
+    BALD(x) + beta * (log(2 r_k(x) + 1e-4) - psi(n(x) + 1) / d_ent), lowest row on ties;
+    it leaves the candidates and, if not acquired yet, joins the acquired rows (n of
+    every remaining x with d(x, pick) <= r_k(x) grows by one); radii stay fixed.
+    Distances are float64 ``sqrt(sum((a - b) ** 2))`` per pair (the bits of `pair_dist`);
+    standardisation uses the candidates' mean and std (`feature_moments`).
+
+    Returns:
+        The batch (same contract as `greedy_balpm_authors`).
+    """
+    cand = [bool(c) for c in np.asarray(candidate_mask_N, dtype=bool)]
+    acq = [bool(a) for a in np.asarray(acquired_mask_N, dtype=bool)]
+    n = len(cand)
+    x = np.asarray(feats_N_D).astype(np.float64)
+    rows_C = [i for i in range(n) if cand[i]]
+    if standardize:
+        mean, std = feature_moments(np.asarray(feats_N_D)[rows_C])
+        x = (x - mean) / std
+    epi = [0.0] * n if epistemic_N is None else [float(e) for e in np.asarray(epistemic_N, dtype=np.float64)]
+
+    def dist(i: int, j: int) -> float:
+        diff = x[i] - x[j]
+        return float(np.sqrt(np.sum(diff * diff)))
+
+    radius = [math.nan] * n
+    for i in rows_C:
+        radius[i] = sorted(dist(i, j) for j in rows_C)[k - 1]
+    count = [0] * n
+    for i in rows_C:
+        count[i] = sum(1 for p in range(n) if acq[p] and p != i and dist(i, p) <= radius[i])
+    idx_B, tot_B, epi_B, ent_B = [], [], [], []
+    for _ in range(batch_size):
+        best: tuple[int, float, float] | None = None
+        for i in range(n):
+            if not cand[i]:
+                continue
+            ent = math.log(2.0 * radius[i] + AUTHORS_EPS) - float(digamma(count[i] + 1.0)) / d_ent
+            tot = epi[i] + beta * ent
+            if best is None or tot > best[1]:
+                best = (i, tot, ent)
+        assert best is not None
+        j, tot, ent = best
+        idx_B.append(j)
+        tot_B.append(tot)
+        epi_B.append(epi[j])
+        ent_B.append(ent)
+        cand[j] = False
+        if not acq[j]:
+            acq[j] = True
+            for i in range(n):
+                if cand[i] and i != j and dist(i, j) <= radius[i]:
+                    count[i] += 1
+    return CandidateBatch(
+        np.asarray(idx_B, dtype=np.int64), np.asarray(tot_B), np.asarray(epi_B), np.asarray(ent_B)
     )

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.special import digamma
 
 from balpm_server.acquisition.apl import apl_certainty, apl_entropy
-from balpm_server.acquisition.knn import KnnGraph
+from balpm_server.acquisition.knn import KnnGraph, build_authors_knn
 from balpm_server.acquisition.params import (
     APL_STRATEGIES,
     GRAPH_STRATEGIES,
@@ -24,6 +24,7 @@ from balpm_server.acquisition.params import (
     AcquisitionParams,
     AplInputs,
     CandidateBatch,
+    KnnConvention,
     Strategy,
 )
 from balpm_server.errors import FailedPrecondition, InvalidArgument
@@ -31,23 +32,39 @@ from balpm_server.errors import FailedPrecondition, InvalidArgument
 R_MIN = float(np.finfo(np.float64).tiny)
 """Floor of r_k inside log(2 r_k): duplicated prompts (r_k = 0) get a very low, finite term."""
 
+AUTHORS_EPS = 1e-4
+"""Additive epsilon of the authors' log(2 r_k + 1e-4) (KnnConvention.AUTHORS)."""
 
-def ksg_entropy_term(radius_N: np.ndarray, count_N: np.ndarray, d_ent: float) -> np.ndarray:
+
+def ksg_entropy_term(
+    radius_N: np.ndarray,
+    count_N: np.ndarray,
+    d_ent: float,
+    convention: KnnConvention = KnnConvention.STANDARD,
+) -> np.ndarray:
     """KSG entropy term of BAL-PM: log(2 max(r_k, R_MIN)) - psi(n + 1) / d_ent.
 
     Melo et al., "Deep Bayesian Active Learning for Preference Modeling in LLMs",
     NeurIPS 2024 (Kraskov-Stoegbauer-Grassberger estimator, Kraskov et al. 2004).
+    With ``convention=AUTHORS`` the log term is the authors' log(2 r_k + 1e-4) instead.
 
     Args:
-        radius_N: Distance to the k-th nearest other pool point.
+        radius_N: r_k of each point (in the given convention).
         count_N: Acquired points inside each closed ball.
         d_ent: Divisor of the digamma term.
+        convention: Which log-radius term.
 
     Returns:
         entropy_N: float64.
     """
-    log2r = np.log(2.0 * np.maximum(np.asarray(radius_N, dtype=np.float64), R_MIN))
-    return _entropy_from_log2r(log2r, count_N, d_ent)
+    return _entropy_from_log2r(_log2r(radius_N, convention), count_N, d_ent)
+
+
+def _log2r(radius_N: np.ndarray, convention: KnnConvention) -> np.ndarray:
+    r_N = np.asarray(radius_N, dtype=np.float64)
+    if convention is KnnConvention.AUTHORS:
+        return np.asarray(np.log(2.0 * r_N + AUTHORS_EPS))
+    return np.asarray(np.log(2.0 * np.maximum(r_N, R_MIN)))
 
 
 def _entropy_from_log2r(log2r_N: np.ndarray, count_N: np.ndarray, d_ent: float) -> np.ndarray:
@@ -126,7 +143,7 @@ def greedy_balpm(
     Args:
         graph: kNN balls of the pool.
         batch_size: B, at most the number of candidates.
-        candidate_mask_N: Rows that may be picked.
+        candidate_mask_N: Rows that may be picked; all of them members of `graph`.
         acquired_mask_N: Rows already acquired (labelled or leased); they count in n(x).
         epistemic_N: BALD scores, or None for the entropy term alone (epistemic 0).
         beta: Weight of the entropy term.
@@ -135,11 +152,87 @@ def greedy_balpm(
     Returns:
         The batch with total, epistemic and entropy components at pick time.
     """
+    acquired = np.asarray(acquired_mask_N, dtype=bool)
+    return _greedy(
+        graph,
+        np.log(2.0 * np.maximum(graph.radius_N, R_MIN)),
+        graph.counts_inside(acquired),
+        batch_size=batch_size,
+        candidate_mask_N=candidate_mask_N,
+        acquired_mask_N=acquired,
+        epistemic_N=epistemic_N,
+        beta=beta,
+        d_ent=d_ent,
+    )
+
+
+def greedy_balpm_authors(
+    prompt_N_D: np.ndarray,
+    k: int,
+    *,
+    batch_size: int,
+    candidate_mask_N: np.ndarray,
+    acquired_mask_N: np.ndarray,
+    epistemic_N: np.ndarray | None,
+    beta: float,
+    d_ent: float,
+    standardize: bool = False,
+) -> CandidateBatch:
+    """Greedy BAL-PM in the convention of the authors' released code (KnnConvention.AUTHORS).
+
+    The population is this call's candidate rows: r_k(x) is the k-th smallest distance
+    from x to the candidates with x itself included (its (k - 1)-th nearest other
+    candidate), recomputed on every call; n(x) counts the acquired rows p != x with
+    d(x, p) <= r_k(x); score(x) = BALD(x) + beta * (log(2 r_k(x) + 1e-4) - psi(n(x)+1)/d_ent).
+    Same greedy as `greedy_balpm` (lowest row on ties, a pick joins the acquired set).
+
+    Args:
+        prompt_N_D: Prompt features of all N rows.
+        k: The authors' k (at most the number of candidates).
+        batch_size: B, at most the number of candidates.
+        candidate_mask_N: Rows that may be picked; also the kNN population.
+        acquired_mask_N: Rows already acquired; they count in n(x).
+        epistemic_N: BALD scores, or None for the entropy term alone.
+        beta: Weight of the entropy term.
+        d_ent: Divisor of psi(n + 1).
+        standardize: z-score features with the candidates' mean and std first.
+
+    Returns:
+        The batch with total, epistemic and entropy components at pick time.
+    """
+    graph, count_N = build_authors_knn(
+        prompt_N_D, k, candidate_mask_N, acquired_mask_N, standardize=standardize
+    )
+    return _greedy(
+        graph,
+        _log2r(graph.radius_N, KnnConvention.AUTHORS),
+        count_N,
+        batch_size=batch_size,
+        candidate_mask_N=candidate_mask_N,
+        acquired_mask_N=acquired_mask_N,
+        epistemic_N=epistemic_N,
+        beta=beta,
+        d_ent=d_ent,
+    )
+
+
+def _greedy(
+    graph: KnnGraph,
+    log2r_N: np.ndarray,
+    count_N: np.ndarray,
+    *,
+    batch_size: int,
+    candidate_mask_N: np.ndarray,
+    acquired_mask_N: np.ndarray,
+    epistemic_N: np.ndarray | None,
+    beta: float,
+    d_ent: float,
+) -> CandidateBatch:
+    """The greedy of `greedy_balpm` from a given log-radius term and initial n(x)."""
     n = graph.n_items
     candidate = np.array(candidate_mask_N, dtype=bool, copy=True)
     acquired = np.array(acquired_mask_N, dtype=bool, copy=True)
-    count_N = graph.counts_inside(acquired)
-    log2r_N = np.log(2.0 * np.maximum(graph.radius_N, R_MIN))
+    count_N = np.array(count_N, dtype=np.int64, copy=True)
     epi_N = (
         np.zeros(n, dtype=np.float64)
         if epistemic_N is None
@@ -240,6 +333,8 @@ def select_batch(
     epistemic_N: np.ndarray | None = None,
     graph: KnnGraph | None = None,
     apl: AplInputs | None = None,
+    prompt_N_D: np.ndarray | None = None,
+    standardize_prompt: bool = False,
 ) -> CandidateBatch:
     """Choose the next batch of pool rows to label.
 
@@ -261,17 +356,28 @@ def select_batch(
         params: Strategy knobs.
         epistemic_N: BALD scores of the latest posterior; None when there is none yet
             (BAL-PM then uses the entropy term alone).
-        graph: kNN graph of the prompt features (BALPM, ENTROPY_ONLY).
+        graph: kNN graph of the prompt features (BALPM, ENTROPY_ONLY with
+            ``params.knn_convention`` STANDARD; ignored with AUTHORS). Every candidate
+            must be a member of it (a graph built with the SPLIT_POOL rows as members).
         apl: Log-probabilities (APL strategies).
+        prompt_N_D: Prompt features of all N rows, [N, D]; needed (and used) only by
+            BALPM and ENTROPY_ONLY with ``params.knn_convention`` AUTHORS, whose kNN
+            population is this call's candidate rows.
+        standardize_prompt: AUTHORS only: z-score `prompt_N_D` per dimension with the
+            candidates' mean and std first (the pool's standardize_features).
 
     Returns:
         The batch, in pick order, with score components.
 
     Raises:
-        InvalidArgument: Bad batch size, masks, scores, parameters, or a missing graph.
+        InvalidArgument: Bad batch size, masks, scores, parameters, a missing graph, a
+            candidate outside the graph's members (field candidate_mask_N, reason
+            NOT_A_GRAPH_MEMBER), or missing prompt features for AUTHORS (field
+            prompt_N_D, reason MISSING_PROMPT_FEATURES).
         FailedPrecondition: More requested than candidates (field batch_size), no
-            posterior for a BALD strategy (reason NO_POSTERIOR), or missing APL scores
-            (reason MISSING_ITEM_SCORES).
+            posterior for a BALD strategy (reason NO_POSTERIOR), missing APL scores
+            (reason MISSING_ITEM_SCORES), or, for AUTHORS, fewer than k candidates
+            (field k, reason POOL_TOO_SMALL).
     """
     try:
         strategy = Strategy(strategy)
@@ -325,6 +431,30 @@ def select_batch(
         pos = top_b_desc(keys_C, b)
         return CandidateBatch(rows_C[pos], keys_C[pos], epi_C[pos], nan_B)
 
+    if strategy in GRAPH_STRATEGIES and KnnConvention(params.knn_convention) is KnnConvention.AUTHORS:
+        if prompt_N_D is None:
+            raise InvalidArgument(
+                f"{strategy.value} with knn_convention AUTHORS needs the prompt features (prompt_N_D)",
+                field="prompt_N_D",
+                reason="MISSING_PROMPT_FEATURES",
+            )
+        feats = np.asarray(prompt_N_D)
+        if feats.ndim != 2 or feats.shape[0] != n:
+            raise InvalidArgument(
+                f"prompt_N_D must have shape ({n}, D), got {feats.shape}", field="prompt_N_D"
+            )
+        return greedy_balpm_authors(
+            feats,
+            int(params.k),
+            batch_size=b,
+            candidate_mask_N=cand,
+            acquired_mask_N=acq,
+            epistemic_N=epi if strategy is Strategy.BALPM else None,
+            beta=float(params.beta),
+            d_ent=float(params.d_ent),
+            standardize=bool(standardize_prompt),
+        )
+
     if strategy in GRAPH_STRATEGIES:
         if graph is None:
             raise InvalidArgument(f"{strategy.value} needs the pool's kNN graph", field="graph")
@@ -335,6 +465,12 @@ def select_batch(
         if graph.k != int(params.k):
             raise InvalidArgument(
                 f"kNN graph was built with k={graph.k} but params.k={params.k}", field="k"
+            )
+        if graph.member_mask_N is not None and not graph.members()[rows_C].all():
+            raise InvalidArgument(
+                "candidate rows must be members of the kNN graph (pool rows, not held-out rows)",
+                field="candidate_mask_N",
+                reason="NOT_A_GRAPH_MEMBER",
             )
         return greedy_balpm(
             graph,

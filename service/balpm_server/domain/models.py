@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from balpm_server.acquisition import Strategy
+from balpm_server.acquisition import KnnConvention, Strategy
 
 
 class FeatureSource(str, enum.Enum):
@@ -78,6 +78,13 @@ class PoolSettings:
     apl_beta_dpo: float = 0.1
     apl_policy_model_path: str = ""
     apl_reference_model_path: str = ""
+    # r_k convention of the BAL-PM entropy term; settings stored before it existed load
+    # as STANDARD, and a stored string value ("AUTHORS") is turned back into the enum.
+    knn_convention: KnnConvention = KnnConvention.STANDARD
+
+    def __post_init__(self) -> None:
+        """Coerce `knn_convention` given by value (e.g. from settings JSON) to the enum."""
+        object.__setattr__(self, "knn_convention", KnnConvention(self.knn_convention))
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,8 @@ class PoolInfo:
     leased_item_count: int = 0
     posterior_version: int = 0
     featurized_count: int = 0
+    # Storage key of this pool instance (see `storage.sqlite_store`); never shown to clients.
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -204,6 +213,20 @@ class Operation:
     result: dict[str, float] = field(default_factory=dict)
     error_code: str = ""
     error_message: str = ""
+    # Storage key of the pool instance the operation trains; never shown to clients.
+    pool_key: str = ""
+
+
+@dataclass(frozen=True)
+class LabelWrite:
+    """The write of one IngestLabels call: its new labels and its request-id record."""
+
+    pool_key: str
+    labels: tuple[LabelIn, ...]
+    labels_per_item: int
+    request_id: str  # "" when the call has none
+    request_digest: str
+    response_json: str
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from balpm_server.acquisition import (
     AcquisitionParams,
     AplInputs,
     CandidateBatch,
+    KnnConvention,
     KnnGraph,
     Strategy,
     bald_from_probs,
@@ -54,6 +56,7 @@ from balpm_server.domain.models import (
     ItemIn,
     ItemText,
     LabelIn,
+    LabelWrite,
     Operation,
     OperationState,
     PoolInfo,
@@ -80,13 +83,18 @@ from balpm_server.posterior import (
 )
 from balpm_server.settings import Settings
 from balpm_server.storage import FeatureStore, SqliteStore
+from balpm_server.storage.faults import storage_error
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TENANT = "default"
 MAX_LABELS_PER_REQUEST = 10_000
+MAX_RELEASE_IDS = 10_000
 MIN_LABELS_TO_TRAIN = 2
 RESTART_REASON = "the server restarted while this operation was running; run UpdatePosterior again"
+SHUTDOWN_REASON = "the server shut down while this operation was running; run UpdatePosterior again"
+SHUTDOWN_GRACE_S = 10.0
 
 
 # Strategies that rank by the BALD scores of every pool row; the others score only their picks.
@@ -117,6 +125,48 @@ def _parse_page_token(token: str, field: str = "page_token") -> int:
     return value
 
 
+async def _settled(write: Awaitable[T]) -> T:
+    """Await `write`; if the caller is cancelled meanwhile, still wait for it to settle.
+
+    Used under a pool lock, so the next caller's checks never run before a write they
+    must see has committed or failed.
+    """
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+
+
+def _item_record(item: ItemIn, row: int, digest: str, client_features: bool) -> tuple[object, ...]:
+    """The stored row of an uploaded item (the column order of `SqliteStore.insert_items`)."""
+    apl = (
+        (
+            item.apl.logp_policy_a,
+            item.apl.logp_policy_b,
+            item.apl.logp_ref_a,
+            item.apl.logp_ref_b,
+            item.apl.predictive_entropy,
+        )
+        if item.apl
+        else (None,) * 5
+    )
+    return (
+        item.item_id,
+        row,
+        int(item.split),
+        item.prompt,
+        item.completion_a,
+        item.completion_b,
+        int(item.heldout_preference) if item.heldout_preference else None,
+        1 if client_features else 0,
+        digest,
+        *apl,
+    )
+
+
 class PoolService:
     """Acquisition service domain.
 
@@ -138,11 +188,16 @@ class PoolService:
         self._running_training: dict[str, str] = {}
         self._featurize_tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._training_tasks: dict[str, asyncio.Task[None]] = {}
+        self._extracting: dict[str, int] = {}  # tenant -> ad-hoc extractions running
+        self._closed = False
         self._graph_locks: dict[str, threading.Lock] = {}
         # Leases of concurrent AcquireBatch calls are written (and their texts read) together.
         self._leases: GroupCommit[tuple[str, Sequence[str], str, float], dict[str, ItemText]] = GroupCommit(
             self.store.lease_and_read, flush_now=self.store.lease_and_read_nowait
         )
+        # Labels of concurrent IngestLabels calls commit (fsynced) together, off the loop.
+        self._label_writes: GroupCommit[LabelWrite, None] = GroupCommit(self.store.commit_labels)
         self.ready = False
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -152,10 +207,10 @@ class PoolService:
         failed = self.store.fail_unfinished_operations(RESTART_REASON)
         if failed:
             log.warning("marked %d interrupted operations as failed", failed)
-        for pool_id in self.store.pool_ids():
-            row = self.store.pool_row(pool_id)
-            if row is not None and row[2] == PoolState.FEATURIZING:
-                self._schedule_featurize(pool_id)
+        for key in self.store.pool_keys():
+            info = self.store.pool_info(key, counts=False)
+            if info is not None and info.state == PoolState.FEATURIZING:
+                self._schedule_featurize(key)
         self.ready = True
 
     async def close(self) -> None:
@@ -163,43 +218,49 @@ class PoolService:
         self.ready = False
         for flag in self._cancel_flags.values():
             flag.set()
-        tasks = [*self._featurize_tasks.values(), *self._background]
+        training = list(self._training_tasks.values())
+        if training:  # they stop at the next epoch boundary and record CANCELLED
+            await asyncio.wait(training, timeout=SHUTDOWN_GRACE_S)
+        tasks = [*training, *self._featurize_tasks.values(), *self._background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._closed = True
         if self.extractor is not None:
             await self.extractor.close()
         self.store.close()
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _pool_dir(self, pool_id: str) -> Path:
-        # pool ids are validated against POOL_ID_RE before reaching here: no path tricks.
-        return self.root / "pools" / pool_id
+    def _pool_dir(self, key: str) -> Path:
+        # Keys are a validated pool id (POOL_ID_RE), or one plus "+<hex>": no path tricks.
+        return self.root / "pools" / key
 
     def _require_pool(self, tenant: str, pool_id: str, *, counts: bool = False) -> PoolInfo:
+        """The tenant's pool `pool_id` (another tenant's pool of that name is invisible)."""
         v.pool_id(pool_id)
-        info = self.store.pool_info(pool_id, counts=counts)
+        key = self.store.pool_key(tenant, pool_id)
+        info = self.store.pool_info(key, counts=counts) if key is not None else None
         if info is None or info.tenant != tenant:
             raise errors.NotFound(f"pool {pool_id!r} does not exist", field="pool_id", reason="POOL_NOT_FOUND")
         return info
 
-    def _runtime(self, pool_id: str) -> PoolRuntime:
-        rt = self._runtimes.get(pool_id)
+    def _runtime(self, key: str) -> PoolRuntime:
+        rt = self._runtimes.get(key)
         if rt is None:
-            rt = self._runtimes[pool_id] = PoolRuntime(pool_id)
+            rt = self._runtimes[key] = PoolRuntime(key)
         return rt
 
     def _features(self, info: PoolInfo) -> FeatureStore:
-        return FeatureStore(self._pool_dir(info.pool_id) / "features", info.settings.feature_dim)
+        return FeatureStore(self._pool_dir(info.key) / "features", info.settings.feature_dim)
 
-    def _posterior_store(self, pool_id: str) -> PosteriorStore:
-        return PosteriorStore(self._pool_dir(pool_id) / "posterior")
+    def _posterior_store(self, key: str) -> PosteriorStore:
+        return PosteriorStore(self._pool_dir(key) / "posterior")
 
     def _load_items(self, info: PoolInfo, rt: PoolRuntime) -> None:
         if rt.item_ids is not None:
             return
-        ids, rows_N, split_N, target_N = self.store.item_index(info.pool_id)
+        ids, rows_N, split_N, target_N = self.store.item_index(info.key)
         if len(rows_N) and not np.array_equal(rows_N, np.arange(len(rows_N))):
             raise errors.FailedPrecondition(
                 f"pool {info.pool_id!r} has non-contiguous feature rows", reason="CORRUPT_POOL"
@@ -211,8 +272,8 @@ class PoolService:
         rt.split_N = split_N
         rt.heldout_target_N = target_N
         rt.occupancy = Occupancy.from_records(
-            n, info.settings.labels_per_item, self.store.label_annotators(info.pool_id),
-            self.store.active_leases(info.pool_id, time.time()),
+            n, info.settings.labels_per_item, self.store.label_annotators(info.key),
+            self.store.active_leases(info.key, time.time()),
         )
         rt.prompt_N_D = fs.read("prompt", n)
         rt.a_N_D = fs.read("a", n)
@@ -237,7 +298,7 @@ class PoolService:
         if info.settings.posterior_kind != "lora_ensemble":
             return [], []
         if rt.texts_a is None or rt.texts_b is None:
-            rt.texts_a, rt.texts_b = self.store.texts_by_row(info.pool_id)
+            rt.texts_a, rt.texts_b = self.store.texts_by_row(info.key)
         return rt.texts_a, rt.texts_b
 
     @staticmethod
@@ -251,59 +312,74 @@ class PoolService:
             return predict_probs_lora(rt.lora, list(texts_a), list(texts_b))
         return predict_probs(rt.posterior_state, fa_N_D, fb_N_D)
 
-    def _graph(self, info: PoolInfo, prompt_N_D: np.ndarray) -> KnnGraph:
-        """The pool's kNN graph: loaded from disk when it matches the items, else built and saved."""
-        s = info.settings
-        path = self._pool_dir(info.pool_id) / f"knn-k{s.knn_k}-std{int(s.standardize_features)}.npz"
-        with self._graph_locks.setdefault(info.pool_id, threading.Lock()):
-            return self._load_or_build_graph(info, prompt_N_D, path)
+    def _graph(self, info: PoolInfo, prompt_N_D: np.ndarray, pool_N: np.ndarray) -> KnnGraph:
+        """The pool's kNN graph over its SPLIT_POOL rows `pool_N` (held-out rows are never neighbours).
 
-    def _load_or_build_graph(self, info: PoolInfo, prompt_N_D: np.ndarray, path: Path) -> KnnGraph:
+        Loaded from disk when it matches the items, else built and saved.
+        """
+        s = info.settings
+        path = self._pool_dir(info.key) / f"knn-k{s.knn_k}-std{int(s.standardize_features)}.npz"
+        with self._graph_locks.setdefault(info.key, threading.Lock()):
+            return self._load_or_build_graph(info, prompt_N_D, pool_N, path)
+
+    def _load_or_build_graph(self, info: PoolInfo, prompt_N_D: np.ndarray, pool_N: np.ndarray, path: Path) -> KnnGraph:
         s = info.settings
         if path.exists():
             try:
                 graph = KnnGraph.load(path)
-                if graph.n_items == len(prompt_N_D) and graph.k == s.knn_k:
+                if (
+                    graph.n_items == len(prompt_N_D)
+                    and graph.k == s.knn_k
+                    and np.array_equal(graph.members(), pool_N)
+                ):
                     return graph
             except errors.BalpmError:
-                log.warning("ignoring unreadable kNN graph %s", path)
+                log.warning("ignoring unreadable kNN graph of pool %s (rebuilding it)", info.pool_id)
         graph = build_knn_graph(
             prompt_N_D, s.knn_k, standardize=s.standardize_features,
-            exact_threshold=self.settings.knn_exact_threshold,
+            exact_threshold=self.settings.knn_exact_threshold, member_mask_N=pool_N,
         )
         tmp = path.with_suffix(".tmp.npz")
-        graph.save(tmp)
-        tmp.replace(path)
+        try:
+            graph.save(tmp)
+            tmp.replace(path)
+        except OSError as e:  # a full or read-only disk: the graph is a cache, use it unsaved
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            log.warning("kNN graph of pool %s not saved (rebuilt after a restart): %s", info.pool_id, e)
         return graph
 
-    async def _prebuild_graph(self, pool_id: str) -> None:
+    async def _prebuild_graph(self, key: str) -> None:
         """Build the kNN graph in the background after an upload, so the first BAL-PM call is fast."""
-        info = self.store.pool_info(pool_id, counts=False)
+        info = self.store.pool_info(key, counts=False)
         if info is None or info.state != PoolState.READY:
             return
-        rt = self._runtime(pool_id)
+        rt = self._runtime(key)
         async with rt.lock:
             self._load_items(info, rt)
-            prompt_N_D, n_rows = rt.prompt_N_D, len(rt.item_ids or [])
-        if prompt_N_D is None or n_rows <= info.settings.knn_k or rt.graph is not None:
+            prompt_N_D, split_N = rt.prompt_N_D, rt.split_N
+        if prompt_N_D is None or split_N is None or rt.graph is not None:
+            return
+        pool_N = split_N == int(Split.POOL)
+        if int(pool_N.sum()) <= info.settings.knn_k or info.settings.knn_convention is KnnConvention.AUTHORS:
             return
         try:
-            graph = await asyncio.to_thread(self._graph, info, prompt_N_D)
+            graph = await asyncio.to_thread(self._graph, info, prompt_N_D, pool_N)
         except errors.BalpmError as e:
-            log.warning("kNN graph of pool %s not prebuilt: %s", pool_id, e.message)
+            log.warning("kNN graph of pool %s not prebuilt: %s", info.pool_id, e.message)
             return
         async with rt.lock:
             if rt.item_ids is not None and len(rt.item_ids) == graph.n_items:
                 rt.graph = graph
 
-    def _schedule_graph(self, pool_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._prebuild_graph(pool_id))
+    def _schedule_graph(self, key: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._prebuild_graph(key))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     def _ensure_ready(self, info: PoolInfo) -> None:
         if info.state == PoolState.FEATURIZING:
-            info = self.store.pool_info(info.pool_id) or info
+            info = self.store.pool_info(info.key) or info
             total = info.item_count + info.heldout_count
             raise errors.FailedPrecondition(
                 f"pool {info.pool_id!r} is still extracting features ({info.featurized_count}/{total} items); "
@@ -345,14 +421,17 @@ class PoolService:
                     f"settings.{name} must be a local model folder with a config.json on the server",
                     field=f"settings.{name}",
                 )
-        if len(self.store.pool_ids(tenant)) >= self.settings.max_pools_per_tenant:
-            raise errors.ResourceExhausted(
-                f"tenant already holds max_pools_per_tenant={self.settings.max_pools_per_tenant} pools",
-                field="pool_id",
-                reason="MAX_POOLS_PER_TENANT",
-            )
-        if self.store.pool_row(pool_id) is not None:
-            raise errors.AlreadyExists(f"pool {pool_id!r} already exists", field="pool_id", reason="POOL_EXISTS")
+        too_many = errors.ResourceExhausted(
+            f"tenant already holds max_pools_per_tenant={self.settings.max_pools_per_tenant} pools",
+            field="pool_id",
+            reason="MAX_POOLS_PER_TENANT",
+        )
+        exists = errors.AlreadyExists(f"pool {pool_id!r} already exists", field="pool_id", reason="POOL_EXISTS")
+        # Early answers; the insert below re-checks both atomically (calls race across the await).
+        if self.store.pool_count(tenant) >= self.settings.max_pools_per_tenant:
+            raise too_many
+        if self.store.pool_key(tenant, pool_id) is not None:
+            raise exists
         extractor_name = ""
         if s.feature_source == FeatureSource.CLIENT:
             v.int_range(s.feature_dim, "settings.feature_dim", 1, v.MAX_FEATURE_DIM)
@@ -366,11 +445,16 @@ class PoolService:
             dim = await self.extractor.dim()
             s = dataclasses.replace(s, feature_dim=dim)
             extractor_name = self.extractor.name
+        key = f"{pool_id}+{uuid.uuid4().hex[:12]}"
         try:
-            self.store.insert_pool(pool_id, tenant, s, extractor_name)
+            inserted = self.store.insert_pool(
+                key, tenant, pool_id, s, extractor_name, max_pools=self.settings.max_pools_per_tenant
+            )
         except sqlite3.IntegrityError as e:
-            raise errors.AlreadyExists(f"pool {pool_id!r} already exists", field="pool_id", reason="POOL_EXISTS") from e
-        info = self.store.pool_info(pool_id)
+            raise exists from e
+        if not inserted:
+            raise too_many
+        info = self.store.pool_info(key)
         assert info is not None
         return info
 
@@ -384,24 +468,25 @@ class PoolService:
             raise errors.InvalidArgument("page_size must be in [0, 1000]", field="page_size")
         size = page_size or 100
         offset = _parse_page_token(page_token)
-        ids = self.store.pool_ids(tenant)
-        page = ids[offset : offset + size]
-        infos = [info for pid in page if (info := self.store.pool_info(pid)) is not None]
-        nxt = _page_token(offset + size) if offset + size < len(ids) else ""
+        pools = self.store.pools_of(tenant)
+        page = pools[offset : offset + size]
+        infos = [info for _, key in page if (info := self.store.pool_info(key)) is not None]
+        nxt = _page_token(offset + size) if offset + size < len(pools) else ""
         return infos, nxt
 
     async def delete_pool(self, tenant: str, pool_id: str) -> None:
         """Delete a pool and all its data."""
         info = self._require_pool(tenant, pool_id)
-        task = self._featurize_tasks.pop(pool_id, None)
+        task = self._featurize_tasks.pop(info.key, None)
         if task is not None:
             task.cancel()
-        op_id = self._running_training.get(pool_id)
+        op_id = self._running_training.get(info.key)
         if op_id is not None:
             self._cancel_flags[op_id].set()
-        self.store.delete_pool(pool_id)
-        self._runtimes.pop(pool_id, None)
-        shutil.rmtree(self._pool_dir(info.pool_id), ignore_errors=True)
+        self.store.delete_pool(info.key)
+        self._runtimes.pop(info.key, None)
+        self._graph_locks.pop(info.key, None)
+        shutil.rmtree(self._pool_dir(info.key), ignore_errors=True)
 
     # ---- uploads -----------------------------------------------------------------------
 
@@ -417,8 +502,7 @@ class PoolService:
                 field=f"{prefix}.heldout_preference",
             )
         if item.apl is not None:
-            for name in ("logp_policy_a", "logp_policy_b", "logp_ref_a", "logp_ref_b"):
-                v.finite(getattr(item.apl, name), f"{prefix}.apl_scores.{name}")
+            v.apl_scores(item.apl, f"{prefix}.apl_scores")
         if not client_features:
             if not item.prompt:
                 raise errors.InvalidArgument(f"{prefix}.prompt is empty", field=f"{prefix}.prompt")
@@ -438,12 +522,18 @@ class PoolService:
         so everything acknowledged survives a crash.
         """
         info = self._require_pool(tenant, pool_id)
+        key = info.key  # the stream is bound to this pool instance (see SqliteStore.reserve_rows)
         client_features = info.settings.feature_source == FeatureSource.CLIENT
         dim = info.settings.feature_dim
         fs = self._features(info)
-        rt = self._runtime(pool_id)
+        rt = self._runtime(key)
         accepted = duplicates = index = 0
         rejections: list[Rejection] = []
+        gone = errors.NotFound(
+            f"pool {pool_id!r} was deleted while this upload was running; later chunks were not stored",
+            field="pool_id",
+            reason="POOL_NOT_FOUND",
+        )
         async for chunk in chunks:
             if len(chunk) > self.settings.max_items_per_chunk:
                 raise errors.InvalidArgument(
@@ -451,7 +541,9 @@ class PoolService:
                     field="chunk.items",
                     reason="MAX_ITEMS_PER_CHUNK",
                 )
-            good: list[tuple[ItemIn, dict[str, np.ndarray], str]] = []
+            if not self.store.pool_exists(key):
+                raise gone
+            good: list[tuple[int, ItemIn, dict[str, np.ndarray], str]] = []
             seen: set[str] = set()
             for item in chunk:
                 try:
@@ -480,14 +572,14 @@ class PoolService:
                     )
                 else:
                     seen.add(item.item_id)
-                    good.append((item, feats, digest))
+                    good.append((index, item, feats, digest))
                 index += 1
             if not good:
                 continue
             async with rt.lock:
-                stored = self.store.item_digests(pool_id, [g[0].item_id for g in good])
+                stored = self.store.item_digests(key, [g[1].item_id for g in good])
                 new: list[tuple[ItemIn, dict[str, np.ndarray], str]] = []
-                for item, feats, digest in good:
+                for at, item, feats, digest in good:
                     old = stored.get(item.item_id)
                     if old is None:
                         new.append((item, feats, digest))
@@ -497,60 +589,38 @@ class PoolService:
                         rejections.append(
                             Rejection(
                                 item.item_id,
-                                index,
-                                "item_id",
+                                at,
+                                f"items[{at}].item_id",
                                 "CONFLICT",
                                 "an item with this item_id exists with different content",
                             )
                         )
                 if not new:
                     continue
-                with self.store.transaction() as conn:
-                    first = self.store.reserve_rows(conn, pool_id, len(new))
-                    rows_R = np.arange(first, first + len(new), dtype=np.int64)
-                    if client_features:
-                        fs.write_rows(rows_R, {k: np.stack([f[k] for _, f, _ in new]) for k in ("prompt", "a", "b")})
-                    self.store.insert_items(
-                        conn,
-                        pool_id,
-                        [
-                            (
-                                item.item_id,
-                                int(r),
-                                int(item.split),
-                                item.prompt,
-                                item.completion_a,
-                                item.completion_b,
-                                int(item.heldout_preference) if item.heldout_preference else None,
-                                1 if client_features else 0,
-                                digest,
-                                *(
-                                    (
-                                        item.apl.logp_policy_a,
-                                        item.apl.logp_policy_b,
-                                        item.apl.logp_ref_a,
-                                        item.apl.logp_ref_b,
-                                        item.apl.predictive_entropy,
-                                    )
-                                    if item.apl
-                                    else (None,) * 5
-                                ),
+                try:
+                    with self.store.transaction() as conn:
+                        first = self.store.reserve_rows(conn, key, len(new))
+                        rows_R = np.arange(first, first + len(new), dtype=np.int64)
+                        if client_features:
+                            fs.write_rows(
+                                rows_R, {k: np.stack([f[k] for _, f, _ in new]) for k in ("prompt", "a", "b")}
                             )
-                            for (item, _, digest), r in zip(new, rows_R, strict=True)
-                        ],
-                    )
-                    if not client_features or self._server_apl(info):
-                        conn.execute(
-                            "UPDATE pools SET state = ? WHERE pool_id = ?", (PoolState.FEATURIZING.value, pool_id)
-                        )
+                        self.store.insert_items(conn, key, [_item_record(item, int(r), digest, client_features)
+                                                            for (item, _, digest), r in zip(new, rows_R, strict=True)])
+                        if not client_features or self._server_apl(info):
+                            self.store.set_pool_state_in(conn, key, PoolState.FEATURIZING)
+                except errors.NotFound:
+                    raise gone from None
                 accepted += len(new)
                 rt.invalidate_items()
         if accepted and (not client_features or self._server_apl(info)):
-            self._schedule_featurize(pool_id)
+            self._schedule_featurize(key)
         elif accepted:
-            self._schedule_graph(pool_id)
-        info = self._require_pool(tenant, pool_id, counts=True)
-        return UploadResult(accepted, duplicates, tuple(rejections)), info
+            self._schedule_graph(key)
+        final = self.store.pool_info(key, counts=True)
+        if final is None:
+            raise gone
+        return UploadResult(accepted, duplicates, tuple(rejections)), final
 
     @staticmethod
     def _server_apl(info: PoolInfo) -> bool:
@@ -560,7 +630,7 @@ class PoolService:
         """Compute missing APL log-probabilities with the pool's policy and reference models."""
         from balpm_server.features.logprobs import apl_logprobs
 
-        todo = self.store.items_missing_apl(info.pool_id)
+        todo = self.store.items_missing_apl(info.key)
         if not todo:
             return
         s = info.settings
@@ -569,26 +639,26 @@ class PoolService:
             [t[1] for t in todo], [t[2] for t in todo], [t[3] for t in todo], device=self.settings.device,
         )
         self.store.update_apl_scores(
-            info.pool_id,
+            info.key,
             [(t[0], AplScores(*(float(x) for x in logp_N_4[i]))) for i, t in enumerate(todo)],
         )
 
-    def _schedule_featurize(self, pool_id: str) -> None:
-        task = self._featurize_tasks.get(pool_id)
+    def _schedule_featurize(self, key: str) -> None:
+        task = self._featurize_tasks.get(key)
         if task is not None and not task.done():
             return
-        self._featurize_tasks[pool_id] = asyncio.get_running_loop().create_task(self._featurize(pool_id))
+        self._featurize_tasks[key] = asyncio.get_running_loop().create_task(self._featurize(key))
 
-    async def _featurize(self, pool_id: str) -> None:
+    async def _featurize(self, key: str) -> None:
         """Extract features (and server-side APL scores) for new rows; resumable after a crash."""
         # Large groups let the extractor sort texts by length across many items.
         batch = max(1, self.settings.extract_batch_size) * 8
         try:
             while True:
-                todo = self.store.unfeaturized(pool_id)
+                todo = self.store.unfeaturized(key)
                 if not todo:
                     break
-                info = self.store.pool_info(pool_id)
+                info = self.store.pool_info(key)
                 if info is None:
                     return
                 assert self.extractor is not None
@@ -602,27 +672,27 @@ class PoolService:
                     feats = await self.extractor.embed(prompts + texts_a + texts_b)
                     n = len(part)
                     fs.write_rows(rows_R, {"prompt": feats[:n], "a": feats[n : 2 * n], "b": feats[2 * n :]})
-                    self.store.mark_featurized(pool_id, rows_R.tolist())
-            info = self.store.pool_info(pool_id, counts=False)
+                    self.store.mark_featurized(key, rows_R.tolist())
+            info = self.store.pool_info(key, counts=False)
             if info is not None and self._server_apl(info):
                 await self._score_apl(info)
-            self.store.set_pool_state(pool_id, PoolState.READY)
-            self._runtime(pool_id).invalidate_items()
-            self._schedule_graph(pool_id)
+            self.store.set_pool_state(key, PoolState.READY)
+            self._runtime(key).invalidate_items()
+            self._schedule_graph(key)
         except asyncio.CancelledError:
             raise
         except errors.BalpmError as e:
-            log.error("featurisation of pool %s paused: %s; retrying in 5 s", pool_id, e.message)
+            log.error("featurisation of pool %s paused: %s; retrying in 5 s", key, e.message)
             await asyncio.sleep(5.0)
-            self._featurize_tasks.pop(pool_id, None)
-            if self.store.pool_row(pool_id) is not None:
-                self._schedule_featurize(pool_id)
+            self._featurize_tasks.pop(key, None)
+            if self.store.pool_exists(key):
+                self._schedule_featurize(key)
         except Exception:
-            log.exception("featurisation of pool %s failed; retrying in 5 s", pool_id)
+            log.exception("featurisation of pool %s failed; retrying in 5 s", key)
             await asyncio.sleep(5.0)
-            self._featurize_tasks.pop(pool_id, None)
-            if self.store.pool_row(pool_id) is not None:
-                self._schedule_featurize(pool_id)
+            self._featurize_tasks.pop(key, None)
+            if self.store.pool_exists(key):
+                self._schedule_featurize(key)
 
     # ---- labels ------------------------------------------------------------------------
 
@@ -646,20 +716,24 @@ class PoolService:
         req_digest = _digest(*(dataclasses.astuple(c) for c in clean))
         if request_id:
             v.item_id(request_id, "request_id")
-            prior = self.store.get_request(pool_id, request_id)
-            if prior is not None:
-                if prior[0] != req_digest:
-                    raise errors.AlreadyExists(
-                        "request_id was used before with different labels",
-                        field="request_id",
-                        reason="REQUEST_ID_CONFLICT",
-                    )
-                body = json.loads(prior[1])
-                return IngestResult(0, body["stored_count"] + body["duplicate_count"], self.store.label_count(pool_id))
-        rt = self._runtime(pool_id)
+        key = info.key
+        rt = self._runtime(key)
+        # Everything from the replay check to the commit runs under the pool lock: a retry
+        # that waits behind its original finds the original's record and replays it.
         async with rt.lock:
-            split_of = self.store.item_splits(pool_id, [c.item_id for c in clean])
-            existing = self.store.existing_labels(pool_id, [c.label_id for c in clean])
+            if request_id:
+                prior = self.store.get_request(key, request_id)
+                if prior is not None:
+                    if prior[0] != req_digest:
+                        raise errors.AlreadyExists(
+                            "request_id was used before with different labels",
+                            field="request_id",
+                            reason="REQUEST_ID_CONFLICT",
+                        )
+                    body = json.loads(prior[1])
+                    return IngestResult(0, body["stored_count"] + body["duplicate_count"], self.store.label_count(key))
+            split_of = self.store.item_splits(key, [c.item_id for c in clean])
+            existing = self.store.existing_labels(key, [c.label_id for c in clean])
             fresh: list[LabelIn] = []
             dup = 0
             seen: dict[str, LabelIn] = {}
@@ -697,38 +771,43 @@ class PoolService:
                     )
                 seen[c.label_id] = c
                 fresh.append(c)
-            with self.store.transaction() as conn:
-                if fresh:
-                    self.store.insert_labels(conn, pool_id, fresh, info.settings.labels_per_item)
-                if request_id:
-                    self.store.put_request(
-                        conn,
-                        pool_id,
-                        request_id,
-                        req_digest,
-                        json.dumps({"stored_count": len(fresh), "duplicate_count": dup}),
+            if fresh or request_id:
+                # Durable (fsynced) before the reply, in a worker thread: the loop keeps serving.
+                await _settled(self._label_writes.submit(
+                    LabelWrite(
+                        pool_key=key,
+                        labels=tuple(fresh),
+                        labels_per_item=info.settings.labels_per_item,
+                        request_id=request_id,
+                        request_digest=req_digest,
+                        response_json=json.dumps({"stored_count": len(fresh), "duplicate_count": dup}),
                     )
+                ))
             if rt.occupancy is not None:
                 for c in fresh:
-                    rt.occupancy.add_label(rt.row_of[c.item_id], c.annotator_id)
-        return IngestResult(len(fresh), dup, self.store.label_count(pool_id))
+                    row = rt.row_of.get(c.item_id)
+                    if row is None:  # uploaded after the runtime was loaded: reload on next use
+                        rt.invalidate_items()
+                        break
+                    rt.occupancy.add_label(row, c.annotator_id)
+        return IngestResult(len(fresh), dup, self.store.label_count(key))
 
     async def export_labels(
         self, tenant: str, pool_id: str, page_size: int, page_token: str
     ) -> AsyncIterator[tuple[list[tuple[StoredLabel, dict[str, str]]], str]]:
         """Yield pages of (label, item texts) with the token that resumes after each page."""
-        self._require_pool(tenant, pool_id)
+        key = self._require_pool(tenant, pool_id).key
         if page_size < 0 or page_size > 10_000:
             raise errors.InvalidArgument("page_size must be in [0, 10000]", field="page_size")
         size = page_size or 1000
         after = _parse_page_token(page_token)
         while True:
-            page = self.store.labels_page(pool_id, after, size)
+            page = self.store.labels_page(key, after, size)
             if not page:
                 return
-            texts = self.store.item_texts(pool_id, [lb.item_id for lb in page])
+            texts = self.store.item_texts(key, [lb.item_id for lb in page])
             after = page[-1].seq
-            more = bool(self.store.labels_page(pool_id, after, 1))
+            more = bool(self.store.labels_page(key, after, 1))
             yield (
                 [(lb, dataclasses.asdict(texts[lb.item_id])) for lb in page],
                 _page_token(after) if more else "",
@@ -744,13 +823,13 @@ class PoolService:
         """Start retraining the posterior; ABORTED if one is already running for the pool."""
         info = self._require_pool(tenant, pool_id)
         self._ensure_ready(info)
-        if pool_id in self._running_training:
+        running = self._running_training.get(info.key)
+        if running is not None:
             raise errors.Aborted(
-                f"a training operation is already running for pool {pool_id!r}: "
-                f"{self._running_training[pool_id]}; watch it or cancel it",
+                f"a training operation is already running for pool {pool_id!r}: {running}; watch it or cancel it",
                 field="pool_id",
                 reason="TRAINING_IN_PROGRESS",
-                metadata={"operation_id": self._running_training[pool_id]},
+                metadata={"operation_id": running},
             )
         running_for_tenant = sum(
             1 for op_id in self._running_training.values() if self._operations[op_id].tenant == tenant
@@ -760,7 +839,7 @@ class PoolService:
                 f"tenant already runs max_training_jobs_per_tenant={self.settings.max_training_jobs_per_tenant}",
                 reason="MAX_TRAINING_JOBS",
             )
-        label_count = self.store.label_count(pool_id)
+        label_count = self.store.label_count(info.key)
         if label_count < MIN_LABELS_TO_TRAIN:
             raise errors.FailedPrecondition(
                 f"pool {pool_id!r} has {label_count} labels; training needs at least {MIN_LABELS_TO_TRAIN}",
@@ -773,6 +852,7 @@ class PoolService:
         op = Operation(
             operation_id=f"train-{uuid.uuid4().hex[:16]}",
             pool_id=pool_id,
+            pool_key=info.key,
             tenant=tenant,
             state=OperationState.RUNNING,
             create_time_s=now,
@@ -783,9 +863,14 @@ class PoolService:
         self._operations[op.operation_id] = op
         self._op_events[op.operation_id] = asyncio.Event()
         self._cancel_flags[op.operation_id] = threading.Event()
-        self._running_training[pool_id] = op.operation_id
-        asyncio.get_running_loop().create_task(self._train(info, op, seed=seed, warm_start=warm_start))
+        self._running_training[info.key] = op.operation_id
+        task = asyncio.get_running_loop().create_task(self._train(info, op, seed=seed, warm_start=warm_start))
+        self._training_tasks[op.operation_id] = task
+        task.add_done_callback(functools.partial(self._forget_training_task, op.operation_id))
         return op
+
+    def _forget_training_task(self, operation_id: str, _task: asyncio.Task[None]) -> None:
+        self._training_tasks.pop(operation_id, None)
 
     def _notify(self, op: Operation) -> None:
         event = self._op_events.get(op.operation_id)
@@ -796,12 +881,12 @@ class PoolService:
     async def _train(self, info: PoolInfo, op: Operation, *, seed: int, warm_start: bool) -> None:
         loop = asyncio.get_running_loop()
         cancel = self._cancel_flags[op.operation_id]
-        rt = self._runtime(info.pool_id)
+        rt = self._runtime(info.key)
         started = time.perf_counter()
         try:
             async with rt.lock:
                 self._load_items(info, rt)
-                rows_L, targets_L = self.store.label_targets(info.pool_id)
+                rows_L, targets_L = self.store.label_targets(info.key)
                 assert rt.a_N_D is not None and rt.b_N_D is not None
                 feats_a, feats_b = rt.a_N_D[rows_L], rt.b_N_D[rows_L]
                 all_a, all_b = self._texts(info, rt)
@@ -820,9 +905,9 @@ class PoolService:
                 posterior=s.posterior_kind,
             )
             init = None
-            latest = self._posterior_store(info.pool_id).latest_version()
+            latest = self._posterior_store(info.key).latest_version()
             if warm_start and latest:
-                init, _ = self._posterior_store(info.pool_id).load(latest)
+                init, _ = self._posterior_store(info.key).load(latest)
 
             def on_progress(p: TrainProgress) -> None:
                 def apply() -> None:
@@ -871,8 +956,8 @@ class PoolService:
                 },
                 "created_s": time.time(),
             }
-            version = await asyncio.to_thread(self._posterior_store(info.pool_id).save, result.state, manifest)
-            self.store.set_posterior_version(info.pool_id, version)
+            version = await asyncio.to_thread(self._posterior_store(info.key).save, result.state, manifest)
+            self.store.set_posterior_version(info.key, version)
             rt.posterior_state, rt.posterior_version, rt.lora = result.state, version, lora
             rt.epistemic_version = -1
             op.state = OperationState.SUCCEEDED
@@ -889,13 +974,31 @@ class PoolService:
             op.state, op.error_code, op.error_message = OperationState.FAILED, e.code.name, e.message
         except Exception as e:  # the operation reports it; the server keeps running
             log.exception("training of pool %s failed", info.pool_id)
-            op.state, op.error_code, op.error_message = OperationState.FAILED, "INTERNAL", f"training failed: {e}"
+            fault = storage_error(e)  # a full or read-only disk: its code, and a message naming no path
+            if fault is not None:
+                op.state, op.error_code = OperationState.FAILED, fault.code.name
+                op.error_message = f"training failed: {fault.message}"
+            else:
+                op.state, op.error_code = OperationState.FAILED, "INTERNAL"
+                op.error_message = f"training failed ({type(e).__name__}); see the server log"
         finally:
+            if not op.state.done:  # cancelled by shutdown
+                op.state, op.error_code, op.error_message = OperationState.FAILED, "ABORTED", SHUTDOWN_REASON
             op.update_time_s = time.time()
-            self._running_training.pop(info.pool_id, None)
-            if self.store.pool_row(info.pool_id) is not None:
-                self.store.save_operation(op)
-            self._notify(op)
+            self._running_training.pop(info.key, None)
+            saved = False
+            try:
+                if not self._closed and self.store.pool_exists(info.key):
+                    self.store.save_operation(op)
+                saved = True
+            except Exception:  # e.g. a full disk: keep the outcome in memory rather than lose it
+                log.exception("could not record the outcome of operation %s; kept in memory", op.operation_id)
+            finally:
+                self._notify(op)
+                self._op_events.pop(op.operation_id, None)
+                self._cancel_flags.pop(op.operation_id, None)
+                if saved:  # finished: evict from memory; GetOperation reads it from storage from now on
+                    self._operations.pop(op.operation_id, None)
 
     def _require_operation(self, tenant: str, operation_id: str) -> Operation:
         if not operation_id:
@@ -1011,12 +1114,13 @@ class PoolService:
             temperature=options.get("temperature", s.temperature),
             apl_beta_dpo=options.get("apl_beta_dpo", s.apl_beta_dpo),
             apl_entropy_top_s=int(options.get("apl_entropy_top_s", 0)),
+            knn_convention=s.knn_convention,
         )
         v.finite(params.beta, "options.beta", low=0.0)
         v.finite(params.d_ent, "options.d_ent", low=0.0, low_open=True)
         v.finite(params.temperature, "options.temperature", low=0.0, low_open=True)
         v.finite(params.apl_beta_dpo, "options.apl_beta_dpo", low=0.0, low_open=True)
-        rt = self._runtime(pool_id)
+        rt = self._runtime(info.key)
         async with rt.lock:
             started = time.perf_counter()
             self._load_items(info, rt)
@@ -1045,13 +1149,13 @@ class PoolService:
             # made durable before the reply; a failed write takes the leases back.
             for r in rows_B:
                 rt.occupancy.add_lease(r, annotator, expire_s)
+        write = asyncio.ensure_future(self._leases.submit((info.key, chosen, annotator, expire_s)))
         try:
-            texts = await self._leases.submit((pool_id, chosen, annotator, expire_s))
+            texts = await asyncio.shield(write)
         except BaseException:
-            async with rt.lock:
-                if rt.occupancy is not None:
-                    for r in rows_B:
-                        rt.occupancy.release(r, annotator)
+            # Failed, or cancelled (client deadline) while the write goes ahead regardless:
+            # take the leases back, in SQLite too once that write has landed.
+            await asyncio.shield(self._take_back_leases(rt, write, info.key, chosen, rows_B, annotator))
             raise
         acquire_s = time.perf_counter() - started
         metrics.observe_acquisition(strat.name, acquire_s, batch.epistemic_B, batch.entropy_B)
@@ -1066,6 +1170,31 @@ class PoolService:
             for i, iid in enumerate(chosen)
         )
         return AcquireResult(items, info.posterior_version, strat, expire_s, acquire_s)
+
+    async def _take_back_leases(
+        self,
+        rt: PoolRuntime,
+        write: asyncio.Future[dict[str, ItemText]],
+        key: str,
+        item_ids: Sequence[str],
+        rows_B: Sequence[int],
+        annotator: str,
+    ) -> None:
+        """End the leases of an acquisition whose reply will not be sent.
+
+        Waits for its lease write first (it goes ahead even when the caller is cancelled),
+        so the SQLite rows are deleted after they exist; the in-memory leases stay until
+        then, so nobody is handed those rows meanwhile.
+        """
+        with contextlib.suppress(BaseException):
+            await write
+        written = write.done() and not write.cancelled() and write.exception() is None  # else nothing stored
+        async with rt.lock:
+            if written:
+                self.store.release_leases(key, item_ids, annotator)
+            if rt.occupancy is not None:
+                for r in rows_B:
+                    rt.occupancy.release(r, annotator)
 
     @staticmethod
     def _bald_fast(rt: PoolRuntime, epistemic_N: np.ndarray, batch_size: int, annotator: str) -> CandidateBatch | None:
@@ -1097,8 +1226,8 @@ class PoolService:
         """The general path: full candidate masks, then `select_batch` (off the loop unless cheap)."""
         assert rt.split_N is not None and rt.prompt_N_D is not None and rt.occupancy is not None
         s = info.settings
-        n = len(rt.split_N)
-        candidate_N, acquired_N = rt.occupancy.masks(rt.split_N == int(Split.POOL), annotator, now)
+        pool_N = rt.split_N == int(Split.POOL)
+        candidate_N, acquired_N = rt.occupancy.masks(pool_N, annotator, now)
         n_candidates = int(candidate_N.sum())
         if n_candidates == 0:
             raise errors.FailedPrecondition(
@@ -1113,18 +1242,24 @@ class PoolService:
                 reason="BATCH_LARGER_THAN_POOL",
                 metadata={"acquirable": str(n_candidates)},
             )
-        needs_graph = strat in (Strategy.BALPM, Strategy.ENTROPY_ONLY)
-        if needs_graph and rt.graph is None:
-            if n <= s.knn_k:
+        uses_knn = strat in (Strategy.BALPM, Strategy.ENTROPY_ONLY)
+        authors = s.knn_convention is KnnConvention.AUTHORS  # radii over this call's candidates, no graph
+        needs_graph = uses_knn and not authors
+        if uses_knn:
+            # STANDARD needs k other pool rows per row; AUTHORS k candidates (the point itself included).
+            population, need = (n_candidates, s.knn_k) if authors else (int(pool_N.sum()), s.knn_k + 1)
+            if population < need:
                 raise errors.FailedPrecondition(
-                    f"BAL-PM needs more than knn_k={s.knn_k} items; the pool has {n}",
+                    f"BAL-PM with knn_k={s.knn_k} needs at least {need} "
+                    f"{'acquirable' if authors else 'pool'} items; the pool has {population}",
                     field="strategy",
                     reason="POOL_TOO_SMALL",
                 )
-            rt.graph = await asyncio.to_thread(self._graph, info, rt.prompt_N_D)
+        if needs_graph and rt.graph is None:
+            rt.graph = await asyncio.to_thread(self._graph, info, rt.prompt_N_D, pool_N)
         apl = None
         if strat in (Strategy.APL_CERTAINTY, Strategy.APL_ENTROPY, Strategy.APL_HYBRID):
-            m = self.store.apl_scores(info.pool_id)
+            m = self.store.apl_scores(info.key)
             apl = AplInputs(m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4] if np.isfinite(m[:, 4]).any() else None)
         select = functools.partial(
             select_batch,
@@ -1137,6 +1272,8 @@ class PoolService:
             epistemic_N=epistemic_N,
             graph=rt.graph if needs_graph else None,
             apl=apl,
+            prompt_N_D=rt.prompt_N_D if uses_knn and authors else None,
+            standardize_prompt=s.standardize_features,
         )
         if strat in (Strategy.RANDOM, Strategy.BALD):  # O(N) array work: cheaper than a thread hop
             return select()
@@ -1144,15 +1281,21 @@ class PoolService:
 
     async def release_items(self, tenant: str, pool_id: str, item_ids: Sequence[str], annotator_id: str) -> int:
         """End leases on items; returns how many leases ended."""
-        self._require_pool(tenant, pool_id)
+        key = self._require_pool(tenant, pool_id).key
         if not item_ids:
             raise errors.InvalidArgument("item_ids is empty", field="item_ids")
+        if len(item_ids) > MAX_RELEASE_IDS:
+            raise errors.InvalidArgument(
+                f"item_ids has {len(item_ids)} ids; at most {MAX_RELEASE_IDS} per call",
+                field="item_ids",
+                reason="TOO_MANY_IDS",
+            )
         for i, iid in enumerate(item_ids):
             v.item_id(iid, f"item_ids[{i}]")
         ann = v.annotator_id(annotator_id, "annotator_id") if annotator_id else ""
-        rt = self._runtime(pool_id)
+        rt = self._runtime(key)
         async with rt.lock:
-            released = self.store.release_leases(pool_id, item_ids, ann)
+            released = self.store.release_leases(key, item_ids, ann)
             if rt.occupancy is not None:
                 for iid in item_ids:
                     if iid in rt.row_of:
@@ -1161,23 +1304,48 @@ class PoolService:
 
     async def update_item_scores(self, tenant: str, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
         """Set APL log-probabilities of items."""
-        self._require_pool(tenant, pool_id)
+        key = self._require_pool(tenant, pool_id).key
         if not scores:
             raise errors.InvalidArgument("scores is empty", field="scores")
         for i, (iid, s) in enumerate(scores):
             v.item_id(iid, f"scores[{i}].item_id")
-            for name in ("logp_policy_a", "logp_policy_b", "logp_ref_a", "logp_ref_b"):
-                v.finite(getattr(s, name), f"scores[{i}].apl_scores.{name}")
-        known = self.store.item_texts(pool_id, [iid for iid, _ in scores])
+            v.apl_scores(s, f"scores[{i}].apl_scores")
+        known = self.store.item_texts(key, [iid for iid, _ in scores])
         for i, (iid, _) in enumerate(scores):
             if iid not in known:
                 raise errors.NotFound(f"scores[{i}].item_id {iid!r} is not in the pool", field=f"scores[{i}].item_id")
-        return self.store.update_apl_scores(pool_id, scores)
+        return self.store.update_apl_scores(key, scores)
 
     # ---- prediction and evaluation -----------------------------------------------------
 
+    @contextlib.contextmanager
+    def _extraction_slot(self, tenant: str) -> Iterator[None]:
+        """Count one ad-hoc extraction against the tenant's `max_extractions_per_tenant`."""
+        held = self._extracting.get(tenant, 0)
+        limit = self.settings.max_extractions_per_tenant
+        if held >= limit:
+            raise errors.ResourceExhausted(
+                f"tenant already runs max_extractions_per_tenant={limit} Predict/Evaluate calls with ad-hoc "
+                "texts; retry when one finishes, or pass item_ids of stored items",
+                field="items",
+                reason="EXTRACTION_BUSY",
+            )
+        self._extracting[tenant] = held + 1
+        try:
+            yield
+        finally:
+            self._extracting[tenant] -= 1
+            if not self._extracting[tenant]:
+                del self._extracting[tenant]
+
     async def _features_for(
-        self, info: PoolInfo, rt: PoolRuntime, item_ids: Sequence[str], items: Sequence[ItemIn], field: str
+        self,
+        tenant: str,
+        info: PoolInfo,
+        rt: PoolRuntime,
+        item_ids: Sequence[str],
+        items: Sequence[ItemIn],
+        field: str,
     ) -> tuple[list[str], np.ndarray, np.ndarray, list[str], list[str]]:
         """Features (and, for LoRA pools, pair texts) of stored items (by id) or ad-hoc items."""
         self._load_items(info, rt)
@@ -1226,8 +1394,19 @@ class PoolService:
                 texts_a.append(item.prompt + item.completion_a)
                 texts_b.append(item.prompt + item.completion_b)
         if texts_a:
-            assert self.extractor is not None
-            feats = await self.extractor.embed(texts_a + texts_b)
+            if len(texts_a) > self.settings.max_predict_texts:
+                raise errors.InvalidArgument(
+                    f"{field} has {len(texts_a)} ad-hoc items to featurise; at most "
+                    f"max_predict_texts={self.settings.max_predict_texts} per call (upload them and pass item_ids)",
+                    field=field,
+                    reason="TOO_MANY_TEXTS",
+                )
+            if self.extractor is None:
+                raise errors.FailedPrecondition(
+                    "this server has no feature extractor for ad-hoc texts", field=field, reason="NO_EXTRACTOR"
+                )
+            with self._extraction_slot(tenant):
+                feats = await self.extractor.embed(texts_a + texts_b)
             return ids, feats[: len(texts_a)], feats[len(texts_a) :], pair_a, pair_b
         return ids, np.stack(fa).astype(np.float32), np.stack(fb).astype(np.float32), pair_a, pair_b
 
@@ -1248,10 +1427,14 @@ class PoolService:
         self._ensure_ready(info)
         if not item_ids and not items:
             raise errors.InvalidArgument("give item_ids or items", field="item_ids", reason="EMPTY_BATCH")
-        rt = self._runtime(pool_id)
+        if item_ids and items:
+            raise errors.InvalidArgument(
+                "give item_ids or items, not both", field="items", reason="ITEM_IDS_AND_ITEMS"
+            )
+        rt = self._runtime(info.key)
         self._require_posterior(info, rt)
         ids, fa, fb, ta, tb = await self._features_for(
-            info, rt, item_ids, items, "item_ids" if item_ids else "items"
+            tenant, info, rt, item_ids, items, "item_ids" if item_ids else "items"
         )
         probs_N_E = await asyncio.to_thread(self._member_probs, rt, fa, fb, ta, tb)
         epistemic_N = bald_from_probs(probs_N_E)
@@ -1275,10 +1458,10 @@ class PoolService:
         """Evaluate on given labelled items, or on the held-out split when none are given."""
         info = self._require_pool(tenant, pool_id)
         self._ensure_ready(info)
-        rt = self._runtime(pool_id)
+        rt = self._runtime(info.key)
         self._require_posterior(info, rt)
         if items:
-            _ids, fa, fb, ta, tb = await self._features_for(info, rt, [], [it for it, _ in items], "items")
+            _ids, fa, fb, ta, tb = await self._features_for(tenant, info, rt, [], [it for it, _ in items], "items")
             targets_N = np.array([p.target for _, p in items], dtype=np.float64)
         else:
             self._load_items(info, rt)

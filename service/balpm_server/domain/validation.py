@@ -9,19 +9,24 @@ from collections.abc import Sequence
 import numpy as np
 
 from balpm_server import errors
+from balpm_server.domain.models import AplScores
 
-POOL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
-ITEM_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
-ANNOTATOR_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
+POOL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}")
+ITEM_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+ANNOTATOR_RE = re.compile(r"[A-Za-z0-9_.:@\-]{1,128}")
 MAX_TEXT_CHARS = 100_000
 MAX_FEATURE_DIM = 65_536
+# Largest |value| of a client feature. Real embeddings stay far below it (even LLM
+# "massive activations" are ~1e4); it keeps every squared distance of the kNN graph
+# (at most MAX_FEATURE_DIM * (2 * MAX_ABS_FEATURE)^2 ~ 3e17) finite in float32.
+MAX_ABS_FEATURE = 1e6
 
 
 def pool_id(value: str, field: str = "pool_id") -> str:
     """Check a pool id: 1-63 chars of [A-Za-z0-9_.-], starting with a letter or digit."""
     if not value:
         raise errors.InvalidArgument(f"{field} is required", field=field, reason="MISSING_FIELD")
-    if not POOL_ID_RE.match(value):
+    if not POOL_ID_RE.fullmatch(value):
         raise errors.InvalidArgument(
             f"{field} must be 1-63 characters of [A-Za-z0-9_.-] starting with a letter or digit",
             field=field,
@@ -34,7 +39,7 @@ def item_id(value: str, field: str) -> str:
     """Check an item or label id: 1-128 chars of [A-Za-z0-9_.:-]."""
     if not value:
         raise errors.InvalidArgument(f"{field} is required", field=field, reason="MISSING_FIELD")
-    if not ITEM_ID_RE.match(value):
+    if not ITEM_ID_RE.fullmatch(value):
         raise errors.InvalidArgument(
             f"{field} must be 1-128 characters of [A-Za-z0-9_.:-]", field=field, reason="INVALID_ID"
         )
@@ -45,7 +50,7 @@ def annotator_id(value: str, field: str) -> str:
     """Check an annotator id; "" becomes "anonymous"."""
     if not value:
         return "anonymous"
-    if not ANNOTATOR_RE.match(value):
+    if not ANNOTATOR_RE.fullmatch(value):
         raise errors.InvalidArgument(
             f"{field} must be 1-128 characters of [A-Za-z0-9_.:@-]", field=field, reason="INVALID_ID"
         )
@@ -81,10 +86,17 @@ def features(values: Sequence[float], dim: int, field: str) -> np.ndarray:
             field=field,
             reason="WRONG_DIMENSION",
         )
-    vec_D = np.asarray(values, dtype=np.float32)
+    vec_D = np.asarray(values, dtype=np.float64)
     if not np.isfinite(vec_D).all():
         raise errors.InvalidArgument(f"{field} contains NaN or infinity", field=field, reason="NOT_FINITE")
-    return vec_D
+    if vec_D.size and float(np.abs(vec_D).max()) > MAX_ABS_FEATURE:
+        raise errors.InvalidArgument(
+            f"{field} has a value of magnitude {float(np.abs(vec_D).max()):.3g}; feature values must lie in "
+            f"[-{MAX_ABS_FEATURE:g}, {MAX_ABS_FEATURE:g}]",
+            field=field,
+            reason="FEATURE_OUT_OF_RANGE",
+        )
+    return vec_D.astype(np.float32)
 
 
 def finite(value: float, field: str, *, low: float | None = None, low_open: bool = False) -> float:
@@ -95,6 +107,15 @@ def finite(value: float, field: str, *, low: float | None = None, low_open: bool
         op = ">" if low_open else ">="
         raise errors.InvalidArgument(f"{field} must be {op} {low}, got {value}", field=field, reason="OUT_OF_RANGE")
     return value
+
+
+def apl_scores(scores: AplScores, field: str) -> AplScores:
+    """Check APL scores: finite log-probabilities, a finite non-negative predictive entropy if given."""
+    for name in ("logp_policy_a", "logp_policy_b", "logp_ref_a", "logp_ref_b"):
+        finite(getattr(scores, name), f"{field}.{name}")
+    if scores.predictive_entropy is not None:
+        finite(scores.predictive_entropy, f"{field}.predictive_entropy", low=0.0)
+    return scores
 
 
 def int_range(value: int, field: str, low: int, high: int) -> int:

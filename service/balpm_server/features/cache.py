@@ -9,7 +9,9 @@ batching still apply.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -18,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from balpm_server.features.base import FeatureExtractor
+
+log = logging.getLogger(__name__)
 
 
 class CachedExtractor:
@@ -60,10 +64,17 @@ class CachedExtractor:
         return out
 
     def _put(self, rows: list[tuple[bytes, bytes]]) -> None:
+        """Store vectors; best effort: a failed write (full or read-only disk) only loses cache entries."""
         with self._lock:
-            self._conn.execute("BEGIN")
-            self._conn.executemany("INSERT OR REPLACE INTO vectors (key, vec) VALUES (?, ?)", rows)
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("BEGIN")
+                self._conn.executemany("INSERT OR REPLACE INTO vectors (key, vec) VALUES (?, ?)", rows)
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                if self._conn.in_transaction:  # SQLite may or may not have rolled back itself
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                log.warning("feature cache not updated (%s); these texts are embedded again next time", e)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts, computing only those not cached."""

@@ -4,29 +4,43 @@ Durability: WAL journal with ``synchronous=FULL``, so a committed transaction is
 disk before the call returns; the service acknowledges only after commit. Every
 statement is parameterised: nothing from a request is formatted into SQL.
 
-One connection guarded by a lock; transactions are short (milliseconds).
+One write connection guarded by a lock (transactions are short: milliseconds) and
+one read connection, so reads never wait behind a writer's fsync (WAL).
+
+Pool keys: a pool is named by its tenant and its id (`PoolInfo.pool_id`, unique per
+tenant); every row of every table belongs to a pool through its *storage key*
+(`PoolInfo.key`, the `pool_id` column), which is unique per pool instance: a pool
+deleted and created again under the same name gets a new key, so a request still
+bound to the old instance can never write into the new one. Every `pool_key`
+argument below is such a key.
+
+Schema versions live in ``PRAGMA user_version`` and are applied in order at open
+(`MIGRATIONS`); a data dir written by an older release is upgraded in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from balpm_server import errors
 from balpm_server.acquisition import Strategy
 from balpm_server.domain.models import (
     AplScores,
     FeatureSource,
     ItemText,
     LabelIn,
+    LabelWrite,
     Operation,
     OperationState,
     PoolInfo,
@@ -36,7 +50,7 @@ from balpm_server.domain.models import (
     StoredLabel,
 )
 
-SCHEMA = """
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS pools (
   pool_id TEXT PRIMARY KEY,
   tenant TEXT NOT NULL,
@@ -100,6 +114,54 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 """
 
+# v2: pool ids are scoped per tenant. `pools.pool_id` becomes the storage key (legacy
+# pools keep their id as key, which stays their folder name); `name` is the id the
+# tenant sees, unique per tenant. Keys of new pools contain a "+", which no pool id
+# may, so they never collide with a legacy key.
+SCHEMA_V2 = """
+ALTER TABLE pools ADD COLUMN name TEXT NOT NULL DEFAULT '';
+UPDATE pools SET name = pool_id;
+CREATE UNIQUE INDEX pools_tenant_name ON pools (tenant, name);
+"""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations newer than the database's ``user_version``; returns the version reached.
+
+    Each step runs in its own transaction together with its version bump, so a crash
+    mid-upgrade leaves the previous version intact.
+
+    Raises:
+        errors.FailedPrecondition: The database was written by a newer release.
+    """
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version == 0 and conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'pools'").fetchone():
+        # A data dir from before versioning holds the v1 schema.
+        cols = {r[1] for r in conn.execute("PRAGMA table_info(pools)")}
+        version = 2 if "name" in cols else 1
+        conn.execute(f"PRAGMA user_version = {version}")
+    if version > SCHEMA_VERSION:
+        raise errors.FailedPrecondition(
+            f"the database has schema version {version}, newer than this server's {SCHEMA_VERSION}; "
+            "upgrade the server",
+            reason="SCHEMA_TOO_NEW",
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[target - 1].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return SCHEMA_VERSION
+
 
 def settings_to_json(settings: PoolSettings) -> str:
     """Serialise pool settings."""
@@ -132,12 +194,19 @@ class SqliteStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.executescript(SCHEMA)
+        migrate(self._conn)
         self._lock = threading.RLock()
+        # Reads use their own connection: in WAL mode they never wait for a writer, so a
+        # commit's fsync in a worker thread (labels, leases) does not stall the event loop's
+        # reads. A read sees every transaction committed before it started.
+        self._read_conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._read_conn.execute("PRAGMA query_only=ON")
+        self._read_lock = threading.Lock()
 
     def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
+        """Close the connections."""
+        with self._lock, self._read_lock:
+            self._read_conn.close()
             self._conn.close()
 
     @contextmanager
@@ -147,14 +216,18 @@ class SqliteStore:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # A failed write or COMMIT (full disk, I/O error) may have rolled back already:
+                # roll back only what is still open, so the caller sees the original error.
+                if self._conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+        with self._read_lock:
+            return self._read_conn.execute(sql, params).fetchall()
 
     def _query_ids(self, select: str, pool_id: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         """Run `select ... WHERE pool_id = ? AND <id column> IN (...)` over `ids` in chunks.
@@ -170,83 +243,112 @@ class SqliteStore:
 
     # ---- pools -------------------------------------------------------------------------
 
-    def insert_pool(self, pool_id: str, tenant: str, settings: PoolSettings, extractor: str) -> None:
-        """Insert a pool row (raises sqlite3.IntegrityError when the id is taken)."""
-        with self.transaction() as c:
-            c.execute(
-                "INSERT INTO pools (pool_id, tenant, settings_json, state, extractor, create_time)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (pool_id, tenant, settings_to_json(settings), PoolState.READY.value, extractor, time.time()),
-            )
+    def insert_pool(
+        self, pool_key: str, tenant: str, name: str, settings: PoolSettings, extractor: str, *, max_pools: int
+    ) -> bool:
+        """Insert a pool unless the tenant already holds `max_pools` (checked in the same transaction).
 
-    def delete_pool(self, pool_id: str) -> None:
+        Returns:
+            False when the tenant is at its limit (nothing written).
+
+        Raises:
+            sqlite3.IntegrityError: The tenant already has a pool with this name.
+        """
+        with self.transaction() as c:
+            ((held,),) = c.execute("SELECT COUNT(*) FROM pools WHERE tenant = ?", (tenant,)).fetchall()
+            if held >= max_pools:
+                return False
+            c.execute(
+                "INSERT INTO pools (pool_id, name, tenant, settings_json, state, extractor, create_time)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (pool_key, name, tenant, settings_to_json(settings), PoolState.READY.value, extractor, time.time()),
+            )
+        return True
+
+    def delete_pool(self, pool_key: str) -> None:
         """Delete a pool and everything that belongs to it."""
         with self.transaction() as c:
             for table in ("items", "labels", "leases", "operations", "requests", "pools"):
-                c.execute(f"DELETE FROM {table} WHERE pool_id = ?", (pool_id,))
+                c.execute(f"DELETE FROM {table} WHERE pool_id = ?", (pool_key,))
 
-    def pool_ids(self, tenant: str | None = None) -> list[str]:
-        """All pool ids (of one tenant when given), sorted."""
-        if tenant is None:
-            return [r[0] for r in self._query("SELECT pool_id FROM pools ORDER BY pool_id")]
-        rows = self._query("SELECT pool_id FROM pools WHERE tenant = ? ORDER BY pool_id", (tenant,))
-        return [r[0] for r in rows]
+    def pool_key(self, tenant: str, name: str) -> str | None:
+        """The storage key of the tenant's pool `name`, or None."""
+        rows = self._query("SELECT pool_id FROM pools WHERE tenant = ? AND name = ?", (tenant, name))
+        return str(rows[0][0]) if rows else None
 
-    def pool_row(self, pool_id: str) -> tuple[str, PoolSettings, PoolState, str, float, int] | None:
-        """(tenant, settings, state, extractor, create_time_s, posterior_version) or None."""
+    def pools_of(self, tenant: str) -> list[tuple[str, str]]:
+        """(pool id, storage key) of one tenant's pools, sorted by id."""
+        rows = self._query("SELECT name, pool_id FROM pools WHERE tenant = ? ORDER BY name", (tenant,))
+        return [(r[0], r[1]) for r in rows]
+
+    def pool_count(self, tenant: str) -> int:
+        """How many pools a tenant holds."""
+        ((n,),) = self._query("SELECT COUNT(*) FROM pools WHERE tenant = ?", (tenant,))
+        return int(n)
+
+    def pool_keys(self) -> list[str]:
+        """The storage keys of every pool of every tenant."""
+        return [r[0] for r in self._query("SELECT pool_id FROM pools ORDER BY pool_id")]
+
+    def pool_exists(self, pool_key: str) -> bool:
+        """Whether the pool instance with this key still exists."""
+        return bool(self._query("SELECT 1 FROM pools WHERE pool_id = ?", (pool_key,)))
+
+    def set_pool_state(self, pool_key: str, state: PoolState) -> None:
+        """Set a pool's lifecycle state."""
+        with self.transaction() as c:
+            c.execute("UPDATE pools SET state = ? WHERE pool_id = ?", (state.value, pool_key))
+
+    def set_pool_state_in(self, conn: sqlite3.Connection, pool_key: str, state: PoolState) -> None:
+        """Set a pool's lifecycle state inside the caller's transaction."""
+        conn.execute("UPDATE pools SET state = ? WHERE pool_id = ?", (state.value, pool_key))
+
+    def set_posterior_version(self, pool_key: str, version: int) -> None:
+        """Record the pool's latest posterior version."""
+        with self.transaction() as c:
+            c.execute("UPDATE pools SET posterior_version = ? WHERE pool_id = ?", (version, pool_key))
+
+    def pool_info(self, pool_key: str, *, counts: bool = True) -> PoolInfo | None:
+        """A pool (with its counters unless `counts` is false, which is cheaper), or None."""
         rows = self._query(
-            "SELECT tenant, settings_json, state, extractor, create_time, posterior_version"
+            "SELECT name, tenant, settings_json, state, extractor, create_time, posterior_version"
             " FROM pools WHERE pool_id = ?",
-            (pool_id,),
+            (pool_key,),
         )
         if not rows:
             return None
-        tenant, raw, state, extractor, created, version = rows[0]
-        return tenant, settings_from_json(raw), PoolState(state), extractor, created, int(version)
-
-    def set_pool_state(self, pool_id: str, state: PoolState) -> None:
-        """Set a pool's lifecycle state."""
-        with self.transaction() as c:
-            c.execute("UPDATE pools SET state = ? WHERE pool_id = ?", (state.value, pool_id))
-
-    def set_posterior_version(self, pool_id: str, version: int) -> None:
-        """Record the pool's latest posterior version."""
-        with self.transaction() as c:
-            c.execute("UPDATE pools SET posterior_version = ? WHERE pool_id = ?", (version, pool_id))
-
-    def pool_info(self, pool_id: str, *, counts: bool = True) -> PoolInfo | None:
-        """A pool (with its counters unless `counts` is false, which is cheaper), or None."""
-        row = self.pool_row(pool_id)
-        if row is None:
-            return None
-        tenant, settings, state, extractor, created, version = row
+        name, tenant, raw, state_raw, extractor, created, version = rows[0]
+        base = PoolInfo(
+            pool_id=name,
+            tenant=tenant,
+            settings=settings_from_json(raw),
+            state=PoolState(state_raw),
+            extractor=extractor,
+            create_time_s=created,
+            posterior_version=int(version),
+            key=pool_key,
+        )
         if not counts:
-            return PoolInfo(pool_id, tenant, settings, state, extractor, created, posterior_version=version)
+            return base
         ((items, heldout, featurized),) = self._query(
             "SELECT COALESCE(SUM(split = 1), 0), COALESCE(SUM(split = 2), 0), COALESCE(SUM(featurized), 0)"
             " FROM items WHERE pool_id = ?",
-            (pool_id,),
+            (pool_key,),
         )
         ((labels, labelled),) = self._query(
-            "SELECT COUNT(*), COUNT(DISTINCT item_id) FROM labels WHERE pool_id = ?", (pool_id,)
+            "SELECT COUNT(*), COUNT(DISTINCT item_id) FROM labels WHERE pool_id = ?", (pool_key,)
         )
         ((leased,),) = self._query(
             "SELECT COUNT(DISTINCT item_id) FROM leases WHERE pool_id = ? AND expire_time > ?",
-            (pool_id, time.time()),
+            (pool_key, time.time()),
         )
-        return PoolInfo(
-            pool_id=pool_id,
-            tenant=tenant,
-            settings=settings,
-            state=state,
-            extractor=extractor,
-            create_time_s=created,
+        return dataclasses.replace(
+            base,
             item_count=int(items),
             heldout_count=int(heldout),
             label_count=int(labels),
             labelled_item_count=int(labelled),
             leased_item_count=int(leased),
-            posterior_version=version,
             featurized_count=int(featurized),
         )
 
@@ -259,8 +361,22 @@ class SqliteStore:
         )
 
     def reserve_rows(self, conn: sqlite3.Connection, pool_id: str, count: int) -> int:
-        """Reserve `count` consecutive feature rows inside a transaction; returns the first."""
-        ((first,),) = conn.execute("SELECT next_row FROM pools WHERE pool_id = ?", (pool_id,)).fetchall()
+        """Reserve `count` consecutive feature rows inside a transaction; returns the first.
+
+        This is the check that binds an upload to the pool instance it started on: the
+        key of a deleted pool has no row, and nothing of the chunk is written.
+
+        Raises:
+            errors.NotFound: The pool instance no longer exists (deleted meanwhile).
+        """
+        found = conn.execute("SELECT next_row FROM pools WHERE pool_id = ?", (pool_id,)).fetchall()
+        if not found:
+            raise errors.NotFound(
+                "the pool was deleted while this upload was running; nothing more was stored",
+                field="pool_id",
+                reason="POOL_NOT_FOUND",
+            )
+        ((first,),) = found
         conn.execute("UPDATE pools SET next_row = next_row + ? WHERE pool_id = ?", (count, pool_id))
         return int(first)
 
@@ -409,6 +525,20 @@ class SqliteStore:
             " (SELECT COUNT(DISTINCT annotator_id) FROM labels WHERE pool_id = ? AND item_id = ?) >= ?",
             [(pool_id, lb.item_id, pool_id, lb.item_id, labels_per_item) for lb in labels],
         )
+
+    def commit_labels(self, writes: Sequence[LabelWrite]) -> list[None]:
+        """Commit the labels (and request-id records) of several IngestLabels calls in one transaction.
+
+        Runs with ``synchronous=FULL``: when this returns, every write is on disk. Called
+        from a worker thread by the domain's group commit.
+        """
+        with self.transaction() as c:
+            for w in writes:
+                if w.labels:
+                    self.insert_labels(c, w.pool_key, w.labels, w.labels_per_item)
+                if w.request_id:
+                    self.put_request(c, w.pool_key, w.request_id, w.request_digest, w.response_json)
+        return [None] * len(writes)
 
     def label_count(self, pool_id: str) -> int:
         """Number of labels stored in a pool."""
@@ -562,7 +692,7 @@ class SqliteStore:
                 " create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     op.operation_id,
-                    op.pool_id,
+                    op.pool_key or op.pool_id,
                     op.tenant,
                     op.state.value,
                     json.dumps(body),
@@ -574,17 +704,19 @@ class SqliteStore:
     def load_operation(self, operation_id: str) -> Operation | None:
         """An operation by id, or None."""
         rows = self._query(
-            "SELECT operation_id, pool_id, tenant, state, body_json, create_time, update_time"
-            " FROM operations WHERE operation_id = ?",
+            "SELECT o.operation_id, o.pool_id, COALESCE(p.name, o.pool_id), o.tenant, o.state, o.body_json,"
+            " o.create_time, o.update_time FROM operations o LEFT JOIN pools p ON p.pool_id = o.pool_id"
+            " WHERE o.operation_id = ?",
             (operation_id,),
         )
         if not rows:
             return None
-        oid, pool_id, tenant, state, raw, created, updated = rows[0]
+        oid, pool_key, name, tenant, state, raw, created, updated = rows[0]
         body = json.loads(raw)
         return Operation(
             operation_id=oid,
-            pool_id=pool_id,
+            pool_id=name,
+            pool_key=pool_key,
             tenant=tenant,
             state=OperationState(state),
             create_time_s=created,

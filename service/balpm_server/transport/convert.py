@@ -10,7 +10,7 @@ from google.rpc import status_pb2
 
 from balpm.v1 import balpm_pb2 as pb
 from balpm_server import errors
-from balpm_server.acquisition import Strategy
+from balpm_server.acquisition import KnnConvention, Strategy
 from balpm_server.domain import models as m
 
 STRATEGY_FROM_PB: dict[int, Strategy] = {
@@ -26,6 +26,15 @@ STRATEGY_FROM_PB: dict[int, Strategy] = {
     pb.STRATEGY_APL_HYBRID: Strategy.APL_HYBRID,
 }
 STRATEGY_TO_PB: dict[Strategy, Any] = {s: n for n, s in STRATEGY_FROM_PB.items()}
+KNN_CONVENTION_FROM_PB: dict[int, KnnConvention] = {
+    pb.KNN_CONVENTION_UNSPECIFIED: KnnConvention.STANDARD,
+    pb.KNN_CONVENTION_STANDARD: KnnConvention.STANDARD,
+    pb.KNN_CONVENTION_AUTHORS: KnnConvention.AUTHORS,
+}
+KNN_CONVENTION_TO_PB: dict[KnnConvention, Any] = {
+    KnnConvention.STANDARD: pb.KNN_CONVENTION_STANDARD,
+    KnnConvention.AUTHORS: pb.KNN_CONVENTION_AUTHORS,
+}
 PREF_FROM_PB: dict[int, m.Preference] = {
     pb.PREFERENCE_A: m.Preference.A,
     pb.PREFERENCE_B: m.Preference.B,
@@ -79,6 +88,12 @@ def pool_settings_from_pb(s: pb.PoolSettings) -> m.PoolSettings:
     if s.posterior_kind not in (0, 1, 2):
         raise errors.InvalidArgument("settings.posterior_kind is unknown", field="settings.posterior_kind")
     default_strategy = strategy_from_pb(s.default_strategy, "settings.default_strategy") or d.default_strategy
+    if s.knn_convention not in KNN_CONVENTION_FROM_PB:
+        raise errors.InvalidArgument(
+            f"settings.knn_convention {s.knn_convention} is not a known KnnConvention",
+            field="settings.knn_convention",
+            reason="UNKNOWN_ENUM",
+        )
     return m.PoolSettings(
         feature_source=m.FeatureSource.CLIENT
         if s.feature_source == pb.FEATURE_SOURCE_CLIENT
@@ -99,6 +114,7 @@ def pool_settings_from_pb(s: pb.PoolSettings) -> m.PoolSettings:
         apl_beta_dpo=s.apl_beta_dpo if s.HasField("apl_beta_dpo") else d.apl_beta_dpo,
         apl_policy_model_path=s.apl_policy_model_path,
         apl_reference_model_path=s.apl_reference_model_path,
+        knn_convention=KNN_CONVENTION_FROM_PB[s.knn_convention],
     )
 
 
@@ -127,6 +143,7 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         apl_beta_dpo=s.apl_beta_dpo,
         apl_policy_model_path=s.apl_policy_model_path,
         apl_reference_model_path=s.apl_reference_model_path,
+        knn_convention=KNN_CONVENTION_TO_PB[s.knn_convention],
     )
     return pb.Pool(
         pool_id=info.pool_id,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -12,9 +14,13 @@ from balpm.v1 import balpm_pb2 as pb
 from balpm.v1 import balpm_pb2_grpc as pb_grpc
 from balpm_server import errors
 from balpm_server.domain import models as m
+from balpm_server.domain import validation as v
 from balpm_server.domain.service import DEFAULT_TENANT, PoolService
 from balpm_server.transport import convert as c
 from balpm_server.transport.status import streaming, unary
+
+log = logging.getLogger(__name__)
+RELEASE_CHUNK = 1_000  # item ids per release_items call when taking back an undelivered batch
 
 CURRENT_TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("balpm_tenant", default=DEFAULT_TENANT)
 
@@ -30,6 +36,13 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
 
     def __init__(self, service: PoolService) -> None:
         self.service = service
+        s = service.settings
+        # The largest AcquireBatch reply sent: the configured cap, never above gRPC's own
+        # send limit (max_message_bytes); None when neither is set (<= 0 = unlimited).
+        limits = {"max_acquire_reply_bytes": s.max_acquire_reply_bytes, "max_message_bytes": s.max_message_bytes}
+        caps = sorted((b, name) for name, b in limits.items() if b > 0)
+        self.max_acquire_reply_bytes: int | None = caps[0][0] if caps else None
+        self.acquire_reply_cap_setting = caps[0][1] if caps else ""
 
     @unary
     async def CreatePool(
@@ -139,8 +152,9 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
     async def AcquireBatch(
         self, request: pb.AcquireBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.AcquireBatchResponse:
+        tenant = tenant_of(context)
         r = await self.service.acquire(
-            tenant_of(context),
+            tenant,
             request.pool_id,
             batch_size=request.batch_size,
             strategy=c.strategy_from_pb(request.strategy),
@@ -149,6 +163,21 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
             annotator_id=request.annotator_id,
             options=c.options_from_pb(request.options),
         )
+        # From here on the items are leased: a reply that is not sent must take them back.
+        try:
+            response = self._acquire_response(r)
+            too_large = reply_too_large(response, self.max_acquire_reply_bytes, self.acquire_reply_cap_setting)
+            if too_large is not None:
+                raise too_large
+        except Exception:
+            ids = [a.item.item_id for a in r.items]
+            # Shielded: a cancelled call (client deadline) must not cut the release short.
+            await asyncio.shield(self._release_undelivered(tenant, request.pool_id, ids, request.annotator_id))
+            raise
+        return response
+
+    @staticmethod
+    def _acquire_response(r: m.AcquireResult) -> pb.AcquireBatchResponse:
         return pb.AcquireBatchResponse(
             items=[
                 pb.AcquiredItem(
@@ -163,6 +192,20 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
             lease_expire_time=c.timestamp(r.lease_expire_time_s),
             acquire_s=r.acquire_s,
         )
+
+    async def _release_undelivered(self, tenant: str, pool_id: str, item_ids: list[str], annotator_id: str) -> None:
+        """End the leases an AcquireBatch call took when its reply will not be sent.
+
+        The domain never hands an annotator an item it already leases, so releasing the
+        batch's items for that annotator ends exactly this call's leases. The annotator is
+        normalised as the domain did it ("" -> "anonymous"): "" would end everyone's.
+        """
+        try:
+            annotator = v.annotator_id(annotator_id, "annotator_id")
+            for i in range(0, len(item_ids), RELEASE_CHUNK):  # ReleaseItems' own per-call bound
+                await self.service.release_items(tenant, pool_id, item_ids[i : i + RELEASE_CHUNK], annotator)
+        except Exception:  # e.g. the pool was deleted meanwhile; the caller's error still goes out
+            log.exception("could not release the leases of an undelivered AcquireBatch reply", extra={"pool": pool_id})
 
     @unary
     async def ReleaseItems(
@@ -244,3 +287,55 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
                 ],
                 next_page_token=token,
             )
+
+
+def _varint_bytes(n: int) -> int:
+    size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
+
+
+def reply_too_large(
+    response: pb.AcquireBatchResponse, limit_bytes: int | None, setting: str = "max_acquire_reply_bytes"
+) -> errors.ResourceExhausted | None:
+    """The error for an AcquireBatch reply over `limit_bytes` (None when it fits or there is no limit).
+
+    `setting` names the server setting the limit comes from, for the message.
+
+    The suggested batch_size is what would fit at this reply's mean bytes per item (an
+    estimate: another batch's items may be longer or shorter).
+    """
+    size = response.ByteSize()
+    if limit_bytes is None or size <= limit_bytes:
+        return None
+    n = len(response.items)
+    # Each item travels as tag (1 byte for field 1) + length varint + message.
+    per_item = [1 + _varint_bytes(b) + b for b in (a.ByteSize() for a in response.items)]
+    base = size - sum(per_item)
+    mean = sum(per_item) / n if n else float(size)
+    fit = max(0, min(n - 1, int((limit_bytes - base) // mean))) if limit_bytes > base else 0
+    what = (
+        f"the AcquireBatch reply for batch_size {n} is {size} bytes, over the server's limit of "
+        f"{limit_bytes} bytes ({setting})"
+    )
+    if fit >= 1:
+        advice = f"lower batch_size to {fit} or less (items average {mean:.0f} bytes)"
+    else:
+        advice = (
+            f"items average {mean:.0f} bytes, more than fits in one reply: try batch_size 1, or ask the "
+            f"operator to raise BALPM_{setting.upper()} (and the clients' max receive message length)"
+        )
+    return errors.ResourceExhausted(
+        f"{what}; none of its items stay leased: {advice}",
+        field="batch_size",
+        reason="REPLY_TOO_LARGE",
+        metadata={
+            "reply_bytes": str(size),
+            "limit_bytes": str(limit_bytes),
+            "batch_size": str(n),
+            "suggested_batch_size": str(fit),
+            "mean_item_bytes": str(round(mean)),
+        },
+    )

@@ -2,7 +2,10 @@
 
 Domain errors (`balpm_server.errors.BalpmError`) map to their code with a
 `google.rpc.Status` carrying `ErrorInfo` (stable reason, domain "balpm.dev") and,
-when a field is named, `BadRequest.FieldViolation`. Anything else is logged with
+when a field is named, `BadRequest.FieldViolation`. A storage fault (full disk,
+read-only or failing volume, see `balpm_server.storage.faults`) becomes
+RESOURCE_EXHAUSTED or UNAVAILABLE with a stable reason and a message naming no path
+(the original, with its path, goes to the server log). Anything else is logged with
 its traceback and becomes INTERNAL with a generic message. Every error status also
 carries the call's `x-request-id` in its trailing metadata.
 
@@ -24,6 +27,7 @@ from grpc_status import rpc_status
 
 from balpm_server import errors
 from balpm_server.logs import REQUEST_ID
+from balpm_server.storage.faults import storage_error
 
 log = logging.getLogger(__name__)
 ERROR_DOMAIN = "balpm.dev"
@@ -91,11 +95,16 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: s
 
     Args:
         context: The call's context.
-        exc: A `BalpmError` (mapped to its code and details) or anything else (INTERNAL, logged).
+        exc: A `BalpmError` (mapped to its code and details), a storage fault (its
+            `storage_error`, logged) or anything else (INTERNAL, logged).
         method: Method name for the log.
     """
     if isinstance(exc, errors.BalpmError):
         await context.abort_with_status(_with_request_id(rpc_status.to_status(to_status_proto(exc))))
+    fault = storage_error(exc)
+    if fault is not None:
+        log.error("storage failure in %s (%s): %s", method, fault.reason, exc, exc_info=exc)
+        await context.abort_with_status(_with_request_id(rpc_status.to_status(to_status_proto(fault))))
     log.exception("unexpected error in %s", method, exc_info=exc)
     await context.abort_with_status(_with_request_id(rpc_status.to_status(internal_status())))
 
