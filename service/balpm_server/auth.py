@@ -40,6 +40,7 @@ READER_METHODS = frozenset(
         "Predict",
         "Evaluate",
         "ExportLabels",
+        "ExportItems",
         "GetOperation",
         "WatchOperation",
     }

@@ -115,6 +115,15 @@ class ItemIn:
 
 
 @dataclass(frozen=True)
+class ExportedItem:
+    """A stored item as ExportItems sends it (features added by the domain when asked)."""
+
+    row: int
+    featurized: bool
+    item: ItemIn
+
+
+@dataclass(frozen=True)
 class ItemText:
     """The text fields of a stored item."""
 

@@ -91,6 +91,7 @@ T = TypeVar("T")
 DEFAULT_TENANT = "default"
 MAX_LABELS_PER_REQUEST = 10_000
 MAX_RELEASE_IDS = 10_000
+MAX_EXPORT_ITEMS_PAGE = 5_000
 MIN_LABELS_TO_TRAIN = 2
 RESTART_REASON = "the server restarted while this operation was running; run UpdatePosterior again"
 SHUTDOWN_REASON = "the server shut down while this operation was running; run UpdatePosterior again"
@@ -812,6 +813,54 @@ class PoolService:
                 [(lb, dataclasses.asdict(texts[lb.item_id])) for lb in page],
                 _page_token(after) if more else "",
             )
+            if not more:
+                return
+
+    async def export_items(
+        self,
+        tenant: str,
+        pool_id: str,
+        *,
+        page_size: int,
+        page_token: str,
+        include_features: bool,
+        split: Split | None,
+    ) -> AsyncIterator[tuple[list[ItemIn], str]]:
+        """Yield pages of stored items in upload order with the token that resumes after each page.
+
+        With `include_features`, featurised items carry their three feature vectors.
+        """
+        info = self._require_pool(tenant, pool_id)
+        if page_size < 0 or page_size > MAX_EXPORT_ITEMS_PAGE:
+            raise errors.InvalidArgument(
+                f"page_size must be in [0, {MAX_EXPORT_ITEMS_PAGE}]", field="page_size", reason="OUT_OF_RANGE"
+            )
+        size = page_size or (100 if include_features else 500)
+        after = _parse_page_token(page_token) - 1  # tokens hold the next row (0 = from the start)
+        fs = self._features(info)
+        split_no = int(split) if split is not None else None
+        while True:
+            page = self.store.items_page(info.key, after, size, split_no)
+            if not page:
+                return
+            items = [e.item for e in page]
+            if include_features:
+                first, last = page[0].row, page[-1].row
+                kinds = {k: fs.read_range(k, first, last + 1) for k in ("prompt", "a", "b")}
+                items = [
+                    dataclasses.replace(
+                        e.item,
+                        prompt_features=tuple(kinds["prompt"][e.row - first].tolist()),
+                        completion_a_features=tuple(kinds["a"][e.row - first].tolist()),
+                        completion_b_features=tuple(kinds["b"][e.row - first].tolist()),
+                    )
+                    if e.featurized
+                    else e.item
+                    for e in page
+                ]
+            after = page[-1].row
+            more = bool(self.store.items_page(info.key, after, 1, split_no))
+            yield items, (_page_token(after + 1) if more else "")
             if not more:
                 return
 

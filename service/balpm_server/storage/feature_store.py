@@ -78,6 +78,22 @@ class FeatureStore:
         out_N_D.reshape(-1)[:usable] = raw[:usable]
         return out_N_D
 
+    def read_range(self, kind: str, start: int, stop: int) -> np.ndarray:
+        """Read rows `start..stop-1` of a kind (missing rows read as zeros).
+
+        Returns:
+            float32 `[stop - start, D]`.
+        """
+        n = max(0, stop - start)
+        out_R_D = np.zeros((n, self.dim), dtype=np.float32)
+        path = self._path(kind)
+        if n == 0 or not path.exists():
+            return out_R_D
+        raw = np.fromfile(path, dtype=np.float32, count=n * self.dim, offset=start * self.dim * 4)
+        usable = (raw.size // self.dim) * self.dim
+        out_R_D.reshape(-1)[:usable] = raw[:usable]
+        return out_R_D
+
     def delete(self) -> None:
         """Remove the folder."""
         shutil.rmtree(self.folder, ignore_errors=True)

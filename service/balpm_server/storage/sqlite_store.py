@@ -37,7 +37,9 @@ from balpm_server import errors
 from balpm_server.acquisition import Strategy
 from balpm_server.domain.models import (
     AplScores,
+    ExportedItem,
     FeatureSource,
+    ItemIn,
     ItemText,
     LabelIn,
     LabelWrite,
@@ -47,6 +49,7 @@ from balpm_server.domain.models import (
     PoolSettings,
     PoolState,
     Preference,
+    Split,
     StoredLabel,
 )
 
@@ -445,6 +448,33 @@ class SqliteStore:
         split_N = np.array([r[2] for r in rows], dtype=np.int8)
         target_N = np.array([Preference(r[3]).target if r[3] else np.nan for r in rows], dtype=np.float64)
         return ids, rows_N, split_N, target_N
+
+    def items_page(self, pool_key: str, after_row: int, limit: int, split: int | None) -> list[ExportedItem]:
+        """Items with row > after_row in row (upload) order, of one split when given."""
+        where = "pool_id = ? AND row > ?" + (" AND split = ?" if split is not None else "")
+        params: tuple[Any, ...] = (pool_key, after_row, *((split,) if split is not None else ()), limit)
+        rows = self._query(
+            "SELECT item_id, row, split, prompt, completion_a, completion_b, heldout_pref, featurized,"
+            " logp_policy_a, logp_policy_b, logp_ref_a, logp_ref_b, predictive_entropy FROM items"
+            f" WHERE {where} ORDER BY row LIMIT ?",
+            params,
+        )
+        return [
+            ExportedItem(
+                row=int(r[1]),
+                featurized=bool(r[7]),
+                item=ItemIn(
+                    item_id=r[0],
+                    prompt=r[3],
+                    completion_a=r[4],
+                    completion_b=r[5],
+                    split=Split(int(r[2])),
+                    heldout_preference=Preference(r[6]) if r[6] else None,
+                    apl=AplScores(r[8], r[9], r[10], r[11], r[12]) if r[8] is not None else None,
+                ),
+            )
+            for r in rows
+        ]
 
     def apl_scores(self, pool_id: str) -> np.ndarray:
         """APL scores by item order (row order): float64 `[N, 5]`, NaN where unknown."""

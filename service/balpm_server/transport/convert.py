@@ -197,6 +197,31 @@ def item_from_pb(item: pb.Item, field: str) -> m.ItemIn:
     )
 
 
+def item_to_pb(item: m.ItemIn) -> pb.Item:
+    """An Item message with everything stored: texts, features (if any), split, preference, APL scores."""
+    msg = pb.Item(
+        item_id=item.item_id,
+        prompt=item.prompt,
+        completion_a=item.completion_a,
+        completion_b=item.completion_b,
+        prompt_features=item.prompt_features,
+        completion_a_features=item.completion_a_features,
+        completion_b_features=item.completion_b_features,
+        split=pb.SPLIT_HELDOUT if item.split == m.Split.HELDOUT else pb.SPLIT_POOL,
+    )
+    if item.heldout_preference is not None:
+        msg.heldout_preference = PREF_TO_PB[item.heldout_preference]
+    if item.apl is not None:
+        a = item.apl
+        msg.apl_scores.CopyFrom(
+            pb.AplScores(logp_policy_a=a.logp_policy_a, logp_policy_b=a.logp_policy_b, logp_ref_a=a.logp_ref_a,
+                         logp_ref_b=a.logp_ref_b)
+        )
+        if a.predictive_entropy is not None:
+            msg.apl_scores.predictive_entropy = a.predictive_entropy
+    return msg
+
+
 def item_text_to_pb(item: m.ItemText) -> pb.Item:
     """An Item message with text fields only."""
     return pb.Item(

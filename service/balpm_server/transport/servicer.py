@@ -288,6 +288,23 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
                 next_page_token=token,
             )
 
+    @streaming
+    async def ExportItems(
+        self, request: pb.ExportItemsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ExportItemsResponse]:
+        if request.split not in (pb.SPLIT_UNSPECIFIED, pb.SPLIT_POOL, pb.SPLIT_HELDOUT):
+            raise errors.InvalidArgument("split is unknown", field="split", reason="UNKNOWN_ENUM")
+        split = {pb.SPLIT_POOL: m.Split.POOL, pb.SPLIT_HELDOUT: m.Split.HELDOUT}.get(request.split)
+        async for page, token in self.service.export_items(
+            tenant_of(context),
+            request.pool_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            include_features=request.include_features,
+            split=split,
+        ):
+            yield pb.ExportItemsResponse(items=[c.item_to_pb(it) for it in page], next_page_token=token)
+
 
 def _varint_bytes(n: int) -> int:
     size = 1
