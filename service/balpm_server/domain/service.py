@@ -803,12 +803,12 @@ class PoolService:
         size = page_size or 1000
         after = _parse_page_token(page_token)
         while True:
-            page = self.store.labels_page(key, after, size)
+            page = self.store.labels_page(key, after, size + 1)  # one more: is there a next page?
             if not page:
                 return
+            more, page = len(page) > size, page[:size]
             texts = self.store.item_texts(key, [lb.item_id for lb in page])
             after = page[-1].seq
-            more = bool(self.store.labels_page(key, after, 1))
             yield (
                 [(lb, dataclasses.asdict(texts[lb.item_id])) for lb in page],
                 _page_token(after) if more else "",
@@ -840,26 +840,26 @@ class PoolService:
         fs = self._features(info)
         split_no = int(split) if split is not None else None
         while True:
-            page = self.store.items_page(info.key, after, size, split_no)
+            page = self.store.items_page(info.key, after, size + 1, split_no)  # one more: a next page?
             if not page:
                 return
+            more, page = len(page) > size, page[:size]
             items = [e.item for e in page]
             if include_features:
-                first, last = page[0].row, page[-1].row
-                kinds = {k: fs.read_range(k, first, last + 1) for k in ("prompt", "a", "b")}
+                rows_R = np.array([e.row for e in page], dtype=np.int64)
+                kinds = {k: fs.read_rows(k, rows_R) for k in ("prompt", "a", "b")}
                 items = [
                     dataclasses.replace(
                         e.item,
-                        prompt_features=tuple(kinds["prompt"][e.row - first].tolist()),
-                        completion_a_features=tuple(kinds["a"][e.row - first].tolist()),
-                        completion_b_features=tuple(kinds["b"][e.row - first].tolist()),
+                        prompt_features=tuple(kinds["prompt"][i].tolist()),
+                        completion_a_features=tuple(kinds["a"][i].tolist()),
+                        completion_b_features=tuple(kinds["b"][i].tolist()),
                     )
                     if e.featurized
                     else e.item
-                    for e in page
+                    for i, e in enumerate(page)
                 ]
             after = page[-1].row
-            more = bool(self.store.items_page(info.key, after, 1, split_no))
             yield items, (_page_token(after + 1) if more else "")
             if not more:
                 return

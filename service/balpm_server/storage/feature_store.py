@@ -78,20 +78,22 @@ class FeatureStore:
         out_N_D.reshape(-1)[:usable] = raw[:usable]
         return out_N_D
 
-    def read_range(self, kind: str, start: int, stop: int) -> np.ndarray:
-        """Read rows `start..stop-1` of a kind (missing rows read as zeros).
+    def read_rows(self, kind: str, rows_R: np.ndarray) -> np.ndarray:
+        """Read the given rows of a kind (rows not written yet read as zeros).
 
         Returns:
-            float32 `[stop - start, D]`.
+            float32 `[R, D]`.
         """
-        n = max(0, stop - start)
-        out_R_D = np.zeros((n, self.dim), dtype=np.float32)
+        out_R_D = np.zeros((len(rows_R), self.dim), dtype=np.float32)
         path = self._path(kind)
-        if n == 0 or not path.exists():
+        if len(rows_R) == 0 or not path.exists():
             return out_R_D
-        raw = np.fromfile(path, dtype=np.float32, count=n * self.dim, offset=start * self.dim * 4)
-        usable = (raw.size // self.dim) * self.dim
-        out_R_D.reshape(-1)[:usable] = raw[:usable]
+        stored = path.stat().st_size // (4 * self.dim)
+        if stored == 0:
+            return out_R_D
+        have_R = rows_R < stored
+        table_N_D = np.memmap(path, dtype=np.float32, mode="r", shape=(stored, self.dim))
+        out_R_D[have_R] = table_N_D[rows_R[have_R]]
         return out_R_D
 
     def delete(self) -> None:
