@@ -175,11 +175,19 @@ def apl_from_pb(item: pb.Item) -> m.AplScores | None:
     )
 
 
+def split_from_pb(value: int, field: str) -> m.Split | None:
+    """The split of a message field; None for SPLIT_UNSPECIFIED (INVALID_ARGUMENT when unknown)."""
+    if value not in (pb.SPLIT_UNSPECIFIED, pb.SPLIT_POOL, pb.SPLIT_HELDOUT):
+        raise errors.InvalidArgument(f"{field} is unknown", field=field, reason="UNKNOWN_ENUM")
+    if value == pb.SPLIT_UNSPECIFIED:
+        return None
+    return m.Split.HELDOUT if value == pb.SPLIT_HELDOUT else m.Split.POOL
+
+
 def item_from_pb(item: pb.Item, field: str) -> m.ItemIn:
     """A domain item from a message (enum values checked, the rest by the domain)."""
-    if item.split not in (pb.SPLIT_UNSPECIFIED, pb.SPLIT_POOL, pb.SPLIT_HELDOUT):
-        raise errors.InvalidArgument(f"{field}.split is unknown", field=f"{field}.split", reason="UNKNOWN_ENUM")
-    split = m.Split.HELDOUT if item.split == pb.SPLIT_HELDOUT else m.Split.POOL
+    given = split_from_pb(item.split, f"{field}.split")
+    split = m.Split.POOL if given is None else given  # unspecified: the pool split
     pref = None
     if split == m.Split.HELDOUT:
         pref = preference_from_pb(item.heldout_preference, f"{field}.heldout_preference")

@@ -292,9 +292,7 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
     async def ExportItems(
         self, request: pb.ExportItemsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExportItemsResponse]:
-        if request.split not in (pb.SPLIT_UNSPECIFIED, pb.SPLIT_POOL, pb.SPLIT_HELDOUT):
-            raise errors.InvalidArgument("split is unknown", field="split", reason="UNKNOWN_ENUM")
-        split = {pb.SPLIT_POOL: m.Split.POOL, pb.SPLIT_HELDOUT: m.Split.HELDOUT}.get(request.split)
+        split = c.split_from_pb(request.split, "split")  # None: every split
         async for page, token in self.service.export_items(
             tenant_of(context),
             request.pool_id,
