@@ -50,7 +50,7 @@ import numpy as np
 
 from balpm.client import Client
 from balpm.data import HiddenPair
-from balpm.oracles import OracleData, PairFeatures, extract_features, prepare_oracle
+from balpm.oracles import OracleData, PairFeatures, prepare_oracle
 from balpm.simulate import SimulationConfig, load_split, parse_rows, run_simulation
 
 STRATEGIES = ("RANDOM", "BALD", "POWER_BALD", "BALPM", "ENTROPY_ONLY")
@@ -115,6 +115,53 @@ class RunSpec:
     phase: str  # "tune" or "main"
     beta: float
     knn_k: int
+
+
+def extract_features(
+    pairs: Sequence[HiddenPair],
+    *,
+    cache_path: Path,
+    model_path: str = "",
+    pooling: str = "mean",
+    device: str = "auto",
+    max_length_tokens: int = 256,
+    batch_size: int = 64,
+) -> tuple[PairFeatures, dict[str, int]]:
+    """Features of the items with the server's embedded extractor behind its disk cache, in this process.
+
+    The texts are those the server embeds for a SERVER-feature pool (prompt, prompt + completion A,
+    prompt + completion B) and the cache key is the server's, so a warm cache answers without running
+    the model. (The `balpm` client package no longer imports the server: `balpm.oracles.extract_features`
+    asks a running server instead, through ExportItems.)
+
+    Returns:
+        (features, {"hits": cached texts, "misses": texts embedded now}).
+    """
+    from balpm_server.features.cache import CachedExtractor
+    from balpm_server.features.transformers_extractor import TransformersExtractor
+    from balpm_server.settings import default_model_path
+
+    inner = TransformersExtractor(
+        model_path or default_model_path(),
+        pooling=pooling,
+        max_length_tokens=max_length_tokens,
+        batch_size=batch_size,
+        device=device,
+    )
+    ex = CachedExtractor(inner, Path(cache_path))
+    prompts = [p.item["prompt"] for p in pairs]
+    texts_a = [p.item["prompt"] + p.item["completion_a"] for p in pairs]
+    texts_b = [p.item["prompt"] + p.item["completion_b"] for p in pairs]
+
+    async def run() -> np.ndarray:
+        try:
+            return await ex.embed(prompts + texts_a + texts_b)
+        finally:
+            await ex.close()
+
+    feats = asyncio.run(run())
+    n = len(pairs)
+    return PairFeatures(feats[:n], feats[n : 2 * n], feats[2 * n :]), {"hits": ex.hits, "misses": ex.misses}
 
 
 def _features_for(pairs: Sequence[HiddenPair], args: argparse.Namespace) -> PairFeatures:

@@ -1,4 +1,16 @@
-"""Shared fixtures: a real balpm server on a free loopback port, run in a background event loop."""
+"""Shared fixtures: a real balpm server on a free loopback port, run in a background event loop.
+
+Also the test tiers (markers registered in pyproject.toml). Every test is in exactly one:
+
+* `unit`: starts no server (no gRPC server, no `balpm-server` process); tests/unit by default;
+* `service`: a real server on loopback; tests/service, tests/client, tests/interop by default;
+* `slow`: the long ones, marked explicitly (`@pytest.mark.slow` / `pytestmark`): fuzz at full
+  count, SIGKILL x20, the label-efficiency pipeline, Triton, Label Studio.
+
+An explicit `slow` or `service` marker wins over the folder (e.g. the HEALTHCHECK tests in
+tests/unit start a gRPC health server, so they are `service`). A test in no tier fails
+collection, and a `unit` test that creates a gRPC server fails.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +21,57 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from balpm_server.server import RunningServer, create_server
 from balpm_server.settings import Settings
+
+TIERS = ("unit", "service", "slow")
+TIER_BY_FOLDER = {"unit": "unit", "service": "service", "client": "service", "interop": "service"}
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _tier(item: pytest.Item) -> str | None:
+    """The tier an item belongs to: an explicit tier marker first (slow over service), else its folder."""
+    for tier in ("slow", "service", "unit"):
+        if item.get_closest_marker(tier) is not None:
+            return tier
+    path = item.path.resolve()
+    if not path.is_relative_to(TESTS_DIR):
+        return None
+    parts = path.relative_to(TESTS_DIR).parts
+    return TIER_BY_FOLDER.get(parts[0]) if len(parts) > 1 else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put every test in exactly one tier (so `-m unit`, `-m service`, `-m slow` partition the suite)."""
+    untiered = []
+    for item in items:
+        tier = _tier(item)
+        if tier is None:
+            untiered.append(item.nodeid)
+            continue
+        if item.get_closest_marker(tier) is None:
+            item.add_marker(getattr(pytest.mark, tier))
+    if untiered:
+        raise pytest.UsageError(
+            f"tests in no tier (put them under tests/unit, tests/service, ... or mark them slow): {untiered}"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the `unit` tier, creating a gRPC server is an error: such a test belongs in `service`."""
+    if _tier(request.node) != "unit":
+        return
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError(f"{request.node.nodeid} is in the unit tier but starts a gRPC server: mark it service")
+
+    monkeypatch.setattr(grpc, "server", refuse)
+    monkeypatch.setattr(grpc.aio, "server", refuse)
 
 
 class ServerThread:

@@ -1,75 +1,90 @@
-"""The balpm Python SDK: a blocking client over the balpm.v1 gRPC API.
+"""The balpm Python SDK: `Client` (blocking) and `balpm.AsyncClient` (asyncio), over the balpm.v1 gRPC API.
 
     with balpm.Client("127.0.0.1:50051") as client:
         client.create_pool("demo")
         client.upload_items("demo", items)
         batch = client.acquire("demo", batch_size=32, strategy="BALPM")
 
-Every transport error is converted in `_call` into `balpm.errors.BalpmError` subclasses.
+Both clients have the same methods; what each does is written once in `balpm._plans` (with the
+request builders of `balpm.messages`) and run here with blocking gRPC calls. Every failure is a
+`balpm.errors.BalpmError` subclass. Every call has a deadline: `timeout_s` (default 60 s) for unary
+calls, `long_timeout_s` (default 1 h) for uploads and exports, and the caller's `timeout_s` for waits.
+The idempotent methods (`RETRY_METHODS`) are retried on UNAVAILABLE by gRPC itself, through the
+channel's service config (`service_config`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpc
 
-from balpm.errors import from_rpc_error
+from balpm import _plans as plans
+from balpm.errors import UnavailableError, from_rpc_error
+from balpm.messages import PREFERENCES, STRATEGIES, UploadSummary, item_message, strategy_number
 from balpm.v1 import balpm_pb2 as pb
 from balpm.v1 import balpm_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-PREFERENCES = {"A": pb.PREFERENCE_A, "B": pb.PREFERENCE_B, "TIE": pb.PREFERENCE_TIE}
-STRATEGIES = {name[len("STRATEGY_") :]: num for name, num in pb.Strategy.items() if name != "STRATEGY_UNSPECIFIED"}
+SERVICE = "balpm.v1.BalpmService"
+#: Methods gRPC retries on UNAVAILABLE: the read-only ones, IngestLabels (idempotent by label_id and
+#: request_id: a replay is counted as duplicates), UpdateItemScores (sets absolute values) and
+#: CancelOperation (a second request changes nothing). Not retried: CreatePool and DeletePool (a replay
+#: answers ALREADY_EXISTS / NOT_FOUND), UploadItems (client streaming, beyond gRPC's retry buffer),
+#: UpdatePosterior (starts training), AcquireBatch (leases) and ReleaseItems (with annotator_id "" a
+#: replay could end another annotator's new lease).
+RETRY_METHODS = (
+    "GetPool",
+    "ListPools",
+    "GetOperation",
+    "WatchOperation",
+    "CancelOperation",
+    "ExportLabels",
+    "ExportItems",
+    "Predict",
+    "Evaluate",
+    "IngestLabels",
+    "UpdateItemScores",
+)
+#: gRPC retry policy of RETRY_METHODS: up to 5 attempts, exponential backoff 0.2 s .. 5 s (jittered by gRPC).
+RETRY_POLICY: Mapping[str, Any] = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.2s",
+    "maxBackoff": "5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+#: Deadline of Predict and Evaluate (they may featurise ad-hoc texts) when `timeout_s` is shorter.
+SLOW_TIMEOUT_S = 600.0
+MAX_MESSAGE_BYTES = 64 << 20
 
 
-def strategy_number(strategy: str | int | None) -> int:
-    """Map "BALPM"/"balpm"/"STRATEGY_BALPM" or an enum number to the Strategy enum number."""
-    if strategy is None:
-        return pb.STRATEGY_UNSPECIFIED
-    if isinstance(strategy, int):
-        return strategy
-    key = strategy.upper().removeprefix("STRATEGY_").replace("-", "_")
-    if key not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[key]
+def service_config(*, retry: bool = True) -> dict[str, Any]:
+    """The gRPC service config of the SDK's channels (`grpc.service_config`): RETRY_POLICY for RETRY_METHODS."""
+    if not retry:
+        return {}
+    names = [{"service": SERVICE, "method": method} for method in RETRY_METHODS]
+    return {"methodConfig": [{"name": names, "retryPolicy": dict(RETRY_POLICY)}]}
 
 
-def item_message(item: Mapping[str, Any] | pb.Item) -> pb.Item:
-    """Build an Item from a dict with item_id, prompt, completion_a, completion_b and optional
-    prompt_features / completion_a_features / completion_b_features / split / heldout_preference."""
-    if isinstance(item, pb.Item):
-        return item
-    msg = pb.Item(
-        item_id=str(item["item_id"]),
-        prompt=item.get("prompt", ""),
-        completion_a=item.get("completion_a", ""),
-        completion_b=item.get("completion_b", ""),
-    )
-    for key in ("prompt_features", "completion_a_features", "completion_b_features"):
-        if item.get(key) is not None:
-            getattr(msg, key).extend([float(x) for x in item[key]])
-    if item.get("split") in ("HELDOUT", pb.SPLIT_HELDOUT):
-        msg.split = pb.SPLIT_HELDOUT
-        msg.heldout_preference = PREFERENCES[str(item["heldout_preference"]).upper()]
-    return msg
+def channel_options(options: Sequence[tuple[str, Any]] = (), *, retry: bool = True) -> list[tuple[str, Any]]:
+    """The channel options of a client: 64 MiB messages, the service config; `options` override them."""
+    opts: dict[str, Any] = {
+        "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+        "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+        "grpc.enable_retries": 1 if retry else 0,
+    }
+    if retry:
+        opts["grpc.service_config"] = json.dumps(service_config())
+    opts.update(dict(options))
+    return list(opts.items())
 
 
-@dataclass(frozen=True)
-class UploadSummary:
-    """Totals of an upload."""
-
-    accepted_count: int
-    duplicate_count: int
-    rejections: list[pb.Rejection]
-    pool: pb.Pool
-
-
-class Client:
-    """Blocking balpm client.
+class ClientBase:
+    """What `Client` and `AsyncClient` share: the channel's options, credentials, metadata and deadlines.
 
     Args:
         target: Server address "host:port".
@@ -78,8 +93,10 @@ class Client:
         private_key: Client key PEM for mutual TLS.
         certificate_chain: Client certificate PEM for mutual TLS.
         tls: Use TLS with the system roots.
-        timeout_s: Default deadline of unary calls.
-        options: Extra channel options.
+        timeout_s: Deadline of unary calls (Predict and Evaluate: at least SLOW_TIMEOUT_S).
+        long_timeout_s: Deadline of uploads and exports (streams).
+        retry: Retry the idempotent methods (RETRY_METHODS) on UNAVAILABLE.
+        options: Extra channel options (override the SDK's, e.g. ("grpc.service_config", ...)).
     """
 
     def __init__(
@@ -92,18 +109,81 @@ class Client:
         certificate_chain: bytes | None = None,
         tls: bool = False,
         timeout_s: float = 60.0,
+        long_timeout_s: float = 3600.0,
+        retry: bool = True,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20), *options]
-        if tls or root_certificates or certificate_chain:
-            creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            self._channel = grpc.secure_channel(target, creds, options=opts)
-        else:
-            self._channel = grpc.insecure_channel(target, options=opts)
-        self._stub = pb_grpc.BalpmServiceStub(self._channel)
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self.timeout_s = timeout_s
         self.target = target
+        self.timeout_s = timeout_s
+        self.long_timeout_s = long_timeout_s
+        self.channel_options = channel_options(options, retry=retry)
+        self._credentials = None
+        if tls or root_certificates or certificate_chain:
+            self._credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+        self._channel: Any = None
+        self._stub: pb_grpc.BalpmServiceStub | None = None
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        if self._EAGER:
+            self._connect()
+
+    #: Open the channel in __init__ (the blocking client) rather than on the first call (asyncio).
+    _EAGER = False
+
+    def _open_channel(self, target: str, creds: grpc.ChannelCredentials | None, opts: list[tuple[str, Any]]) -> Any:
+        raise NotImplementedError
+
+    def _connect(self) -> pb_grpc.BalpmServiceStub:
+        """The stub, opening the channel on first use (AsyncClient: in the event loop that uses it)."""
+        if self._stub is None:
+            self._channel = self._open_channel(self.target, self._credentials, self.channel_options)
+            self._stub = pb_grpc.BalpmServiceStub(self._channel)
+        return self._stub
+
+    @property
+    def stub(self) -> pb_grpc.BalpmServiceStub:
+        """The raw generated stub, for calls the SDK does not wrap."""
+        return self._connect()
+
+    def _deadline(self, deadline: plans.Deadline) -> float:
+        if deadline == "default":
+            return self.timeout_s
+        if deadline == "slow":
+            return max(self.timeout_s, SLOW_TIMEOUT_S)
+        if deadline == "long":
+            return self.long_timeout_s
+        return float(deadline)
+
+    def _unreachable(self, timeout_s: float) -> UnavailableError:
+        return UnavailableError.local(
+            f"server {self.target} not reachable within {timeout_s:g} s", reason="SERVER_UNREACHABLE"
+        )
+
+    def _method(self, name: str) -> Any:
+        return getattr(self._connect(), name)
+
+    def _call(self, method: Callable[..., Any], request: Any, *, timeout_s: float | None = None) -> Any:
+        """Invoke a stub method with the key's metadata and a deadline (default `timeout_s`)."""
+        return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+
+    def _start(self, step: plans.Step) -> Any:
+        """Start a Unary or Open step (the blocking reply, or the call to read / await); do a Close."""
+        if isinstance(step, (plans.Unary, plans.Open)):
+            return self._call(self._method(step.method), step.request, timeout_s=self._deadline(step.deadline))
+        if isinstance(step, plans.Close):
+            step.stream.cancel()
+            return None
+        raise TypeError(f"not a step for _start: {step!r}")
+
+
+class Client(ClientBase):
+    """Blocking balpm client (arguments: see `ClientBase`)."""
+
+    _EAGER = True
+
+    def _open_channel(self, target: str, creds: grpc.ChannelCredentials | None, opts: list[tuple[str, Any]]) -> Any:
+        if creds is not None:
+            return grpc.secure_channel(target, creds, options=opts)
+        return grpc.insecure_channel(target, options=opts)
 
     def __enter__(self) -> Client:
         return self
@@ -113,37 +193,62 @@ class Client:
 
     def close(self) -> None:
         """Close the channel."""
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
-    @property
-    def stub(self) -> pb_grpc.BalpmServiceStub:
-        """The raw generated stub, for calls the SDK does not wrap."""
-        return self._stub
+    # ---- running plans ---------------------------------------------------------------------
 
-    def _call(self, method: Callable[..., T], request: Any, *, timeout_s: float | None = None) -> T:
+    def _execute(self, step: plans.Step) -> Any:
         try:
-            return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+            if isinstance(step, plans.Read):
+                return next(step.stream, None)
+            if isinstance(step, plans.Upload):
+                return self._upload(step)
+            if isinstance(step, plans.Sleep):
+                return time.sleep(step.seconds)
+            return self._start(step)  # a unary call's reply
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 
-    def _stream(self, method: Callable[..., Iterable[T]], request: Any, timeout_s: float | None) -> Iterator[T]:
+    def _upload(self, step: plans.Upload) -> Any:
+        requests = step.requests
+        future = self._method(step.method).future(
+            iter(requests), timeout=self._deadline(step.deadline), metadata=self._metadata
+        )
+        requests.cancel = future.cancel
         try:
-            yield from method(request, timeout=timeout_s, metadata=self._metadata)
+            resp = future.result()
+        except grpc.FutureCancelledError:
+            resp = None  # cancelled by `requests` itself: it raises why
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
+            return requests.outcome(None, from_rpc_error(e))
+        return requests.outcome(resp)
+
+    def _run(self, plan: plans.Plan[T]) -> T:
+        with plans.Stepper(plan) as stepper:
+            for step in stepper:
+                stepper.settle(self._execute, step)
+        return stepper.result  # type: ignore[return-value]
+
+    def _iterate(self, plan: plans.Plan[None]) -> Iterator[Any]:
+        with plans.Stepper(plan) as stepper:
+            for step in stepper:
+                if isinstance(step, plans.Emit):
+                    yield step.value
+                else:
+                    stepper.settle(self._execute, step)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until the channel connects.
 
         Raises:
-            balpm.errors.UnavailableError: Not connected within `timeout_s`.
+            balpm.errors.UnavailableError: Not connected within `timeout_s` (reason SERVER_UNREACHABLE).
         """
         try:
+            self._connect()
             grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError as e:
-            from balpm.errors import UnavailableError
-
-            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"server {self.target} not reachable") from e
+            raise self._unreachable(timeout_s) from e
 
     # ---- pools ---------------------------------------------------------------------------
 
@@ -151,35 +256,19 @@ class Client:
         """Create a pool. Settings are PoolSettings fields, e.g. feature_source="CLIENT", feature_dim=384,
         default_strategy="BALPM", beta=0.01, knn_k=13, knn_convention="AUTHORS", ensemble_size=5,
         hidden_sizes=[2048, 256]."""
-        s = dict(settings)
-        if isinstance(s.get("feature_source"), str):
-            s["feature_source"] = pb.FeatureSource.Value("FEATURE_SOURCE_" + s["feature_source"].upper())
-        if "default_strategy" in s:
-            s["default_strategy"] = strategy_number(s["default_strategy"])
-        if isinstance(s.get("posterior_kind"), str):
-            s["posterior_kind"] = pb.PosteriorKind.Value("POSTERIOR_KIND_" + s["posterior_kind"].upper())
-        if isinstance(s.get("knn_convention"), str):
-            s["knn_convention"] = pb.KnnConvention.Value("KNN_CONVENTION_" + s["knn_convention"].upper())
-        req = pb.CreatePoolRequest(pool_id=pool_id, settings=pb.PoolSettings(**s))
-        return self._call(self._stub.CreatePool, req).pool
+        return self._run(plans.create_pool(pool_id, settings))
 
     def get_pool(self, pool_id: str) -> pb.Pool:
         """Return a pool."""
-        return self._call(self._stub.GetPool, pb.GetPoolRequest(pool_id=pool_id)).pool
+        return self._run(plans.get_pool(pool_id))
 
     def list_pools(self, page_size: int = 100) -> Iterator[pb.Pool]:
         """Iterate over all pools, fetching pages as needed."""
-        token = ""
-        while True:
-            resp = self._call(self._stub.ListPools, pb.ListPoolsRequest(page_size=page_size, page_token=token))
-            yield from resp.pools
-            token = resp.next_page_token
-            if not token:
-                return
+        return self._iterate(plans.list_pools(page_size))
 
     def delete_pool(self, pool_id: str) -> None:
         """Delete a pool and its data."""
-        self._call(self._stub.DeletePool, pb.DeletePoolRequest(pool_id=pool_id))
+        self._run(plans.delete_pool(pool_id))
 
     def wait_pool_ready(
         self,
@@ -189,17 +278,12 @@ class Client:
         poll_s: float = 0.5,
         progress: Callable[[pb.Pool], None] | None = None,
     ) -> pb.Pool:
-        """Poll until the pool leaves STATE_FEATURIZING."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            pool = self.get_pool(pool_id)
-            if progress is not None:
-                progress(pool)
-            if pool.state == pb.Pool.STATE_READY:
-                return pool
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"pool {pool_id} still featurising after {timeout_s} s")
-            time.sleep(poll_s)
+        """Poll until the pool leaves STATE_FEATURIZING; `progress(pool)` after every poll.
+
+        Raises:
+            balpm.errors.WaitTimeoutError: Still featurising after `timeout_s` (reason WAIT_TIMEOUT).
+        """
+        return self._run(plans.wait_pool_ready(pool_id, timeout_s, poll_s, progress))
 
     # ---- items and labels ----------------------------------------------------------------
 
@@ -212,68 +296,54 @@ class Client:
         progress: Callable[[int], None] | None = None,
         timeout_s: float | None = None,
     ) -> UploadSummary:
-        """Stream items to a pool in chunks; `progress(n_sent)` is called after each chunk is queued."""
+        """Stream items to a pool in chunks; `progress(n_sent)` is called after each chunk is queued.
 
-        def messages() -> Iterator[pb.UploadItemsRequest]:
-            yield pb.UploadItemsRequest(header=pb.UploadHeader(pool_id=pool_id))
-            chunk: list[pb.Item] = []
-            sent = 0
-            for it in items:
-                chunk.append(item_message(it))
-                if len(chunk) >= chunk_size:
-                    yield pb.UploadItemsRequest(chunk=pb.ItemChunk(items=chunk))
-                    sent += len(chunk)
-                    chunk = []
-                    if progress is not None:
-                        progress(sent)
-            if chunk:
-                yield pb.UploadItemsRequest(chunk=pb.ItemChunk(items=chunk))
-                sent += len(chunk)
-                if progress is not None:
-                    progress(sent)
+        Items are dicts (see `balpm.messages.item_message`) or balpm.v1.Item messages, converted chunk by
+        chunk. `timeout_s` defaults to the client's `long_timeout_s`.
 
-        resp = self._call(self._stub.UploadItems, messages(), timeout_s=timeout_s or 3600.0)
-        return UploadSummary(resp.accepted_count, resp.duplicate_count, list(resp.rejections), resp.pool)
+        Raises:
+            balpm.errors.InvalidInputError: A malformed item (nothing after it is sent).
+        """
+        return self._run(plans.upload_items(pool_id, items, chunk_size, progress, timeout_s))
 
     def ingest_labels(
-        self, pool_id: str, labels: Iterable[Mapping[str, Any]], *, request_id: str = ""
+        self, pool_id: str, labels: Iterable[Mapping[str, Any] | pb.Label], *, request_id: str = ""
     ) -> pb.IngestLabelsResponse:
         """Store labels: dicts with label_id, item_id, preference ("A", "B" or "TIE"), annotator_id."""
-        msgs = [
-            pb.Label(
-                label_id=str(lb["label_id"]),
-                item_id=str(lb["item_id"]),
-                preference=cast(
-                    Any,
-                    PREFERENCES[str(lb["preference"]).upper()]
-                    if isinstance(lb["preference"], str)
-                    else int(lb["preference"]),
-                ),
-                annotator_id=str(lb.get("annotator_id", "")),
-            )
-            for lb in labels
-        ]
-        req = pb.IngestLabelsRequest(pool_id=pool_id, labels=msgs, request_id=request_id)
-        return self._call(self._stub.IngestLabels, req)
+        return self._run(plans.ingest_labels(pool_id, labels, request_id))
 
     def export_labels(self, pool_id: str, *, page_size: int = 1000, page_token: str = "") -> Iterator[pb.ExportedLabel]:
-        """Stream every label of a pool."""
-        req = pb.ExportLabelsRequest(pool_id=pool_id, page_size=page_size, page_token=page_token)
-        for page in self._stream(self._stub.ExportLabels, req, None):
-            yield from page.labels
+        """Stream every label of a pool (resumed after the last page if the stream breaks)."""
+        return self._iterate(plans.export_labels(pool_id, page_size, page_token))
+
+    def export_items(
+        self,
+        pool_id: str,
+        *,
+        include_features: bool = False,
+        split: str | int | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Iterator[pb.Item]:
+        """Stream a pool's items in upload order (resumed after the last page if the stream breaks).
+
+        Args:
+            pool_id: The pool.
+            include_features: Also send the three feature vectors (items still being featurised come
+                without them).
+            split: "POOL" or "HELDOUT" (None: every item).
+            page_size: Items per streamed page (0: the server's default).
+            page_token: Resume after this token.
+        """
+        return self._iterate(plans.export_items(pool_id, include_features, split, page_size, page_token))
 
     def release_items(self, pool_id: str, item_ids: Sequence[str], annotator_id: str = "") -> int:
         """End leases; returns how many ended."""
-        req = pb.ReleaseItemsRequest(pool_id=pool_id, item_ids=list(item_ids), annotator_id=annotator_id)
-        return self._call(self._stub.ReleaseItems, req).released_count
+        return self._run(plans.release_items(pool_id, item_ids, annotator_id))
 
     def update_item_scores(self, pool_id: str, scores: Mapping[str, Mapping[str, float]]) -> int:
         """Set APL log-probabilities: item_id -> {logp_policy_a, logp_policy_b, logp_ref_a, logp_ref_b}."""
-        req = pb.UpdateItemScoresRequest(
-            pool_id=pool_id,
-            scores=[pb.ItemScores(item_id=iid, apl_scores=pb.AplScores(**s)) for iid, s in scores.items()],
-        )
-        return self._call(self._stub.UpdateItemScores, req).updated_count
+        return self._run(plans.update_item_scores(pool_id, scores))
 
     # ---- training ------------------------------------------------------------------------
 
@@ -288,48 +358,33 @@ class Client:
         progress: Callable[[pb.Operation], None] | None = None,
         timeout_s: float = 3600.0,
     ) -> pb.Operation:
-        """Start training; with `wait`, stream progress until done and return the final operation.
+        """Start training; with `wait`, follow its progress until done and return the final operation.
 
         Raises:
             balpm.errors.BalpmError: The operation failed or was cancelled (code from its error).
+            balpm.errors.WaitTimeoutError: Not done after `timeout_s`.
         """
-        req = pb.UpdatePosteriorRequest(pool_id=pool_id, seed=seed, warm_start=warm_start, epochs=epochs)
-        op = self._call(self._stub.UpdatePosterior, req).operation
-        if not wait:
-            return op
-        return self.wait_operation(op.operation_id, progress=progress, timeout_s=timeout_s)
+        return self._run(plans.update_posterior(pool_id, seed, warm_start, epochs, wait, progress, timeout_s))
 
     def wait_operation(
         self, operation_id: str, *, progress: Callable[[pb.Operation], None] | None = None, timeout_s: float = 3600.0
     ) -> pb.Operation:
-        """Watch an operation until done; raise if it failed."""
-        op = None
-        for msg in self._stream(
-            self._stub.WatchOperation, pb.WatchOperationRequest(operation_id=operation_id), timeout_s
-        ):
-            op = msg.operation
-            if progress is not None:
-                progress(op)
-            if op.done:
-                break
-        if op is None or not op.done:
-            op = self.get_operation(operation_id)
-        if op.state != pb.Operation.STATE_SUCCEEDED:
-            code = {c.value[0]: c for c in grpc.StatusCode}.get(op.error.code, grpc.StatusCode.UNKNOWN)
-            from balpm.errors import _BY_CODE, BalpmError
+        """Watch an operation until done; raise if it failed.
 
-            raise _BY_CODE.get(code, BalpmError)(
-                code, op.error.message, reason="OPERATION_" + pb.Operation.State.Name(op.state)
-            )
-        return op
+        Raises:
+            balpm.errors.BalpmError: The operation failed (reason OPERATION_STATE_FAILED) or was cancelled
+                (OPERATION_STATE_CANCELLED), with the class of its error code.
+            balpm.errors.WaitTimeoutError: Not done after `timeout_s`.
+        """
+        return self._run(plans.wait_operation(operation_id, progress, timeout_s))
 
     def get_operation(self, operation_id: str) -> pb.Operation:
         """Return an operation."""
-        return self._call(self._stub.GetOperation, pb.GetOperationRequest(operation_id=operation_id)).operation
+        return self._run(plans.get_operation(operation_id))
 
     def cancel_operation(self, operation_id: str) -> pb.Operation:
         """Request cancellation of an operation."""
-        return self._call(self._stub.CancelOperation, pb.CancelOperationRequest(operation_id=operation_id)).operation
+        return self._run(plans.cancel_operation(operation_id))
 
     # ---- acquisition and prediction ------------------------------------------------------
 
@@ -345,28 +400,31 @@ class Client:
         **options: float,
     ) -> pb.AcquireBatchResponse:
         """Acquire and lease the next batch. Options: beta, d_ent, temperature, apl_beta_dpo, apl_entropy_top_s."""
-        req = pb.AcquireBatchRequest(
-            pool_id=pool_id,
-            batch_size=batch_size,
-            strategy=cast(Any, strategy_number(strategy)),
-            seed=seed,
-            lease_ttl_s=lease_ttl_s,
-            annotator_id=annotator_id,
-            options=pb.StrategyOptions(**cast(dict[str, Any], options)),
-        )
-        return self._call(self._stub.AcquireBatch, req)
+        return self._run(plans.acquire(pool_id, batch_size, strategy, seed, lease_ttl_s, annotator_id, options))
 
     def predict(
-        self, pool_id: str, item_ids: Sequence[str] = (), items: Iterable[Mapping[str, Any]] = ()
+        self, pool_id: str, item_ids: Sequence[str] = (), items: Iterable[Mapping[str, Any] | pb.Item] = ()
     ) -> pb.PredictResponse:
         """Predict stored items (by id) or ad-hoc items."""
-        req = pb.PredictRequest(pool_id=pool_id, item_ids=list(item_ids), items=[item_message(i) for i in items])
-        return self._call(self._stub.Predict, req)
+        return self._run(plans.predict(pool_id, item_ids, items))
 
-    def evaluate(self, pool_id: str, items: Iterable[tuple[Mapping[str, Any], str]] = ()) -> pb.EvaluateResponse:
+    def evaluate(
+        self, pool_id: str, items: Iterable[tuple[Mapping[str, Any] | pb.Item, str]] = ()
+    ) -> pb.EvaluateResponse:
         """Evaluate on (item, preference) pairs, or on the held-out split when none are given."""
-        req = pb.EvaluateRequest(
-            pool_id=pool_id,
-            items=[pb.LabelledItem(item=item_message(i), preference=PREFERENCES[p.upper()]) for i, p in items],
-        )
-        return self._call(self._stub.Evaluate, req, timeout_s=600.0)
+        return self._run(plans.evaluate(pool_id, items))
+
+
+__all__ = [
+    "PREFERENCES",
+    "RETRY_METHODS",
+    "RETRY_POLICY",
+    "STRATEGIES",
+    "Client",
+    "ClientBase",
+    "UploadSummary",
+    "channel_options",
+    "item_message",
+    "service_config",
+    "strategy_number",
+]

@@ -15,18 +15,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from balpm.errors import InvalidInputError
+
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield the JSON objects of a .jsonl or .jsonl.gz file, skipping blank lines."""
+    """Yield the JSON objects of a .jsonl or .jsonl.gz file, skipping blank lines.
+
+    Raises:
+        balpm.errors.InvalidInputError: The file cannot be read, or a line is not a JSON object
+            (the message names the file and line).
+    """
     p = Path(path)
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{line_no}: not valid JSON: {e}") from e
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise _bad_file(f"{p}:{line_no}: not valid JSON: {e}") from e
+                    if not isinstance(row, dict):
+                        raise _bad_file(f"{p}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                    yield row
+    except (OSError, UnicodeDecodeError, EOFError) as e:  # missing, unreadable, not gzip, not UTF-8
+        raise _bad_file(f"cannot read {p}: {e}") from e
+
+
+def _bad_file(message: str) -> InvalidInputError:
+    return InvalidInputError.local(message, reason="BAD_FILE")
 
 
 @dataclass(frozen=True)
@@ -48,10 +65,19 @@ def hide_preferences(rows: list[dict[str, Any]], seed: int, *, heldout: bool = F
 
     Rows that already carry item_id/completion_a/completion_b (and optionally
     `preference`) are passed through.
+
+    Raises:
+        balpm.errors.InvalidInputError: A chosen/rejected row lacks prompt or rejected (rows[i].<key>).
     """
     rng = random.Random(seed)
     out = []
     for i, row in enumerate(rows):
+        for key in ("prompt", "rejected") if "chosen" in row else ():
+            if key not in row:
+                raise InvalidInputError.local(
+                    f"row {i} has 'chosen' but no {key!r} (the shared format is prompt, chosen, rejected)",
+                    field=f"rows[{i}].{key}",
+                )
         if "chosen" in row:
             chosen_first = rng.random() < 0.5
             a, b = (row["chosen"], row["rejected"]) if chosen_first else (row["rejected"], row["chosen"])

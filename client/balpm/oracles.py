@@ -8,30 +8,42 @@ server trains on (the prompt+completion vectors). Its Bradley-Terry probability
 chosen by bisection so that the expected agreement with the teacher's own argmax,
 `mean(max(P(A), 1 - P(A)))`, equals the requested rate (0.89 by default). The
 same teacher labels the held-out test items, so the test log-likelihood has a known
-ceiling. The teacher needs the features on the client side; `extract_features`
-computes them with the server's own embedded extractor behind the server's own disk
-cache (`<data_dir>/feature_cache.sqlite3`), so they are bit-identical to the vectors
-a SERVER-feature pool holds, and texts the server already featurised cost a look-up.
+ceiling. The teacher needs the features on the client side; `extract_features` asks
+the server for them: it uploads the texts to a temporary SERVER-feature pool, waits
+until they are featurised and reads the vectors back with ExportItems, so they are
+exactly the vectors a SERVER-feature pool holds (the server's extractor and its feature
+cache; nothing of the server runs in the client).
 
 Redundancy (`expand_redundancy`): each pool item is repeated R times with tiny
 Gaussian noise on its three vectors and an independent teacher draw per copy, the
 situation of Reddit TL;DR where one post carries many comparisons. It needs
 client-supplied features, so model-oracle pools are FEATURE_SOURCE_CLIENT pools.
 
+This module is part of the `balpm[sim]` extra (numpy).
+
 Letter legend: N items, D feature dimension, H teacher hidden width.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from balpm.data import HiddenPair
+from balpm.errors import BalpmError, FailedPreconditionError, InvalidInputError, missing_dependency
+from balpm.progress import bar
+
+try:
+    import numpy as np
+except ImportError as e:  # pragma: no cover - depends on the installed extras
+    raise missing_dependency("numpy", "sim", "balpm.oracles (the simulation's oracles)") from e
+
+if TYPE_CHECKING:
+    from balpm.client import Client
 
 ORACLES = ("human", "model")
 
@@ -54,58 +66,96 @@ class PairFeatures:
 
 
 def extract_features(
+    client: Client,
     pairs: Sequence[HiddenPair],
     *,
-    cache_path: str | Path,
-    model_path: str = "",
-    pooling: str = "mean",
-    device: str = "auto",
-    max_length_tokens: int = 256,
-    batch_size: int = 64,
-) -> tuple[PairFeatures, dict[str, int]]:
-    """Features of the items with the server's embedded extractor and its disk cache.
+    pool_id: str = "",
+    chunk_size: int = 500,
+    timeout_s: float = 3600.0,
+    progress: bool = False,
+    keep_pool: bool = False,
+) -> tuple[PairFeatures, dict[str, Any]]:
+    """Features of the items, extracted by the server.
 
-    The texts are exactly those the server embeds for a SERVER-feature pool
-    (prompt, prompt + completion A, prompt + completion B) and the cache key is the
-    server's (extractor name, text), so a warm cache answers without running the model.
+    Uploads the texts to a new SERVER-feature pool, waits until the server has featurised them, reads the
+    vectors back with ExportItems and deletes the pool. The server embeds exactly what it embeds for any
+    SERVER-feature pool (prompt, prompt + completion A, prompt + completion B) with its extractor and its
+    feature cache, so texts it featurised before cost a cache look-up.
 
     Args:
+        client: Connected SDK client.
         pairs: Items (their `item` dicts carry prompt / completion_a / completion_b).
-        cache_path: The SQLite cache file (the server uses `<data_dir>/feature_cache.sqlite3`).
-        model_path: Local model folder ("" = the bundled all-MiniLM-L6-v2).
-        pooling: "mean" or "last_token" (causal LMs).
-        device: Torch device for texts missing from the cache.
-        max_length_tokens: Truncation length (the server's default is 256).
-        batch_size: Texts per forward pass.
+        pool_id: Id of the temporary pool ("" = generated).
+        chunk_size: Items per upload chunk.
+        timeout_s: Deadline of the upload and of the wait for featurisation.
+        progress: Show upload / featurisation / export progress bars on stderr.
+        keep_pool: Keep the pool (e.g. to inspect it).
 
     Returns:
-        (features, {"hits": cached texts, "misses": texts embedded now}).
+        (features, {"pool_id", "items", "feature_dim", "extractor", "seconds"}).
+
+    Raises:
+        balpm.errors.InvalidInputError: The server rejected an item (e.g. a text over its size limit).
+        balpm.errors.UnimplementedError: The server has no ExportItems (an older server).
     """
-    from balpm_server.features.cache import CachedExtractor
-    from balpm_server.features.transformers_extractor import TransformersExtractor
-    from balpm_server.settings import default_model_path
+    t0 = time.perf_counter()
+    if not pairs:
+        empty = np.zeros((0, 0), dtype=np.float32)
+        return PairFeatures(empty, empty, empty), {"pool_id": "", "items": 0, "feature_dim": 0, "seconds": 0.0}
+    pool_id = pool_id or f"features-{uuid.uuid4().hex[:16]}"
+    items = [
+        {
+            "item_id": f"x{i}",
+            "prompt": p.item.get("prompt", ""),
+            "completion_a": p.item.get("completion_a", ""),
+            "completion_b": p.item.get("completion_b", ""),
+        }
+        for i, p in enumerate(pairs)
+    ]
+    n = len(items)
+    pool = client.create_pool(pool_id, feature_source="SERVER")
+    try:
+        with bar(n, "upload", "item", enabled=progress) as b:
+            summary = client.upload_items(pool_id, items, chunk_size=chunk_size, progress=b.set, timeout_s=timeout_s)
+        if summary.rejections:
+            r = summary.rejections[0]
+            raise InvalidInputError.local(
+                f"the server rejected {len(summary.rejections)} of {n} texts; first: pair #{r.index}: "
+                f"{r.field}: {r.message} [{r.reason}]",
+                reason="ITEM_REJECTED",
+                field=f"pairs[{r.index}]",
+            )
+        with bar(n, "featurise", "item", enabled=progress) as b:
+            client.wait_pool_ready(pool_id, timeout_s=timeout_s, progress=lambda p: b.set(int(p.featurized_count)))
+        vectors: dict[str, tuple[Any, Any, Any]] = {}
+        with bar(n, "export features", "item", enabled=progress) as b:
+            for it in client.export_items(pool_id, include_features=True):
+                vectors[it.item_id] = (it.prompt_features, it.completion_a_features, it.completion_b_features)
+                b.update()
+    finally:
+        if not keep_pool:
+            _delete_quietly(client, pool_id)
+    missing = [it["item_id"] for it in items if it["item_id"] not in vectors or not vectors[it["item_id"]][0]]
+    if missing:
+        raise FailedPreconditionError.local(
+            f"ExportItems returned no features for {len(missing)} of {n} items (first {missing[0]})",
+            reason="FEATURES_MISSING",
+        )
+    parts = [np.asarray([vectors[it["item_id"]][k] for it in items], dtype=np.float32) for k in range(3)]
+    info = {
+        "pool_id": pool_id,
+        "items": n,
+        "feature_dim": int(parts[0].shape[1]),
+        "extractor": pool.extractor,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return PairFeatures(*parts), info
 
-    inner = TransformersExtractor(
-        model_path or default_model_path(),
-        pooling=pooling,
-        max_length_tokens=max_length_tokens,
-        batch_size=batch_size,
-        device=device,
-    )
-    ex = CachedExtractor(inner, Path(cache_path))
-    prompts = [p.item["prompt"] for p in pairs]
-    texts_a = [p.item["prompt"] + p.item["completion_a"] for p in pairs]
-    texts_b = [p.item["prompt"] + p.item["completion_b"] for p in pairs]
 
-    async def run() -> np.ndarray:
-        try:
-            return await ex.embed(prompts + texts_a + texts_b)
-        finally:
-            await ex.close()
-
-    feats = asyncio.run(run())
-    n = len(pairs)
-    return PairFeatures(feats[:n], feats[n : 2 * n], feats[2 * n :]), {"hits": ex.hits, "misses": ex.misses}
+def _delete_quietly(client: Client, pool_id: str) -> None:
+    """Delete a temporary pool; a failure here must not hide the error that ended the work."""
+    with contextlib.suppress(BalpmError):
+        client.delete_pool(pool_id)
 
 
 @dataclass
@@ -158,7 +208,7 @@ class RewardTeacher:
             self.
         """
         if not 0.5 < agreement < 1.0:
-            raise ValueError(f"agreement must be in (0.5, 1), got {agreement}")
+            raise InvalidInputError.local(f"agreement must be in (0.5, 1), got {agreement}", field="agreement")
         both = np.concatenate([feats.a_N_D, feats.b_N_D]).astype(np.float64)
         self.mean_D = both.mean(axis=0)
         self.std_D = both.std(axis=0) + 1e-6
@@ -217,7 +267,7 @@ def expand_redundancy(
         (R * N items in prompt-major order, their features).
     """
     if redundancy < 1:
-        raise ValueError(f"redundancy must be >= 1, got {redundancy}")
+        raise InvalidInputError.local(f"redundancy must be >= 1, got {redundancy}", field="redundancy")
     if redundancy == 1:
         return list(pairs), feats
     rng = np.random.default_rng(seed)
@@ -322,11 +372,9 @@ def prepare_oracle(
     noise: float = 0.01,
     teacher_seed: int = 0,
     label_seed: int = 0,
-    cache_path: str | Path = "./balpm-data/feature_cache.sqlite3",
-    model_path: str = "",
-    pooling: str = "mean",
-    device: str = "auto",
+    client: Client | None = None,
     features: tuple[PairFeatures, PairFeatures] | None = None,
+    progress: bool = False,
 ) -> OracleData:
     """Build the items and labels of one oracle.
 
@@ -339,25 +387,31 @@ def prepare_oracle(
         noise: Relative feature noise of the copies.
         teacher_seed: Seed of the teacher's weights.
         label_seed: Seed of the teacher's draws and of the copy noise.
-        cache_path: The server's feature cache file (`<data_dir>/feature_cache.sqlite3`).
-        model_path: Local model folder of the extractor ("" = bundled MiniLM).
-        pooling: "mean" or "last_token".
-        device: Torch device for texts missing from the cache.
+        client: Model oracle: the server that extracts the features (`extract_features`), unless
+            `features` are given.
         features: Precomputed (pool, test) features; skips `extract_features`.
+        progress: Show the feature extraction's progress bars.
 
     Returns:
         The oracle's items and labels.
+
+    Raises:
+        balpm.errors.InvalidInputError: Unknown oracle, redundancy with the human oracle, or a model
+            oracle with neither `client` nor `features`.
     """
     if oracle == "human":
         if redundancy != 1:
-            raise ValueError("redundancy needs the model oracle (copies of a human label would be fabricated)")
+            raise InvalidInputError.local(
+                "redundancy needs the model oracle (copies of a human label would be fabricated)", field="redundancy"
+            )
         return human_oracle_data(pool, test)
     if oracle != "model":
-        raise ValueError(f"unknown oracle {oracle!r}; choose from {', '.join(ORACLES)}")
+        raise InvalidInputError.local(f"unknown oracle {oracle!r}; choose from {', '.join(ORACLES)}", field="oracle")
     if features is None:
-        kw: dict[str, Any] = {"cache_path": cache_path, "model_path": model_path, "pooling": pooling, "device": device}
-        pool_f, _ = extract_features(pool, **kw)
-        test_f, _ = extract_features(test, **kw)
+        if client is None:
+            raise InvalidInputError.local("the model oracle needs a client (or precomputed features)", field="client")
+        both, _ = extract_features(client, list(pool) + list(test), progress=progress)
+        pool_f, test_f = both.take(range(len(pool))), both.take(range(len(pool), len(pool) + len(test)))
     else:
         pool_f, test_f = features
     return model_oracle_data(

@@ -2,7 +2,7 @@
 
 The pool is uploaded without its labels; each round acquires a batch, reveals the
 file's labels for exactly those items (the oracle), retrains and evaluates on the
-held-out test items. One JSON line per round.
+held-out test items. One JSON line per round. Part of the `balpm[sim]` extra.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any, TextIO
 
 from balpm.client import Client
 from balpm.data import HiddenPair, hide_preferences, read_jsonl
+from balpm.errors import InvalidInputError
+from balpm.progress import Bar, bar
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ def run_simulation(
     *,
     out: TextIO | None = None,
     oracle: Callable[[HiddenPair], str] | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the loop and return one record per round.
 
@@ -78,6 +81,8 @@ def run_simulation(
         config: Strategy, sizes and seed.
         out: Stream for JSON lines (one per round), flushed after each.
         oracle: Maps an item to its label ("A", "B" or "TIE"); default reveals the file's.
+        progress: Progress bars on stderr (upload, featurisation, rounds); without, a featurisation line
+            every 10 s and a line per round.
 
     Returns:
         The round records.
@@ -90,76 +95,89 @@ def run_simulation(
     by_id = {p.item["item_id"]: p for p in pool}
     try:
         t0 = time.perf_counter()
-        summary = client.upload_items(pool_id, [p.item for p in pool] + [p.item for p in test])
+        n_items = len(pool) + len(test)
+        with bar(n_items, f"upload {pool_id}", "item", enabled=progress) as b:
+            summary = client.upload_items(pool_id, [p.item for p in pool] + [p.item for p in test], progress=b.set)
         if summary.rejections:
             _log(f"{len(summary.rejections)} items rejected, first: {summary.rejections[0].message}")
-        last = [0.0]
-
-        def show(pool_msg: Any) -> None:
-            if time.monotonic() - last[0] > 10:
-                total = pool_msg.item_count + pool_msg.heldout_count
-                _log(f"featurising: {pool_msg.featurized_count}/{total} items")
-                last[0] = time.monotonic()
-
-        client.wait_pool_ready(pool_id, progress=show)
+        with (bar if progress else Bar)(n_items, "featurise", "item") as b:
+            client.wait_pool_ready(pool_id, progress=lambda p: b.set(int(p.featurized_count)))
         _log(f"pool {pool_id}: {len(pool)} pool + {len(test)} test items ready in {time.perf_counter() - t0:.1f} s")
-        records: list[dict[str, Any]] = []
-        n_labels = 0
-        for rnd in range(config.rounds + 1):
-            size = config.initial if rnd == 0 else config.batch_size
-            strategy = config.initial_strategy if rnd == 0 else config.strategy
-            t_acq = time.perf_counter()
-            batch = client.acquire(
-                pool_id,
-                batch_size=size,
-                strategy=strategy,
-                seed=config.seed * 1000 + rnd,
-                annotator_id="oracle",
-                **dict(config.acquire_options),
-            )
-            acquire_s = time.perf_counter() - t_acq
-            labels = [
-                {
-                    "label_id": f"r{rnd}-{a.item.item_id}",
-                    "item_id": a.item.item_id,
-                    "preference": reveal(by_id[a.item.item_id]),
-                    "annotator_id": "oracle",
-                }
-                for a in batch.items
-            ]
-            client.ingest_labels(pool_id, labels)
-            n_labels += len(labels)
-            t_train = time.perf_counter()
-            client.update_posterior(pool_id, seed=config.seed * 1000 + rnd, epochs=config.epochs)
-            train_s = time.perf_counter() - t_train
-            ev = client.evaluate(pool_id)
-            record = {
-                **dict(config.tags),
-                "round": rnd,
-                "labels": n_labels,
-                "strategy": config.strategy,
-                "seed": config.seed,
-                "test_log_likelihood": ev.log_likelihood,
-                "test_accuracy": ev.accuracy,
-                "test_ece": ev.ece,
-                "acquire_s": round(acquire_s, 4),
-                "train_s": round(train_s, 3),
-                "batch_strategy": strategy,
-                "posterior_version": ev.posterior_version,
-                **batch_stats(batch, by_id),
-            }
-            records.append(record)
-            if out is not None:
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-            _log(
-                f"round {rnd}: {n_labels} labels, test LL {ev.log_likelihood:.4f}, acc {ev.accuracy:.3f}, "
-                f"ECE {ev.ece:.3f} (acquire {acquire_s:.2f} s, train {train_s:.1f} s)"
-            )
-        return records
+        with bar(config.rounds + 1, f"{config.strategy} rounds", "round", enabled=progress) as rounds_bar:
+            log = rounds_bar.write if progress else _log
+            return _rounds(client, pool_id, by_id, config, reveal, out, rounds_bar, log)
     finally:
         if not config.keep_pool:
             client.delete_pool(pool_id)
+
+
+def _rounds(
+    client: Client,
+    pool_id: str,
+    by_id: dict[str, HiddenPair],
+    config: SimulationConfig,
+    reveal: Callable[[HiddenPair], str],
+    out: TextIO | None,
+    rounds_bar: Bar,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Round 0 (the initial batch) and the acquisition rounds; one record each."""
+    records: list[dict[str, Any]] = []
+    n_labels = 0
+    for rnd in range(config.rounds + 1):
+        size = config.initial if rnd == 0 else config.batch_size
+        strategy = config.initial_strategy if rnd == 0 else config.strategy
+        t_acq = time.perf_counter()
+        batch = client.acquire(
+            pool_id,
+            batch_size=size,
+            strategy=strategy,
+            seed=config.seed * 1000 + rnd,
+            annotator_id="oracle",
+            **dict(config.acquire_options),
+        )
+        acquire_s = time.perf_counter() - t_acq
+        labels = [
+            {
+                "label_id": f"r{rnd}-{a.item.item_id}",
+                "item_id": a.item.item_id,
+                "preference": reveal(by_id[a.item.item_id]),
+                "annotator_id": "oracle",
+            }
+            for a in batch.items
+        ]
+        client.ingest_labels(pool_id, labels)
+        n_labels += len(labels)
+        t_train = time.perf_counter()
+        client.update_posterior(pool_id, seed=config.seed * 1000 + rnd, epochs=config.epochs)
+        train_s = time.perf_counter() - t_train
+        ev = client.evaluate(pool_id)
+        record = {
+            **dict(config.tags),
+            "round": rnd,
+            "labels": n_labels,
+            "strategy": config.strategy,
+            "seed": config.seed,
+            "test_log_likelihood": ev.log_likelihood,
+            "test_accuracy": ev.accuracy,
+            "test_ece": ev.ece,
+            "acquire_s": round(acquire_s, 4),
+            "train_s": round(train_s, 3),
+            "batch_strategy": strategy,
+            "posterior_version": ev.posterior_version,
+            **batch_stats(batch, by_id),
+        }
+        records.append(record)
+        if out is not None:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+        log(
+            f"round {rnd}: {n_labels} labels, test LL {ev.log_likelihood:.4f}, acc {ev.accuracy:.3f}, "
+            f"ECE {ev.ece:.3f} (acquire {acquire_s:.2f} s, train {train_s:.1f} s)"
+        )
+        rounds_bar.postfix = f"{n_labels} labels, test LL {ev.log_likelihood:.4f}"
+        rounds_bar.update()
+    return records
 
 
 def batch_stats(batch: Any, by_id: dict[str, HiddenPair]) -> dict[str, Any]:
@@ -221,8 +239,17 @@ def load_split(
 
 
 def parse_rows(spec: str) -> tuple[int, int] | None:
-    """Parse a row range "START:STOP" (either side may be empty; "" = all rows)."""
+    """Parse a row range "START:STOP" (either side may be empty; "" = all rows).
+
+    Raises:
+        balpm.errors.InvalidInputError: Not of that form.
+    """
     if not spec:
         return None
-    start, _, stop = spec.partition(":")
-    return int(start or 0), int(stop) if stop else 1 << 62
+    start, sep, stop = spec.partition(":")
+    try:
+        if not sep:
+            raise ValueError("no ':'")
+        return int(start or 0), int(stop) if stop else 1 << 62
+    except ValueError as e:
+        raise InvalidInputError.local(f"row range {spec!r} is not START:STOP ({e})", field="rows") from e

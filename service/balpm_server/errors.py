@@ -1,30 +1,51 @@
 """Typed domain errors: the only exceptions the domain raises on purpose.
 
 Each carries a stable ``reason`` (for ``google.rpc.ErrorInfo``), an optional
-``field`` (for ``google.rpc.BadRequest.FieldViolation``) and the gRPC status
-code the transport maps it to. The mapping to gRPC lives in one place:
-`balpm_server.transport.status`.
+``field`` (for ``google.rpc.BadRequest.FieldViolation``) and its ``kind``: a
+transport-neutral category (`ErrorKind`). Nothing here knows gRPC: which status
+code a kind is sent as is decided in one table, `balpm_server.transport.status`.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
+from typing import ClassVar
 
-import grpc
+
+class ErrorKind(str, enum.Enum):
+    """What kind of failure an error is, independent of any transport.
+
+    The values are the canonical error names of `google.rpc.Code` (AIP-193), which
+    every transport can map; they are also what a failed operation records as its
+    `error_code`, so stored operations read the same after any change of transport.
+    """
+
+    INTERNAL = "INTERNAL"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    ABORTED = "ABORTED"
+    CANCELLED = "CANCELLED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class BalpmError(Exception):
     """Base of all domain errors.
 
     Attributes:
-        code: gRPC status code the transport sends.
+        kind: The category of the failure (the transport picks the status code from it).
         reason: Stable UPPER_SNAKE reason for ErrorInfo.
         field: Request field at fault ("" when none).
         metadata: Extra string facts for ErrorInfo metadata.
     """
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    default_reason: str = "INTERNAL"
+    kind: ClassVar[ErrorKind] = ErrorKind.INTERNAL
+    default_reason: ClassVar[str] = "INTERNAL"
 
     def __init__(
         self,
@@ -44,68 +65,68 @@ class BalpmError(Exception):
 class InvalidArgument(BalpmError):
     """A request field is malformed (wrong dimension, NaN, out of range)."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = ErrorKind.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
 
 
 class NotFound(BalpmError):
     """A pool, item or operation does not exist (or is not visible to the caller)."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    kind = ErrorKind.NOT_FOUND
     default_reason = "NOT_FOUND"
 
 
 class AlreadyExists(BalpmError):
     """A resource with this id exists with different content."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
+    kind = ErrorKind.ALREADY_EXISTS
     default_reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(BalpmError):
     """The pool is not in a state that allows the call (e.g. still featurising)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = ErrorKind.FAILED_PRECONDITION
     default_reason = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(BalpmError):
     """A configured limit was exceeded."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = ErrorKind.RESOURCE_EXHAUSTED
     default_reason = "LIMIT_EXCEEDED"
 
 
 class Unavailable(BalpmError):
     """A dependency (Triton, the disk) is temporarily unavailable; retry later."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = ErrorKind.UNAVAILABLE
     default_reason = "UNAVAILABLE"
 
 
 class Aborted(BalpmError):
     """A concurrent operation conflicts (e.g. a training job is already running)."""
 
-    code = grpc.StatusCode.ABORTED
+    kind = ErrorKind.ABORTED
     default_reason = "ABORTED"
 
 
 class Cancelled(BalpmError):
     """The operation was cancelled by a caller."""
 
-    code = grpc.StatusCode.CANCELLED
+    kind = ErrorKind.CANCELLED
     default_reason = "CANCELLED"
 
 
 class Unauthenticated(BalpmError):
     """Missing or wrong credentials."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    kind = ErrorKind.UNAUTHENTICATED
     default_reason = "UNAUTHENTICATED"
 
 
 class PermissionDenied(BalpmError):
     """The caller's key role does not allow this call."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    kind = ErrorKind.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"

@@ -7,7 +7,8 @@ pool or annotator ids. Other modules record through the functions and objects he
 * the transport interceptor: `observe_rpc` (count and latency by method and code);
 * the domain: `observe_acquisition`, `observe_training` (one-line hooks);
 * the server wiring: `InstrumentedExtractor` (feature-extraction throughput, errors)
-  and `StoreCollector` (pools, items, labels, leases by state, read at scrape time);
+  and `StoreCollector` (pools, items, labels, leases by state, asked of the store at scrape
+  time: `SqliteStore.counts`);
 * the Triton extractor: `TRITON_ERRORS_TOTAL.labels(kind=...).inc()`.
 """
 
@@ -15,17 +16,18 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from balpm_server.domain.models import StoreCounts
 
 log = logging.getLogger(__name__)
 
@@ -194,38 +196,53 @@ class InstrumentedExtractor:
         await self.inner.close()
 
 
-class StoreCollector(Collector):
-    """Pool, item, label and lease gauges read from the SQLite files at scrape time.
+class CountsSource(Protocol):
+    """What `StoreCollector` reads: a store that can total itself from any thread."""
 
-    Uses its own short-lived read-only connection per scrape (WAL readers never block
-    the server's writer), so scrapes cost the server's event loop nothing. Several
-    servers in one process (tests) register their databases with one collector.
+    @property
+    def path(self) -> Path:
+        """The store's file (several servers on one file are counted once)."""
+        ...
+
+    def counts(self) -> StoreCounts | None:
+        """Totals now, or None when unreadable (skipped)."""
+        ...
+
+
+class StoreCollector(Collector):
+    """Pool, item, label and lease gauges, asked of the stores at scrape time.
+
+    Each store answers `counts()` over its own short-lived read-only connection (WAL
+    readers never block the server's writer), so scrapes cost the server's event loop
+    nothing. Several servers in one process (tests) register their stores with one
+    collector; stores on one file are counted once.
     """
 
     def __init__(self) -> None:
-        self._paths: dict[Path, int] = {}
+        self._sources: dict[Path, tuple[CountsSource, int]] = {}
         self._lock = threading.Lock()
 
-    def add(self, db_path: Path) -> None:
-        """Start reporting a database."""
+    def add(self, source: CountsSource) -> None:
+        """Start reporting a store."""
         with self._lock:
-            self._paths[db_path] = self._paths.get(db_path, 0) + 1
+            _, held = self._sources.get(source.path, (source, 0))
+            self._sources[source.path] = (source, held + 1)
 
-    def remove(self, db_path: Path) -> None:
-        """Stop reporting a database."""
+    def remove(self, source: CountsSource) -> None:
+        """Stop reporting a store."""
         with self._lock:
-            left = self._paths.get(db_path, 0) - 1
-            if left > 0:
-                self._paths[db_path] = left
+            found, held = self._sources.get(source.path, (source, 0))
+            if held > 1:
+                self._sources[source.path] = (found, held - 1)
             else:
-                self._paths.pop(db_path, None)
+                self._sources.pop(source.path, None)
 
     def describe(self) -> Iterable[Any]:
         """No fixed description: avoids a scrape at registration time."""
         return []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Read the counts of every registered database."""
+        """Read the counts of every registered store."""
         pools = GaugeMetricFamily("balpm_pools", "Pools, by state.", labels=["state"])
         items = GaugeMetricFamily("balpm_items", "Items, by split (pool, heldout).", labels=["split"])
         featurized = GaugeMetricFamily("balpm_items_featurized", "Items whose features are stored.")
@@ -235,33 +252,19 @@ class StoreCollector(Collector):
         by_split = {"pool": 0.0, "heldout": 0.0}
         n_feat = n_labels = n_active = n_expired = 0.0
         with self._lock:
-            paths = list(self._paths)
-        for path in paths:
-            try:
-                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
-            except sqlite3.Error:
+            sources = [source for source, _ in self._sources.values()]
+        for source in sources:
+            c = source.counts()
+            if c is None:
                 continue
-            try:
-                for state, count in conn.execute("SELECT state, COUNT(*) FROM pools GROUP BY state"):
-                    by_state[str(state).lower()] = by_state.get(str(state).lower(), 0.0) + count
-                ((pool_n, heldout_n, feat_n),) = conn.execute(
-                    "SELECT COALESCE(SUM(split = 1), 0), COALESCE(SUM(split = 2), 0), COALESCE(SUM(featurized), 0)"
-                    " FROM items"
-                ).fetchall()
-                by_split["pool"] += pool_n
-                by_split["heldout"] += heldout_n
-                n_feat += feat_n
-                n_labels += conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
-                ((active, expired),) = conn.execute(
-                    "SELECT COALESCE(SUM(expire_time > ?), 0), COALESCE(SUM(expire_time <= ?), 0) FROM leases",
-                    (time.time(), time.time()),
-                ).fetchall()
-                n_active += active
-                n_expired += expired
-            except sqlite3.Error as e:  # schema not there yet, or the file went away
-                log.debug("metrics scrape of %s failed: %s", path, e)
-            finally:
-                conn.close()
+            for state, held in c.pools_by_state.items():
+                by_state[state] = by_state.get(state, 0.0) + held
+            by_split["pool"] += c.pool_items
+            by_split["heldout"] += c.heldout_items
+            n_feat += c.featurized_items
+            n_labels += c.labels
+            n_active += c.active_leases
+            n_expired += c.expired_leases
         for state, count in sorted(by_state.items()):
             pools.add_metric([state], count)
         for split, count in by_split.items():

@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import os
 import signal
-import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from balpm_server.features import FeatureExtractor, build_extractor
 from balpm_server.features.cache import CachedExtractor
 from balpm_server.logs import setup_logging
 from balpm_server.settings import Settings
-from balpm_server.storage import faults
+from balpm_server.storage import SqliteStore, faults
 from balpm_server.storage.faults import storage_error
 from balpm_server.transport.interceptors import ServerInterceptor
 from balpm_server.transport.servicer import BalpmServicer
@@ -58,7 +57,7 @@ def _data_dir_error(settings: Settings, exc: BaseException) -> StartupError | No
         fault = errors.Unavailable(faults.MESSAGES[faults.STORAGE_READ_ONLY], reason=faults.STORAGE_READ_ONLY)
     if fault is not None:
         return StartupError(f"cannot use data dir {settings.data_path}: {fault.message} [{fault.reason}]")
-    if isinstance(exc, sqlite3.Error):
+    if faults.is_database_error(exc):
         return StartupError(f"cannot open the store in data dir {settings.data_path}: {exc}")
     return None
 
@@ -74,15 +73,15 @@ class RunningServer:
     keys: KeyStore | None = None
     metrics_port: int | None = None
     _metrics_http: Any = field(default=None, repr=False)
-    _db_path: Path | None = field(default=None, repr=False)
+    _counted: SqliteStore | None = field(default=None, repr=False)  # registered with the metrics collector
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Flip health to NOT_SERVING, drain in-flight RPCs for `grace_s`, then stop."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         await self.service.close()
-        if self._db_path is not None:
-            metrics.STORE_COLLECTOR.remove(self._db_path)
+        if self._counted is not None:
+            metrics.STORE_COLLECTOR.remove(self._counted)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -186,8 +185,7 @@ async def create_server(settings: Settings) -> RunningServer:
         if (err := _data_dir_error(settings, e)) is not None:
             raise err from e
         raise
-    db_path = service.root / "balpm.sqlite3"  # the SqliteStore file PoolService opens
-    metrics.STORE_COLLECTOR.add(db_path)
+    metrics.STORE_COLLECTOR.add(service.store)
     http_server, metrics_port = start_metrics_http(settings)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -201,7 +199,7 @@ async def create_server(settings: Settings) -> RunningServer:
             "metrics_port": metrics_port,
         },
     )
-    return RunningServer(server, port, service, health_servicer, keys, metrics_port, http_server, db_path)
+    return RunningServer(server, port, service, health_servicer, keys, metrics_port, http_server, service.store)
 
 
 async def serve(settings: Settings) -> None:

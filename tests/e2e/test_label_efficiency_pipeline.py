@@ -8,10 +8,10 @@ real server (gRPC, CLIENT-feature pools) with fixed seeds.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from balpm.data import HiddenPair
 from balpm.oracles import PairFeatures, model_oracle_data
@@ -22,6 +22,8 @@ DIM = 16
 N_PROMPTS = 60
 N_TEST = 40
 R = 4
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a bound on a hang, not a speed test
 
 
 def _pairs(n: int, prefix: str, heldout: bool, rng: np.random.Generator) -> tuple[list[HiddenPair], PairFeatures]:
@@ -39,7 +41,6 @@ def _pairs(n: int, prefix: str, heldout: bool, rng: np.random.Generator) -> tupl
 
 
 def test_balpm_spreads_batches_over_prompts_where_bald_repeats_them(tmp_path: Path) -> None:
-    t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     pool, pool_f = _pairs(N_PROMPTS, "p", False, rng)
     test, test_f = _pairs(N_TEST, "t", True, rng)
@@ -79,4 +80,3 @@ def test_balpm_spreads_batches_over_prompts_where_bald_repeats_them(tmp_path: Pa
         server.stop()
     # The initial RANDOM batch is the same for both; afterwards BAL-PM covers more prompts in every batch.
     assert all(p > d for p, d in zip(distinct["BALPM"], distinct["BALD"], strict=True)), distinct
-    assert time.perf_counter() - t0 < 60

@@ -24,6 +24,8 @@ from balpm.integrations.label_studio import (
 from balpm.integrations.webhook import SECRET_HEADER, handle_event, make_webhook_server
 from tests.conftest import synthetic_items
 
+pytestmark = pytest.mark.slow  # the Label Studio tests are one tier (tests/conftest.py)
+
 POOL = "wh"
 
 

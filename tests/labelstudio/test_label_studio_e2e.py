@@ -18,7 +18,7 @@ from balpm.integrations.webhook import SECRET_HEADER, make_webhook_server
 from tests.conftest import ServerThread, synthetic_items
 from tests.labelstudio.conftest import LabelStudio, _free_port
 
-pytestmark = [pytest.mark.labelstudio, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow, pytest.mark.timeout(900)]
 
 POOL = "ls-e2e"
 WEBHOOK_WAIT_S = 30.0

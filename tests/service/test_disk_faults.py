@@ -321,7 +321,7 @@ CODES = {"DISK_FULL": grpc.StatusCode.RESOURCE_EXHAUSTED}
 def _check(err: errors.BalpmError | None, reason: str) -> None:
     assert err is not None
     assert err.reason == reason
-    assert err.code == CODES.get(reason, grpc.StatusCode.UNAVAILABLE)
+    assert status.grpc_code(err) == CODES.get(reason, grpc.StatusCode.UNAVAILABLE)
     assert err.message == faults.MESSAGES[reason]
     assert "/" not in err.message and "srv" not in err.message
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,15 +12,18 @@ import pytest
 
 from balpm import Client
 from balpm.errors import BalpmError, FailedPreconditionError
+from balpm.v1 import balpm_pb2 as pb
 from tests.conftest import ServerThread, make_settings, synthetic_items
 from tests.procserver import ProcServer
+from tests.waiting import wait_until
 
 SMALL = {"ensemble_size": 2, "hidden_sizes": [16], "epochs": 20}
-CRASHES = 20
+CRASHES = 20  # the slow tier; the fast tiers crash 3 times
 WRITERS = 4
 
 
-def test_acknowledged_labels_survive_sigkill_exactly_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("crashes", [3, pytest.param(CRASHES, marks=pytest.mark.slow)])
+def test_acknowledged_labels_survive_sigkill_exactly_once(tmp_path: Path, crashes: int) -> None:
     srv = ProcServer(tmp_path / "data")
     srv.start()
     items, _ = synthetic_items(200, 8, seed=0)
@@ -32,6 +34,7 @@ def test_acknowledged_labels_survive_sigkill_exactly_once(tmp_path: Path) -> Non
     in_flight: dict[str, dict[str, str]] = {}
     lock = threading.Lock()
     rng = random.Random(0)
+    crash_rng = random.Random(1)  # where each crash lands: after 2 to 20 more acknowledged batches
     counter = iter(range(10**9))
     totals = Counter()
 
@@ -56,12 +59,20 @@ def test_acknowledged_labels_survive_sigkill_exactly_once(tmp_path: Path) -> Non
                         in_flight.pop(lb["label_id"], None)
 
     try:
-        for crash in range(CRASHES):
+        for crash in range(crashes):
             stop = threading.Event()
             threads = [threading.Thread(target=writer, args=(w, stop)) for w in range(WRITERS)]
+            with lock:
+                target = len(acked) + 5 * crash_rng.randint(2, 20)
             for t in threads:
                 t.start()
-            time.sleep(rng.uniform(0.2, 1.0))
+
+            def acknowledged(target: int = target) -> bool:
+                with lock:
+                    return len(acked) >= target
+
+            # The other writers are mid-call when the target is reached: the kill lands among them.
+            wait_until(acknowledged, 60, f"{target} acknowledged labels before crash {crash}")
             srv.kill()
             stop.set()
             for t in threads:
@@ -86,8 +97,8 @@ def test_acknowledged_labels_survive_sigkill_exactly_once(tmp_path: Path) -> Non
                 assert len(batch.items) == 3
                 c.release_items("crash", [a.item.item_id for a in batch.items], "probe")
         totals["acknowledged"] = len(acked)
-        print(f"\ncrash test: {CRASHES} SIGKILLs, {dict(totals)}")
-        assert len(acked) > CRASHES * 5
+        print(f"\ncrash test: {crashes} SIGKILLs, {dict(totals)}")
+        assert len(acked) > crashes * 5
     finally:
         srv.kill()
 
@@ -135,7 +146,13 @@ def test_training_interrupted_by_a_crash_is_failed_and_can_rerun(tmp_path: Path)
             c.ingest_labels("op", [{"label_id": f"l{i}", "item_id": f"it-{i}", "preference": truth[f"it-{i}"]}
                                    for i in range(200)])
             op = c.update_posterior("op", seed=0, wait=False)
-            time.sleep(1.0)
+            # Kill it mid-training: running, with at least one epoch done (10,000 epochs take minutes).
+            def training() -> bool:
+                o = c.get_operation(op.operation_id)
+                assert not o.done, f"the training ended before the crash: {o}"
+                return o.state == pb.Operation.STATE_RUNNING and o.progress.epoch >= 1
+
+            wait_until(training, 60, "the training to be running")
         srv.kill()
         srv.start()
         with Client(srv.target) as c:
@@ -182,11 +199,17 @@ def test_32_concurrent_annotators_never_share_an_item_and_expired_leases_return(
         with Client(server.target) as c:
             c.create_pool("ttl", feature_source="CLIENT", feature_dim=4, **SMALL)
             c.upload_items("ttl", items[:20])
-            short = c.acquire("ttl", batch_size=20, strategy="RANDOM", annotator_id="slow", lease_ttl_s=0.5)
+            short = c.acquire("ttl", batch_size=20, strategy="RANDOM", annotator_id="slow", lease_ttl_s=2.0)
             with pytest.raises(FailedPreconditionError):
                 c.acquire("ttl", batch_size=1, annotator_id="other")
-            time.sleep(0.7)
-            again = c.acquire("ttl", batch_size=20, strategy="RANDOM", annotator_id="other")
+
+            def after_expiry() -> pb.AcquireBatchResponse | None:
+                try:
+                    return c.acquire("ttl", batch_size=20, strategy="RANDOM", annotator_id="other")
+                except FailedPreconditionError:
+                    return None  # the 2 s leases have not expired yet
+
+            again = wait_until(after_expiry, 30, "the expired leases to return to the pool")
             assert {x.item.item_id for x in again.items} == {x.item.item_id for x in short.items}
     finally:
         server.stop()

@@ -1,6 +1,7 @@
 """Hypothesis fuzzing of every BalpmService RPC against one running server.
 
-Per RPC, `EXAMPLES` requests mixing three kinds:
+Per RPC, `EXAMPLES` requests (2000, or BALPM_FUZZ_EXAMPLES; the `slow` tier) and, as a separate
+pass for the fast tiers, `REDUCED_EXAMPLES` (200), mixing three kinds:
 
 * random bytes sent to the method path (no serializer), including empty messages;
 * valid-looking messages generated from the proto descriptor (huge and empty strings,
@@ -29,10 +30,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balpm import Client
+from balpm.errors import NotFoundError
 from balpm.v1 import balpm_pb2 as pb
 from tests.conftest import ServerThread, make_settings, synthetic_items
 
-EXAMPLES = int(os.environ.get("BALPM_FUZZ_EXAMPLES", "2000"))
+EXAMPLES = int(os.environ.get("BALPM_FUZZ_EXAMPLES", "2000"))  # the full count (slow tier)
+REDUCED_EXAMPLES = min(EXAMPLES, 200)  # the fast tiers' pass over every RPC
 SERVICE = pb.DESCRIPTOR.services_by_name["BalpmService"]
 DIM = 4
 N_ITEMS = 60
@@ -323,12 +326,26 @@ def _keep_pool_usable(channel: grpc.Channel, rpc: str, response: Any) -> None:
             _call(lambda r=release: channel.unary_unary(f"/{SERVICE.full_name}/ReleaseItems")(r.SerializeToString()))
 
 
+def _ensure_other_pool(target: str) -> None:
+    """Recreate "fz-other" if an earlier pass's DeletePool examples deleted it."""
+    with Client(target) as c:
+        try:
+            c.get_pool("fz-other")
+        except NotFoundError:
+            c.create_pool("fz-other", feature_source="CLIENT", feature_dim=DIM)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("rpc", RPCS)
-def test_fuzz_rpc(rpc: str, channel: grpc.Channel) -> None:
+@pytest.mark.parametrize(
+    "examples",
+    [pytest.param(REDUCED_EXAMPLES, id="reduced"), pytest.param(EXAMPLES, id="full", marks=pytest.mark.slow)],
+)
+def test_fuzz_rpc(examples: int, rpc: str, fuzz_server: ServerThread, channel: grpc.Channel) -> None:
+    _ensure_other_pool(fuzz_server.target)
     method = SERVICE.methods_by_name[rpc]
     path = f"/{SERVICE.full_name}/{rpc}"
-    counts = COUNTS[rpc]
+    counts: collections.Counter[str] = collections.Counter()
     if method.client_streaming:
         call = channel.stream_unary(path, request_serializer=None, response_deserializer=None)
         strategy: st.SearchStrategy[Any] = upload_batch()
@@ -340,7 +357,7 @@ def test_fuzz_rpc(rpc: str, channel: grpc.Channel) -> None:
         strategy = request_batch(method.input_type, rpc)
 
     @settings(
-        max_examples=-(-EXAMPLES // PER_EXAMPLE),
+        max_examples=-(-examples // PER_EXAMPLE),
         deadline=None,
         database=None,
         suppress_health_check=list(HealthCheck),
@@ -360,7 +377,8 @@ def test_fuzz_rpc(rpc: str, channel: grpc.Channel) -> None:
             assert code not in FORBIDDEN, f"{rpc} answered {code.name} to {raw!r:.300}"
 
     run()
-    assert sum(counts.values()) >= EXAMPLES
+    COUNTS[rpc].update(counts)
+    assert sum(counts.values()) >= examples
 
 
 def test_server_healthy_after_fuzz(fuzz_server: ServerThread, channel: grpc.Channel) -> None:

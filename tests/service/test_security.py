@@ -310,12 +310,12 @@ def test_tls_handshake_and_plaintext_refused(tmp_path: Path, pki: dict[str, Path
             c.create_pool("tls-pool", feature_source="CLIENT", feature_dim=4)
             assert _list(c) == ["tls-pool"]
         # A plaintext client cannot talk to the TLS port.
-        with Client(srv.target, timeout_s=3) as plain:
+        with Client(srv.target, timeout_s=3, retry=False) as plain:  # a retry would run into the deadline
             err = expect(grpc.StatusCode.UNAVAILABLE, lambda: _list(plain))
             assert err.code == grpc.StatusCode.UNAVAILABLE
         # A client that does not trust the CA fails the handshake.
         other = _pki(tmp_path / "other")
-        with Client(srv.target, root_certificates=other["ca"].read_bytes(), timeout_s=3) as untrusted:
+        with Client(srv.target, root_certificates=other["ca"].read_bytes(), timeout_s=3, retry=False) as untrusted:
             expect(grpc.StatusCode.UNAVAILABLE, lambda: _list(untrusted))
     finally:
         srv.stop()
@@ -342,7 +342,7 @@ def test_mutual_tls(tmp_path: Path, pki: dict[str, Path]) -> None:
             timeout_s=10,
         ) as c:
             assert _list(c) == []
-        with Client(srv.target, root_certificates=ca, timeout_s=3) as no_cert:
+        with Client(srv.target, root_certificates=ca, timeout_s=3, retry=False) as no_cert:
             expect(grpc.StatusCode.UNAVAILABLE, lambda: _list(no_cert))
         with Client(
             srv.target,
@@ -350,6 +350,7 @@ def test_mutual_tls(tmp_path: Path, pki: dict[str, Path]) -> None:
             private_key=other["client_key"].read_bytes(),
             certificate_chain=other["client_cert"].read_bytes(),
             timeout_s=3,
+            retry=False,
         ) as wrong_ca:
             expect(grpc.StatusCode.UNAVAILABLE, lambda: _list(wrong_ca))
     finally:

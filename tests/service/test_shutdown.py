@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +21,7 @@ from balpm import Client
 from balpm.v1 import balpm_pb2 as pb
 from balpm.v1 import balpm_pb2_grpc as pb_grpc
 from tests.conftest import synthetic_items
+from tests.waiting import wait_until
 
 SERVICE = "balpm.v1.BalpmService"
 
@@ -34,7 +35,7 @@ def server_binary() -> str:
 
 
 class Proc:
-    """`balpm-server` on a free port (read from its "listening on" line)."""
+    """`balpm-server` on a free port (read from its "listening on" line), metrics on another free port."""
 
     def __init__(self, data_dir: Path, grace_s: float) -> None:
         env = {**os.environ, "BALPM_EXTRACTOR": "", "BALPM_LOG_JSON": "true", "HF_HUB_OFFLINE": "1"}
@@ -47,7 +48,9 @@ class Proc:
                 "--data-dir",
                 str(data_dir),
                 "--metrics-port",
-                "-1",
+                "0",
+                "--metrics-host",
+                "127.0.0.1",
                 "--shutdown-grace-s",
                 str(grace_s),
             ],
@@ -58,11 +61,23 @@ class Proc:
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        match = re.search(r"listening on [^:]+:(\d+)", line)
+        match = re.search(r"listening on [^:]+:(\d+), metrics on [^:]+:(\d+)", line)
         if not match:
             self.proc.kill()
             raise RuntimeError(f"unexpected first line {line!r}; log: {self.log_path.read_text()[-2000:]}")
         self.target = f"127.0.0.1:{match.group(1)}"
+        self.metrics_url = f"http://127.0.0.1:{match.group(2)}/metrics"
+
+    def in_flight(self, method: str) -> float:
+        """The server's `balpm_rpc_in_flight` gauge for `method` (RPCs its handlers are inside now)."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+            text = resp.read().decode()
+        pattern = rf'^balpm_rpc_in_flight\{{[^}}]*method="{method}"[^}}]*\}} (\S+)$'
+        return sum(float(m.group(1)) for m in re.finditer(pattern, text, re.MULTILINE))
+
+    def wait_in_flight(self, method: str) -> None:
+        """Wait until the server is inside a `method` handler (the RPC is in flight on the server)."""
+        wait_until(lambda: self.in_flight(method) >= 1, 30, f"a {method} RPC to be in flight on the server")
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -123,7 +138,7 @@ def test_sigterm_drains_in_flight_rpc(tmp_path: Path, proc_factory: list[Proc]) 
     assert watching.wait(10)
     release = threading.Event()
     upload = _slow_upload(srv.target, "drain", items, release)
-    time.sleep(0.5)  # the header is in; the RPC is now in flight on the server
+    srv.wait_in_flight("UploadItems")
     assert not upload.done()
 
     srv.proc.send_signal(signal.SIGTERM)
@@ -150,12 +165,12 @@ def test_sigterm_cancels_rpcs_still_running_after_grace(tmp_path: Path, proc_fac
         c.create_pool("stuck", feature_source="CLIENT", feature_dim=4)
     release = threading.Event()
     upload = _slow_upload(srv.target, "stuck", synthetic_items(3, 4, seed=0)[0], release)
-    time.sleep(0.5)
-    started = time.monotonic()
+    srv.wait_in_flight("UploadItems")
     srv.proc.send_signal(signal.SIGTERM)
     try:
-        assert srv.proc.wait(15) == 0
-        assert time.monotonic() - started < 10
+        # The upload waits up to 60 s for `release`: exiting at all means the 1 s grace cut it off.
+        wait_until(lambda: srv.proc.poll() is not None, 20, "the server to exit though an RPC is still stuck")
+        assert srv.proc.returncode == 0
         with pytest.raises(grpc.RpcError) as info:
             upload.result(10)
         assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)

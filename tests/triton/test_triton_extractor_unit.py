@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,13 @@ from triton_harness import free_port
 from tritonclient.utils import InferenceServerException
 
 from balpm_server import errors
+from balpm_server.features import triton_extractor
 from balpm_server.features.base import build_extractor
 from balpm_server.features.triton_extractor import TritonExtractor
 from balpm_server.settings import Settings
+from tests.waiting import run_within
+
+pytestmark = pytest.mark.slow  # the Triton tests are one tier (tests/conftest.py)
 
 GOOD_METADATA: dict[str, Any] = {
     "name": "balpm_extractor",
@@ -83,7 +88,7 @@ def test_every_error_is_typed(status: str | None, message: str, expected: type) 
     assert isinstance(ex._typed(RuntimeError("x"), "infer"), errors.Unavailable)
 
 
-def test_retries_are_bounded_then_typed() -> None:
+def test_retries_are_bounded_then_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     ex = TritonExtractor("127.0.0.1:1", "m", max_attempts=4, backoff_initial_s=0.01, retry_budget_s=30.0)
     calls: list[float] = []
 
@@ -97,15 +102,23 @@ def test_retries_are_bounded_then_typed() -> None:
     assert info.value.metadata["attempts"] == "4"
     assert not isinstance(info.value.__cause__, errors.BalpmError)
 
+    # The budget on a fake clock that only the attempts advance (0.1 s each): the 5th attempt
+    # ends at 0.5 s, and 0.5 s + the 0.01 s backoff is over the 0.5 s budget, so it stops there.
+    clock = SimpleNamespace(now_s=1000.0)
+
+    async def slow_unavailable() -> np.ndarray:
+        clock.now_s += 0.1
+        return await always_unavailable()
+
+    monkeypatch.setattr(triton_extractor, "time", SimpleNamespace(monotonic=lambda: clock.now_s))
     budget = TritonExtractor(
-        "127.0.0.1:1", "m", max_attempts=1000, backoff_initial_s=0.05, backoff_max_s=0.05, retry_budget_s=0.5
+        "127.0.0.1:1", "m", max_attempts=1000, backoff_initial_s=0.01, backoff_max_s=0.01, retry_budget_s=0.5
     )
     calls.clear()
-    started_s = time.monotonic()
-    with pytest.raises(errors.Unavailable):
-        asyncio.run(budget._with_retries("infer", always_unavailable))
-    assert time.monotonic() - started_s < 1.5
-    assert 3 <= len(calls) < 20
+    with pytest.raises(errors.Unavailable) as info:
+        asyncio.run(budget._with_retries("infer", slow_unavailable))
+    assert len(calls) == 5
+    assert info.value.metadata["attempts"] == "5"
 
 
 def test_deployment_errors_are_not_retried() -> None:
@@ -137,6 +150,4 @@ def test_unreachable_url_is_unavailable_quickly() -> None:
         finally:
             await ex.close()
 
-    started_s = time.monotonic()
-    asyncio.run(run())
-    assert time.monotonic() - started_s < 15.0
+    run_within(run(), 15.0, "an unreachable URL to give up (bounded retries)")

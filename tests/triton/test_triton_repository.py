@@ -8,9 +8,12 @@ import re
 import textwrap
 from pathlib import Path
 
+import pytest
 from triton_harness import MODEL_NAME, MODEL_REPOSITORY, prepare_model_repository
 
 from balpm_server.features import transformers_extractor
+
+pytestmark = pytest.mark.slow  # the Triton tests are one tier (tests/conftest.py)
 
 MODEL_DIR = MODEL_REPOSITORY / MODEL_NAME
 

@@ -12,7 +12,7 @@ from balpm_server.features.transformers_extractor import TransformersExtractor
 from balpm_server.storage import FeatureStore
 from tests.conftest import ServerThread, make_settings
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 WORDS = ["the", "a", "good", "bad", "answer", "question", "helpful", "reply", "human", "model", "yes", "no"]
 

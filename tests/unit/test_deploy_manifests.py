@@ -484,6 +484,7 @@ def run_healthcheck(tmp_path: Path, port: int, service: str, **env: str) -> subp
     )
 
 
+@pytest.mark.service  # starts a gRPC health server on loopback
 def test_healthcheck_plaintext(tmp_path: Path, health_server: Any) -> None:
     servicer, server, _ = health_server
     port = server.add_insecure_port("127.0.0.1:0")
@@ -500,6 +501,7 @@ def test_healthcheck_plaintext(tmp_path: Path, health_server: Any) -> None:
     assert run_healthcheck(tmp_path, port, "").returncode == 1
 
 
+@pytest.mark.service  # starts a gRPC health server on loopback
 @pytest.mark.parametrize("mutual", [False, True])
 def test_healthcheck_tls(tmp_path: Path, health_server: Any, mutual: bool) -> None:
     if not shutil.which("openssl"):

@@ -48,7 +48,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from balpm.errors import AlreadyExistsError, FailedPreconditionError
+import grpc
+
+from balpm.errors import BalpmError, FailedPreconditionError, InvalidInputError
+from balpm.integrations.annotations import (
+    CHOICE_TO_PREFERENCE,
+    CHOICES_NAME,
+    POOL_KEY,
+    AnnotatorMapper,
+    IngestReport,
+    annotation_preference,
+    annotation_to_label,
+    ingest_labels,
+    label_id_for,
+    task_item_id,
+)
+from balpm.integrations.webhook import serve_webhook
 
 if TYPE_CHECKING:
     from balpm.client import Client
@@ -75,21 +90,30 @@ LABEL_CONFIG = """<View>
   </Choices>
 </View>
 """
-#: The Choices control of LABEL_CONFIG and how its values map to balpm preferences.
-CHOICES_NAME = "preference"
-CHOICE_TO_PREFERENCE = {"A": "A", "B": "B", "Tie": "TIE", "TIE": "TIE", "tie": "TIE"}
-#: Task data key naming the balpm pool; together with ``item_id`` it marks tasks the bridge created.
-POOL_KEY = "balpm_pool"
 DEFAULT_LEASE_ANNOTATOR = "label-studio"
 DEFAULT_LEASE_TTL_S = 14 * 24 * 3600.0
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
-_INGEST_CHUNK = 1000
 _IMPORT_CHUNK = 500
 _TASK_PAGE_SIZE = 500
 
 
-class LabelStudioError(RuntimeError):
-    """A Label Studio HTTP call failed.
+#: The gRPC status code of a LabelStudioError by HTTP status (others: 4xx INVALID_ARGUMENT, else UNAVAILABLE).
+_HTTP_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class LabelStudioError(BalpmError):
+    """A Label Studio HTTP call failed (a `BalpmError`; reason LABEL_STUDIO_HTTP_<status>).
+
+    Its `code` follows the HTTP status: 400 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 403 PERMISSION_DENIED,
+    404 NOT_FOUND, 409 ALREADY_EXISTS, 429 RESOURCE_EXHAUSTED, other 4xx INVALID_ARGUMENT, 5xx and no
+    response (status 0) UNAVAILABLE.
 
     Attributes:
         status: HTTP status (0 when no response arrived).
@@ -97,7 +121,15 @@ class LabelStudioError(RuntimeError):
     """
 
     def __init__(self, method: str, url: str, status: int, body: str) -> None:
-        super().__init__(f"Label Studio {method} {url} failed: HTTP {status}: {body[:500]}")
+        code = _HTTP_CODES.get(
+            status, grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.UNAVAILABLE
+        )
+        super().__init__(
+            code,
+            f"Label Studio {method} {url} failed: HTTP {status}: {body[:500]}",
+            reason=f"LABEL_STUDIO_HTTP_{status}",
+            metadata={"http_status": str(status), "url": url},
+        )
         self.status = status
         self.body = body
 
@@ -119,7 +151,9 @@ class LabelStudioAPI:
 
     def __init__(self, url: str, token: str, *, timeout_s: float = 30.0) -> None:
         if not token:
-            raise ValueError(f"a Label Studio token is required (--ls-token or {TOKEN_ENV})")
+            raise InvalidInputError.local(
+                f"a Label Studio token is required (--ls-token or {TOKEN_ENV})", field="token", reason="NO_TOKEN"
+            )
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self._token = token
@@ -226,120 +260,6 @@ class LabelStudioAPI:
         return dict(self.request("GET", f"/api/users/{user_id}/"))
 
 
-class AnnotatorMapper:
-    """Maps a Label Studio user to a balpm annotator id.
-
-    Args:
-        mapping: Label Studio user id (as a string) or e-mail -> balpm annotator id. Users not in the
-            mapping become ``ls-user-<id>``.
-        api: Used to look up e-mails, only when the mapping has e-mail keys.
-    """
-
-    def __init__(self, mapping: Mapping[str, str] | None = None, api: LabelStudioAPI | None = None) -> None:
-        self.mapping = {str(k): str(v) for k, v in (mapping or {}).items()}
-        self._api = api
-        self._needs_email = any("@" in k for k in self.mapping)
-        self._emails: dict[int, str] = {}
-
-    def __call__(self, completed_by: Any) -> str:
-        """The annotator id of an annotation's ``completed_by`` (a user id or a user object)."""
-        email = ""
-        if isinstance(completed_by, Mapping):
-            user_id = int(completed_by.get("id", 0))
-            email = str(completed_by.get("email") or "")
-        else:
-            user_id = int(completed_by or 0)
-        if str(user_id) in self.mapping:
-            return self.mapping[str(user_id)]
-        if self._needs_email and not email and self._api is not None and user_id:
-            if user_id not in self._emails:
-                self._emails[user_id] = str(self._api.get_user(user_id).get("email") or "")
-            email = self._emails[user_id]
-        if email and email in self.mapping:
-            return self.mapping[email]
-        return f"ls-user-{user_id}" if user_id else "anonymous"
-
-
-def label_id_for(project_id: int, annotation_id: int) -> str:
-    """The balpm label id of a Label Studio annotation (stable across reruns)."""
-    return f"ls:{int(project_id)}:{int(annotation_id)}"
-
-
-def task_item_id(task: Mapping[str, Any], pool_id: str) -> str | None:
-    """The balpm item id of a task the bridge created for ``pool_id`` (None for any other task)."""
-    data = task.get("data") or {}
-    if data.get(POOL_KEY) != pool_id or not data.get("item_id"):
-        return None
-    return str(data["item_id"])
-
-
-def annotation_preference(annotation: Mapping[str, Any]) -> str | None:
-    """The preference ("A", "B" or "TIE") an annotation chose; None if skipped or without a choice."""
-    if annotation.get("was_cancelled"):
-        return None
-    for region in annotation.get("result") or ():
-        if region.get("from_name") != CHOICES_NAME or region.get("type") != "choices":
-            continue
-        choices = (region.get("value") or {}).get("choices") or []
-        if len(choices) == 1 and choices[0] in CHOICE_TO_PREFERENCE:
-            return CHOICE_TO_PREFERENCE[choices[0]]
-    return None
-
-
-def annotation_to_label(
-    annotation: Mapping[str, Any],
-    task: Mapping[str, Any],
-    *,
-    project_id: int,
-    pool_id: str,
-    annotator_of: Callable[[Any], str],
-) -> dict[str, str] | None:
-    """A balpm label dict for one annotation of a bridge task, or None when there is nothing to ingest."""
-    item_id = task_item_id(task, pool_id)
-    preference = annotation_preference(annotation)
-    if item_id is None or preference is None or annotation.get("id") is None:
-        return None
-    return {
-        "label_id": label_id_for(project_id, int(annotation["id"])),
-        "item_id": item_id,
-        "preference": preference,
-        "annotator_id": annotator_of(annotation.get("completed_by")),
-    }
-
-
-@dataclass
-class IngestReport:
-    """What happened to a set of labels."""
-
-    stored: int = 0
-    duplicates: int = 0
-    conflicts: list[str] = field(default_factory=list)
-
-
-def ingest_labels(client: Client, pool_id: str, labels: Sequence[Mapping[str, str]]) -> IngestReport:
-    """Store labels idempotently; labels whose id exists with other content are reported, not fatal.
-
-    IngestLabels is atomic, so a chunk with a conflicting label is retried label by label to store the rest.
-    """
-    report = IngestReport()
-    for start in range(0, len(labels), _INGEST_CHUNK):
-        chunk = list(labels[start : start + _INGEST_CHUNK])
-        try:
-            resp = client.ingest_labels(pool_id, chunk)
-            report.stored += int(resp.stored_count)
-            report.duplicates += int(resp.duplicate_count)
-        except AlreadyExistsError:
-            for label in chunk:
-                try:
-                    resp = client.ingest_labels(pool_id, [label])
-                except AlreadyExistsError:
-                    report.conflicts.append(label["label_id"])
-                    continue
-                report.stored += int(resp.stored_count)
-                report.duplicates += int(resp.duplicate_count)
-    return report
-
-
 def default_state_file(ls_url: str, project_id: int, pool_id: str) -> Path:
     """Default lease ledger path: ``$XDG_STATE_HOME/balpm/label-studio/<host>_p<project>_<pool>.json``."""
     base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
@@ -358,7 +278,14 @@ class LeaseLedger:
         self.path = path
         self.items: dict[str, float] = {}
         if path.exists():
-            self.items = {str(k): float(v) for k, v in json.loads(path.read_text()).get("items", {}).items()}
+            try:
+                self.items = {str(k): float(v) for k, v in json.loads(path.read_text()).get("items", {}).items()}
+            except (OSError, ValueError, AttributeError, TypeError) as e:
+                raise InvalidInputError.local(
+                    f"lease ledger {path} is unreadable ({e}); remove it (leases of deleted tasks then run to "
+                    "their TTL) or pass another --state-file",
+                    field="state_file",
+                ) from e
 
     def add(self, item_ids: Iterable[str]) -> None:
         """Record newly leased items."""
@@ -555,18 +482,25 @@ def _api(args: argparse.Namespace) -> LabelStudioAPI:
 
 def _annotator_mapper(args: argparse.Namespace, api: LabelStudioAPI | None) -> AnnotatorMapper:
     raw = args.annotator_map or ""
-    if raw.startswith("@"):
-        raw = Path(raw[1:]).read_text()
-    mapping = json.loads(raw) if raw else {}
+    expected = '--annotator-map must be a JSON object {"<ls user id or email>": "<annotator id>"} or @file.json'
+    try:
+        if raw.startswith("@"):
+            raw = Path(raw[1:]).read_text(encoding="utf-8")
+        mapping = json.loads(raw) if raw else {}
+    except (OSError, ValueError) as e:
+        raise InvalidInputError.local(f"{expected}: {e}", field="annotator_map") from e
     if not isinstance(mapping, dict):
-        raise ValueError('--annotator-map must be a JSON object: {"<ls user id or email>": "<annotator id>"}')
+        raise InvalidInputError.local(expected, field="annotator_map")
     return AnnotatorMapper(mapping, api=api)
 
 
 def _balpm_client(args: argparse.Namespace) -> Client:
     from balpm.client import Client
 
-    return Client(args.server, api_key=args.api_key or os.environ.get("BALPM_API_KEY") or None)
+    # --server, --api-key and --timeout-s are the `balpm` CLI's global options (env defaults there).
+    timeout_s = getattr(args, "timeout_s", None)
+    kwargs = {"timeout_s": timeout_s} if timeout_s else {}
+    return Client(args.server, api_key=args.api_key or os.environ.get("BALPM_API_KEY") or None, **kwargs)
 
 
 def cmd_setup(args: argparse.Namespace) -> None:
@@ -597,8 +531,6 @@ def cmd_sync(args: argparse.Namespace) -> None:
 
 def cmd_webhook(args: argparse.Namespace) -> None:
     """``balpm label-studio webhook``: serve the annotation webhook until interrupted."""
-    from balpm.integrations.webhook import serve_webhook
-
     api = _api(args) if args.ls_url and (args.ls_token or os.environ.get(TOKEN_ENV)) else None
     with _balpm_client(args) as client:
         serve_webhook(
@@ -613,33 +545,25 @@ def cmd_webhook(args: argparse.Namespace) -> None:
         )
 
 
-def _guarded(func: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
-    """Turn Label Studio errors into a one-line message and exit code 2 (as `balpm` does for BalpmError)."""
+def register_cli(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Add the ``label-studio`` command group to the ``balpm`` CLI's subparsers.
 
-    def run(args: argparse.Namespace) -> None:
-        try:
-            func(args)
-        except LabelStudioError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    return run
-
-
-def register_cli(sub: Any) -> None:
-    """Add the ``label-studio`` command group to the ``balpm`` CLI's subparsers."""
-    ls = sub.add_parser("label-studio", help="bridge to Label Studio: setup, sync, webhook")
-    ls_sub = ls.add_subparsers(dest="ls_command", required=True)
+    Args:
+        sub: The subparsers of ``balpm``.
+        parents: Parsers whose options every subcommand accepts too (the CLI's global options, so that
+            ``balpm label-studio sync --server X`` works like ``balpm --server X label-studio sync``).
+        Errors (``LabelStudioError`` and the SDK's) are ``BalpmError``: ``balpm`` prints them on one line.
+    """
+    parents = list(parents)
+    ls = sub.add_parser("label-studio", help="bridge to Label Studio: setup, sync, webhook", parents=parents)
+    ls_sub = ls.add_subparsers(dest="ls_command", required=True, metavar="{setup,sync,webhook}")
 
     def common(p: argparse.ArgumentParser, *, ls_required: bool = True) -> None:
         p.add_argument("--ls-url", required=ls_required, default="", help="Label Studio base URL")
         p.add_argument("--ls-token", default="", help=f"legacy token or personal access token (or {TOKEN_ENV})")
-        p.add_argument("--ls-timeout-s", type=float, default=30.0)
+        p.add_argument("--ls-timeout-s", type=float, default=30.0, help="timeout of each Label Studio request")
 
     def balpm_target(p: argparse.ArgumentParser) -> None:
-        # SUPPRESS: only override the top-level --server / --api-key when given here.
-        p.add_argument("--server", default=argparse.SUPPRESS, help="balpm host:port (default: top-level --server)")
-        p.add_argument("--api-key", default=argparse.SUPPRESS, help="balpm API key")
         p.add_argument("--pool", required=True, help="balpm pool id")
         p.add_argument(
             "--annotator-map",
@@ -647,36 +571,49 @@ def register_cli(sub: Any) -> None:
             help='JSON {"<ls user id or email>": "<balpm annotator id>"} or @file.json; default ls-user-<id>',
         )
 
-    setup = ls_sub.add_parser("setup", help="create a Label Studio project for preference pairs")
+    setup = ls_sub.add_parser("setup", help="create a Label Studio project for preference pairs", parents=parents)
     common(setup)
-    setup.add_argument("--title", required=True)
-    setup.add_argument("--description", default="Pairs chosen by balpm: which completion is better?")
-    setup.set_defaults(func=_guarded(cmd_setup))
+    setup.add_argument("--title", required=True, help="project title")
+    setup.add_argument(
+        "--description", default="Pairs chosen by balpm: which completion is better?", help="project description"
+    )
+    setup.set_defaults(func=cmd_setup)
 
-    sy = ls_sub.add_parser("sync", help="ingest annotations, release deleted tasks' leases, queue a new batch")
+    sy = ls_sub.add_parser(
+        "sync", help="ingest annotations, release deleted tasks' leases, queue a new batch", parents=parents
+    )
     common(sy)
     balpm_target(sy)
     sy.add_argument("--project", type=int, required=True, help="Label Studio project id")
     sy.add_argument("--batch-size", type=int, default=32, help="items to queue (0: only ingest)")
-    sy.add_argument("--strategy", default=None)
+    sy.add_argument("--strategy", default=None, help="acquisition strategy (default: the pool's)")
     sy.add_argument("--seed", type=int, default=None, help="acquisition seed (default: time-based)")
-    sy.add_argument("--lease-annotator", default=DEFAULT_LEASE_ANNOTATOR)
-    sy.add_argument("--lease-ttl-s", type=float, default=DEFAULT_LEASE_TTL_S)
+    sy.add_argument(
+        "--lease-annotator", default=DEFAULT_LEASE_ANNOTATOR, help="balpm annotator id holding the queued leases"
+    )
+    sy.add_argument(
+        "--lease-ttl-s", type=float, default=DEFAULT_LEASE_TTL_S, help="lease length of queued tasks (default 14 days)"
+    )
     sy.add_argument("--state-file", default="", help="lease ledger JSON (default under $XDG_STATE_HOME/balpm)")
-    sy.set_defaults(func=_guarded(cmd_sync))
+    sy.set_defaults(func=cmd_sync)
 
-    wh = ls_sub.add_parser("webhook", help="receive ANNOTATION_CREATED/UPDATED webhooks and ingest labels")
+    wh = ls_sub.add_parser(
+        "webhook", help="receive ANNOTATION_CREATED/UPDATED webhooks and ingest labels", parents=parents
+    )
     common(wh, ls_required=False)
     balpm_target(wh)
     wh.add_argument("--project", type=int, default=0, help="only accept events of this project (0: any)")
-    wh.add_argument("--host", default="127.0.0.1")
-    wh.add_argument("--port", type=int, default=8765)
+    wh.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    wh.add_argument("--port", type=int, default=8765, help="port to listen on")
     wh.add_argument("--secret", default="", help="required X-Balpm-Webhook-Secret header (or BALPM_WEBHOOK_SECRET)")
-    wh.set_defaults(func=_guarded(cmd_webhook))
+    wh.set_defaults(func=cmd_webhook)
 
 
 __all__ = [
+    "CHOICES_NAME",
+    "CHOICE_TO_PREFERENCE",
     "LABEL_CONFIG",
+    "POOL_KEY",
     "AnnotatorMapper",
     "IngestReport",
     "LabelStudioAPI",
@@ -690,4 +627,5 @@ __all__ = [
     "register_cli",
     "setup_project",
     "sync",
+    "task_item_id",
 ]

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from balpm.errors import BalpmError
-from balpm.integrations.label_studio import AnnotatorMapper, annotation_to_label, ingest_labels
+from balpm.integrations.annotations import AnnotatorMapper, annotation_to_label, ingest_labels
 
 if TYPE_CHECKING:
     from balpm.client import Client

@@ -1,9 +1,16 @@
-"""Domain records: what the service stores and returns, independent of gRPC."""
+"""Domain records: what the service stores and returns, independent of gRPC.
+
+The storage layer takes and returns these records (never bare tuples of columns), so
+neither side depends on a column order.
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from balpm_server.acquisition import KnnConvention, Strategy
 
@@ -112,15 +119,6 @@ class ItemIn:
     split: Split = Split.POOL
     heldout_preference: Preference | None = None
     apl: AplScores | None = None
-
-
-@dataclass(frozen=True)
-class ExportedItem:
-    """A stored item as ExportItems sends it (features added by the domain when asked)."""
-
-    row: int
-    featurized: bool
-    item: ItemIn
 
 
 @dataclass(frozen=True)
@@ -282,3 +280,166 @@ class EvaluationOut:
     mean_epistemic: float
     count: int
     posterior_version: int
+
+
+# ---- storage records ------------------------------------------------------------------------
+
+
+class PoolInsert(enum.Enum):
+    """Outcome of inserting a pool (`SqliteStore.insert_pool`)."""
+
+    INSERTED = "INSERTED"
+    NAME_TAKEN = "NAME_TAKEN"  # the tenant already has a pool with this id
+    AT_LIMIT = "AT_LIMIT"  # the tenant already holds its maximum number of pools
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    """A pool's tenant-visible id and its storage key."""
+
+    pool_id: str
+    key: str
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """An item as stored: its content, its feature row and whether its features are stored."""
+
+    item_id: str
+    row: int
+    split: Split
+    prompt: str
+    completion_a: str
+    completion_b: str
+    heldout_preference: Preference | None
+    featurized: bool  # True when the features are stored (client features are, on upload)
+    digest: str  # content digest, for idempotent re-uploads
+    apl: AplScores | None = None
+
+
+@dataclass(frozen=True)
+class ItemIndex:
+    """Every item of a pool in row order (row r of each array is feature row r).
+
+    Attributes:
+        item_ids: Item ids by row.
+        rows_N: int64 feature rows (0..N-1 in a sound pool).
+        split_N: int8 `Split` values.
+        heldout_target_N: float64 target P(A preferred) of held-out items (NaN otherwise).
+    """
+
+    item_ids: list[str]
+    rows_N: np.ndarray
+    split_N: np.ndarray
+    heldout_target_N: np.ndarray
+
+
+@dataclass(frozen=True)
+class PendingFeatures:
+    """An item whose features the server still has to extract."""
+
+    row: int
+    prompt: str
+    completion_a: str
+    completion_b: str
+
+
+@dataclass(frozen=True)
+class ItemAplScores:
+    """New APL scores of one item."""
+
+    item_id: str
+    scores: AplScores
+
+
+@dataclass(frozen=True)
+class LabelContent:
+    """What a label says; two labels with one label_id must say the same."""
+
+    item_id: str
+    preference: Preference
+    annotator_id: str
+
+
+@dataclass(frozen=True)
+class LabelTargets:
+    """Every label of a pool as training data, in storage order.
+
+    Attributes:
+        rows_L: int64 feature row of each label's item.
+        targets_L: float32 target P(A preferred).
+    """
+
+    rows_L: np.ndarray
+    targets_L: np.ndarray
+
+
+@dataclass(frozen=True)
+class LabelledBy:
+    """One annotator has labelled the item at a feature row."""
+
+    row: int
+    annotator_id: str
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """An unexpired lease of the item at a feature row."""
+
+    row: int
+    annotator_id: str
+    expire_s: float
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    """The leases one AcquireBatch call writes (`SqliteStore.lease_and_read`)."""
+
+    pool_key: str
+    item_ids: tuple[str, ...]
+    annotator_id: str
+    expire_s: float
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """A recorded IngestLabels request id: the digest of its labels and its response."""
+
+    digest: str
+    response_json: str
+
+
+@dataclass(frozen=True)
+class ExportedItem:
+    """An item of ExportItems, with its feature vectors when asked for and stored.
+
+    Attributes:
+        item: The stored item.
+        features: Kind ("prompt", "a", "b") -> float32 `[D]`; empty when not sent.
+    """
+
+    item: ItemRecord
+    features: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoreCounts:
+    """Totals over one store, for the metrics scrape.
+
+    Attributes:
+        pools_by_state: Lower-case pool state -> pools.
+        pool_items: Items of SPLIT_POOL.
+        heldout_items: Items of SPLIT_HELDOUT.
+        featurized_items: Items whose features are stored.
+        labels: Labels stored.
+        active_leases: Leases not yet expired.
+        expired_leases: Expired leases not yet purged.
+    """
+
+    pools_by_state: Mapping[str, int]
+    pool_items: int
+    heldout_items: int
+    featurized_items: int
+    labels: int
+    active_leases: int
+    expired_leases: int

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from balpm_server.domain.models import LabelledBy, LeaseRecord
+
 
 class Occupancy:
     """Labels and leases per row.
@@ -40,15 +42,15 @@ class Occupancy:
         cls,
         n_rows: int,
         labels_per_item: int,
-        labels: Iterable[tuple[int, str]],
-        leases: Iterable[tuple[int, str, float]],
+        labels: Iterable[LabelledBy],
+        leases: Iterable[LeaseRecord],
     ) -> Occupancy:
-        """Build from (row, annotator) labels and (row, annotator, expire_s) leases."""
+        """Build from who labelled which row and the unexpired leases."""
         occ = cls(n_rows, labels_per_item)
-        for row, ann in labels:
-            occ._note_label(row, ann)
-        for row, ann, expire_s in leases:
-            occ.add_lease(row, ann, expire_s)
+        for label in labels:
+            occ._note_label(label.row, label.annotator_id)
+        for lease in leases:
+            occ.add_lease(lease.row, lease.annotator_id, lease.expire_s)
         return occ
 
     def _note_label(self, row: int, annotator: str) -> None:

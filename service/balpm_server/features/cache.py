@@ -9,19 +9,14 @@ batching still apply.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import logging
-import sqlite3
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from balpm_server.features.base import FeatureExtractor
-
-log = logging.getLogger(__name__)
+from balpm_server.storage.vector_cache import VectorCache
 
 
 class CachedExtractor:
@@ -29,16 +24,12 @@ class CachedExtractor:
 
     Args:
         inner: The extractor doing the real work.
-        path: SQLite file of the cache.
+        path: SQLite file of the cache (`storage.vector_cache.VectorCache`).
     """
 
     def __init__(self, inner: FeatureExtractor, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.inner = inner
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, vec BLOB NOT NULL)")
-        self._lock = threading.Lock()
+        self._cache = VectorCache(path)
         self.hits = 0
         self.misses = 0
 
@@ -54,32 +45,10 @@ class CachedExtractor:
     def _key(self, text: str) -> bytes:
         return hashlib.sha256(f"{self.inner.name}\x1f{text}".encode()).digest()
 
-    def _get(self, keys: list[bytes]) -> dict[bytes, bytes]:
-        out: dict[bytes, bytes] = {}
-        with self._lock:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                out.update(self._conn.execute(f"SELECT key, vec FROM vectors WHERE key IN ({marks})", chunk))
-        return out
-
-    def _put(self, rows: list[tuple[bytes, bytes]]) -> None:
-        """Store vectors; best effort: a failed write (full or read-only disk) only loses cache entries."""
-        with self._lock:
-            try:
-                self._conn.execute("BEGIN")
-                self._conn.executemany("INSERT OR REPLACE INTO vectors (key, vec) VALUES (?, ?)", rows)
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as e:
-                if self._conn.in_transaction:  # SQLite may or may not have rolled back itself
-                    with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("ROLLBACK")
-                log.warning("feature cache not updated (%s); these texts are embedded again next time", e)
-
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts, computing only those not cached."""
         keys = [self._key(t) for t in texts]
-        found = await asyncio.to_thread(self._get, keys)
+        found = await asyncio.to_thread(self._cache.get, keys)
         missing = [i for i, k in enumerate(keys) if k not in found]
         self.hits += len(texts) - len(missing)
         self.misses += len(missing)
@@ -94,12 +63,11 @@ class CachedExtractor:
         if fresh_M_D is not None:
             out_N_D[missing] = fresh_M_D
             await asyncio.to_thread(
-                self._put, [(keys[i], fresh_M_D[j].astype(np.float32).tobytes()) for j, i in enumerate(missing)]
+                self._cache.put, [(keys[i], fresh_M_D[j].astype(np.float32).tobytes()) for j, i in enumerate(missing)]
             )
         return out_N_D
 
     async def close(self) -> None:
         """Close the wrapped extractor and the cache."""
         await self.inner.close()
-        with self._lock:
-            self._conn.close()
+        self._cache.close()

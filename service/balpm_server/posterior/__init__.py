@@ -3,6 +3,7 @@
 Public API (the server depends on these names): `EnsembleConfig`, `EnsembleState`,
 `TrainProgress`, `TrainResult`, `train_ensemble`, `train_members_sequentially`,
 `predict_probs`, `EvalMetrics`, `evaluate`, `bald_scores`, `PosteriorStore`.
+`bald_scores` is `balpm_server.bernoulli.bald`, the one BALD implementation.
 The LoRA ensemble (`train_lora_ensemble`, `predict_probs_lora`, ...) lives in
 `balpm_server.posterior.lora` and is imported lazily (it pulls in transformers/peft).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from balpm_server.bernoulli import bald as bald_scores
 from balpm_server.posterior.ensemble import (
     EnsembleConfig,
     EnsembleState,
@@ -20,7 +22,7 @@ from balpm_server.posterior.ensemble import (
     train_ensemble,
     train_members_sequentially,
 )
-from balpm_server.posterior.metrics import EvalMetrics, bald_scores, evaluate
+from balpm_server.posterior.metrics import EvalMetrics, evaluate
 from balpm_server.posterior.store import PosteriorStore
 
 _LAZY_LORA = (

@@ -36,6 +36,7 @@ import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce_with_logits
 
 from balpm_server import errors
+from balpm_server.bernoulli import log_likelihood
 
 POSTERIOR_KINDS = ("mlp_ensemble", "lora_ensemble")
 DEVICES = ("auto", "cpu", "cuda")
@@ -339,9 +340,8 @@ def _val_logits(params: dict[str, torch.Tensor], a_V_D: torch.Tensor, b_V_D: tor
 
 
 def _ensemble_log_lik(logits_E_V: torch.Tensor, t_V: torch.Tensor) -> float:
-    p_V = torch.sigmoid(logits_E_V).mean(dim=0).clamp(1e-12, 1 - 1e-12)
-    ll_V = t_V * torch.log(p_V) + (1 - t_V) * torch.log1p(-p_V)
-    return float(ll_V.mean())
+    p_V = torch.sigmoid(logits_E_V).mean(dim=0)
+    return float(log_likelihood(p_V.cpu().numpy(), t_V.cpu().numpy()).mean())
 
 
 def _train_members(
@@ -552,8 +552,7 @@ def train_members_sequentially(
     if len(split.val_V):
         probs_V_E = predict_probs(state, feats_a_N_D[split.val_V], feats_b_N_D[split.val_V])
         t_V = np.asarray(targets_N, dtype=np.float64)[split.val_V]
-        p_V = np.clip(probs_V_E.mean(axis=1), 1e-12, 1 - 1e-12)
-        val_ll = float(np.mean(t_V * np.log(p_V) + (1 - t_V) * np.log1p(-p_V)))
+        val_ll = float(log_likelihood(probs_V_E.mean(axis=1), t_V).mean())
     return TrainResult(
         state,
         float(np.mean([r.train_loss for r in results])),

@@ -36,6 +36,7 @@ import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce_with_logits
 
 from balpm_server import errors
+from balpm_server.bernoulli import log_likelihood
 from balpm_server.posterior.ensemble import (
     EnsembleConfig,
     EnsembleState,
@@ -304,9 +305,7 @@ def train_lora_ensemble(
             probs_V_E = predict_probs_lora(ens, [texts_a[i] for i in split.val_V],
                                            [texts_b[i] for i in split.val_V])
             model.train()
-            p_V = np.clip(probs_V_E.mean(axis=1), 1e-12, 1 - 1e-12)
-            t_V = t_np[split.val_V]
-            val_ll = float(np.mean(t_V * np.log(p_V) + (1 - t_V) * np.log1p(-p_V)))
+            val_ll = float(log_likelihood(probs_V_E.mean(axis=1), t_np[split.val_V]).mean())
         if progress is not None:
             progress(TrainProgress(epoch, config.epochs, train_loss, val_ll))
     model.eval()

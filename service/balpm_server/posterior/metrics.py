@@ -2,7 +2,9 @@
 
 BALD (Houlsby et al., 2011), as used by BAL-PM (Melo et al., NeurIPS 2024), scores
 a pair by the mutual information between its label and the model parameters:
-``I = H[mean_e p_e] - mean_e H[p_e]`` with the binary entropy H in nats.
+``I = H[mean_e p_e] - mean_e H[p_e]`` with the binary entropy H in nats. That formula
+and the Bernoulli log-likelihood have one implementation, `balpm_server.bernoulli`,
+shared with acquisition and Predict.
 
 Shape legend:
     N  items (preference pairs)
@@ -16,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from balpm_server import errors
+from balpm_server import bernoulli, errors
 
 ECE_BINS = 15
-_EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,14 @@ class EvalMetrics:
     """Quality of the ensemble-mean prediction.
 
     Attributes:
-        log_likelihood: Mean per-pair log-likelihood in nats (ties with target 0.5 use
-            the Bernoulli cross-entropy ``0.5 log p + 0.5 log(1 - p)``).
+        log_likelihood: Mean per-pair log-likelihood in nats (`bernoulli.log_likelihood`;
+            ties with target 0.5 use the Bernoulli cross-entropy ``0.5 log p + 0.5 log(1 - p)``).
         accuracy: Fraction of non-tie pairs whose preferred side has mean p > 0.5
             (NaN when every pair is a tie).
         brier: Mean squared error ``(p - t)^2``.
         ece: Expected calibration error of P(A preferred) with 15 equal-width bins:
             ``sum_b n_b / N * |mean_b p - mean_b t|`` (ties count as frequency 0.5).
-        mean_epistemic: Mean BALD mutual information (nats).
+        mean_epistemic: Mean BALD mutual information (nats, `bernoulli.decompose`).
         count: Number of pairs N.
     """
 
@@ -44,35 +45,6 @@ class EvalMetrics:
     ece: float
     mean_epistemic: float
     count: int
-
-
-def _binary_entropy(p: np.ndarray) -> np.ndarray:
-    q = np.clip(p, _EPS, 1 - _EPS)
-    return -(q * np.log(q) + (1 - q) * np.log1p(-q))
-
-
-def _check_probs(probs_N_E: np.ndarray) -> np.ndarray:
-    probs_N_E = np.asarray(probs_N_E, dtype=np.float64)
-    if probs_N_E.ndim != 2 or probs_N_E.shape[1] == 0:
-        raise errors.InvalidArgument(f"probs must be [N, E] with E >= 1, got {probs_N_E.shape}",
-                                     field="probs")
-    if not np.isfinite(probs_N_E).all() or ((probs_N_E < 0) | (probs_N_E > 1)).any():
-        raise errors.InvalidArgument("probs must be finite probabilities in [0, 1]", field="probs")
-    return probs_N_E
-
-
-def bald_scores(probs_N_E: np.ndarray) -> np.ndarray:
-    """BALD mutual information per pair (nats, >= 0).
-
-    Args:
-        probs_N_E: P(A preferred) per member.
-
-    Returns:
-        mi_N, float64.
-    """
-    probs_N_E = _check_probs(probs_N_E)
-    mi_N = _binary_entropy(probs_N_E.mean(axis=1)) - _binary_entropy(probs_N_E).mean(axis=1)
-    return np.maximum(mi_N, 0.0)
 
 
 def expected_calibration_error(p_N: np.ndarray, t_N: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -101,7 +73,7 @@ def evaluate(probs_N_E: np.ndarray, targets_N: np.ndarray) -> EvalMetrics:
     Raises:
         errors.InvalidArgument: Shape mismatch, NaN, values outside [0, 1].
     """
-    probs_N_E = _check_probs(probs_N_E)
+    probs_N_E = bernoulli.check_probs(probs_N_E)
     t_N = np.asarray(targets_N, dtype=np.float64)
     N = probs_N_E.shape[0]
     if t_N.shape != (N,):
@@ -110,12 +82,12 @@ def evaluate(probs_N_E: np.ndarray, targets_N: np.ndarray) -> EvalMetrics:
         raise errors.InvalidArgument("targets must be probabilities in [0, 1]", field="targets")
     if N == 0:
         return EvalMetrics(math.nan, math.nan, math.nan, math.nan, math.nan, 0)
-    p_N = probs_N_E.mean(axis=1)
-    q_N = np.clip(p_N, _EPS, 1 - _EPS)
-    log_lik = float(np.mean(t_N * np.log(q_N) + (1 - t_N) * np.log1p(-q_N)))
+    d = bernoulli.decompose(probs_N_E)
+    p_N = d.mean_N
+    log_lik = float(np.mean(bernoulli.log_likelihood(p_N, t_N)))
     decided = t_N != 0.5
     accuracy = (float(np.mean((p_N[decided] > 0.5) == (t_N[decided] > 0.5)))
                 if decided.any() else math.nan)
     brier = float(np.mean((p_N - t_N) ** 2))
     ece = expected_calibration_error(p_N, t_N)
-    return EvalMetrics(log_lik, accuracy, brier, ece, float(bald_scores(probs_N_E).mean()), N)
+    return EvalMetrics(log_lik, accuracy, brier, ece, float(d.epistemic_N.mean()), N)

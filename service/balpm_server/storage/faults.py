@@ -128,3 +128,8 @@ def storage_error(exc: BaseException) -> errors.BalpmError | None:
         cls = errors.ResourceExhausted if reason == DISK_FULL else errors.Unavailable
         return cls(MESSAGES[reason], reason=reason, metadata={"cause": cause} if cause else None)
     return None
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Whether `exc` is an error of the metadata database itself (e.g. a corrupt file), fault or not."""
+    return isinstance(exc, sqlite3.Error)

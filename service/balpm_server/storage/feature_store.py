@@ -79,21 +79,24 @@ class FeatureStore:
         return out_N_D
 
     def read_rows(self, kind: str, rows_R: np.ndarray) -> np.ndarray:
-        """Read the given rows of a kind (rows not written yet read as zeros).
+        """Read the given rows of a kind (rows past the end of the file read as zeros).
+
+        Only those rows are read (a memory map), whatever their spread.
 
         Returns:
             float32 `[R, D]`.
         """
+        rows_R = np.asarray(rows_R, dtype=np.int64)
         out_R_D = np.zeros((len(rows_R), self.dim), dtype=np.float32)
         path = self._path(kind)
-        if len(rows_R) == 0 or not path.exists():
+        if not len(rows_R) or not path.exists():
             return out_R_D
-        stored = path.stat().st_size // (4 * self.dim)
-        if stored == 0:
-            return out_R_D
-        have_R = rows_R < stored
-        table_N_D = np.memmap(path, dtype=np.float32, mode="r", shape=(stored, self.dim))
-        out_R_D[have_R] = table_N_D[rows_R[have_R]]
+        n_file = path.stat().st_size // (self.dim * 4)
+        present_R = (rows_R >= 0) & (rows_R < n_file)
+        if present_R.any():
+            stored_F_D = np.memmap(path, dtype=np.float32, mode="r", shape=(n_file, self.dim))
+            out_R_D[present_R] = stored_F_D[rows_R[present_R]]
+            del stored_F_D
         return out_R_D
 
     def delete(self) -> None:

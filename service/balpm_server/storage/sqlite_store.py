@@ -16,12 +16,16 @@ argument below is such a key.
 
 Schema versions live in ``PRAGMA user_version`` and are applied in order at open
 (`MIGRATIONS`); a data dir written by an older release is upgraded in place.
+
+Methods take and return the named records of `balpm_server.domain.models`, never
+tuples in column order; SQL stays in this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -37,21 +41,34 @@ from balpm_server import errors
 from balpm_server.acquisition import Strategy
 from balpm_server.domain.models import (
     AplScores,
-    ExportedItem,
     FeatureSource,
-    ItemIn,
+    ItemAplScores,
+    ItemIndex,
+    ItemRecord,
     ItemText,
+    LabelContent,
     LabelIn,
+    LabelledBy,
+    LabelTargets,
     LabelWrite,
+    LeaseRecord,
+    LeaseRequest,
     Operation,
     OperationState,
+    PendingFeatures,
     PoolInfo,
+    PoolInsert,
+    PoolRef,
     PoolSettings,
     PoolState,
     Preference,
+    RequestRecord,
     Split,
+    StoreCounts,
     StoredLabel,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS pools (
@@ -192,6 +209,7 @@ class SqliteStore:
     """
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -248,25 +266,25 @@ class SqliteStore:
 
     def insert_pool(
         self, pool_key: str, tenant: str, name: str, settings: PoolSettings, extractor: str, *, max_pools: int
-    ) -> bool:
-        """Insert a pool unless the tenant already holds `max_pools` (checked in the same transaction).
+    ) -> PoolInsert:
+        """Insert a pool unless the tenant holds `max_pools` or a pool `name` (checked in the same transaction).
 
         Returns:
-            False when the tenant is at its limit (nothing written).
-
-        Raises:
-            sqlite3.IntegrityError: The tenant already has a pool with this name.
+            INSERTED, or why nothing was written: AT_LIMIT or NAME_TAKEN.
         """
-        with self.transaction() as c:
-            ((held,),) = c.execute("SELECT COUNT(*) FROM pools WHERE tenant = ?", (tenant,)).fetchall()
-            if held >= max_pools:
-                return False
-            c.execute(
-                "INSERT INTO pools (pool_id, name, tenant, settings_json, state, extractor, create_time)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (pool_key, name, tenant, settings_to_json(settings), PoolState.READY.value, extractor, time.time()),
-            )
-        return True
+        try:
+            with self.transaction() as c:
+                ((held,),) = c.execute("SELECT COUNT(*) FROM pools WHERE tenant = ?", (tenant,)).fetchall()
+                if held >= max_pools:
+                    return PoolInsert.AT_LIMIT
+                c.execute(
+                    "INSERT INTO pools (pool_id, name, tenant, settings_json, state, extractor, create_time)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (pool_key, name, tenant, settings_to_json(settings), PoolState.READY.value, extractor, time.time()),
+                )
+        except sqlite3.IntegrityError:  # UNIQUE (tenant, name): a concurrent create won the race
+            return PoolInsert.NAME_TAKEN
+        return PoolInsert.INSERTED
 
     def delete_pool(self, pool_key: str) -> None:
         """Delete a pool and everything that belongs to it."""
@@ -279,10 +297,10 @@ class SqliteStore:
         rows = self._query("SELECT pool_id FROM pools WHERE tenant = ? AND name = ?", (tenant, name))
         return str(rows[0][0]) if rows else None
 
-    def pools_of(self, tenant: str) -> list[tuple[str, str]]:
-        """(pool id, storage key) of one tenant's pools, sorted by id."""
+    def pools_of(self, tenant: str) -> list[PoolRef]:
+        """One tenant's pools, sorted by id."""
         rows = self._query("SELECT name, pool_id FROM pools WHERE tenant = ? ORDER BY name", (tenant,))
-        return [(r[0], r[1]) for r in rows]
+        return [PoolRef(name, key) for name, key in rows]
 
     def pool_count(self, tenant: str) -> int:
         """How many pools a tenant holds."""
@@ -383,17 +401,28 @@ class SqliteStore:
         conn.execute("UPDATE pools SET next_row = next_row + ? WHERE pool_id = ?", (count, pool_id))
         return int(first)
 
-    def insert_items(self, conn: sqlite3.Connection, pool_id: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Insert item rows (inside a transaction).
-
-        Each row: (item_id, row, split, prompt, a, b, heldout_pref, featurized, digest,
-        logp_policy_a, logp_policy_b, logp_ref_a, logp_ref_b, predictive_entropy).
-        """
+    def insert_items(self, conn: sqlite3.Connection, pool_id: str, items: Sequence[ItemRecord]) -> None:
+        """Insert items (inside a transaction)."""
         conn.executemany(
             "INSERT INTO items (pool_id, item_id, row, split, prompt, completion_a, completion_b,"
             " heldout_pref, featurized, digest, logp_policy_a, logp_policy_b, logp_ref_a, logp_ref_b,"
             " predictive_entropy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(pool_id, *r) for r in rows],
+            [
+                (
+                    pool_id,
+                    it.item_id,
+                    it.row,
+                    int(it.split),
+                    it.prompt,
+                    it.completion_a,
+                    it.completion_b,
+                    int(it.heldout_preference) if it.heldout_preference else None,
+                    1 if it.featurized else 0,
+                    it.digest,
+                    *_apl_columns(it.apl),
+                )
+                for it in items
+            ],
         )
 
     def mark_featurized(self, pool_id: str, rows: Sequence[int]) -> None:
@@ -404,10 +433,10 @@ class SqliteStore:
                 [(pool_id, int(r)) for r in rows],
             )
 
-    def unfeaturized(self, pool_id: str) -> list[tuple[int, str, str, str]]:
-        """(row, prompt, completion_a, completion_b) of items still waiting for features."""
+    def unfeaturized(self, pool_id: str) -> list[PendingFeatures]:
+        """Items still waiting for features, in row order."""
         return [
-            (int(r), p, a, b)
+            PendingFeatures(int(r), p, a, b)
             for r, p, a, b in self._query(
                 "SELECT row, prompt, completion_a, completion_b FROM items"
                 " WHERE pool_id = ? AND featurized = 0 ORDER BY row",
@@ -422,10 +451,10 @@ class SqliteStore:
         )
         return [p + a for p, a, _ in rows], [p + b for p, _, b in rows]
 
-    def items_missing_apl(self, pool_id: str) -> list[tuple[str, str, str, str]]:
-        """(item_id, prompt, completion_a, completion_b) of items without APL log-probabilities."""
+    def items_missing_apl(self, pool_id: str) -> list[ItemText]:
+        """Items without APL log-probabilities, in row order."""
         return [
-            (iid, p, a, b)
+            ItemText(iid, p, a, b)
             for iid, p, a, b in self._query(
                 "SELECT item_id, prompt, completion_a, completion_b FROM items"
                 " WHERE pool_id = ? AND logp_policy_a IS NULL ORDER BY row",
@@ -433,12 +462,8 @@ class SqliteStore:
             )
         ]
 
-    def item_index(self, pool_id: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        """All items of a pool ordered by row.
-
-        Returns:
-            (item_ids, rows_N int64, split_N int8, heldout_target_N float64 (NaN if none)).
-        """
+    def item_index(self, pool_id: str) -> ItemIndex:
+        """All items of a pool ordered by row."""
         rows = self._query(
             "SELECT item_id, row, split, heldout_pref FROM items WHERE pool_id = ? ORDER BY row",
             (pool_id,),
@@ -447,34 +472,7 @@ class SqliteStore:
         rows_N = np.array([r[1] for r in rows], dtype=np.int64)
         split_N = np.array([r[2] for r in rows], dtype=np.int8)
         target_N = np.array([Preference(r[3]).target if r[3] else np.nan for r in rows], dtype=np.float64)
-        return ids, rows_N, split_N, target_N
-
-    def items_page(self, pool_key: str, after_row: int, limit: int, split: int | None) -> list[ExportedItem]:
-        """Items with row > after_row in row (upload) order, of one split when given."""
-        where = "pool_id = ? AND row > ?" + (" AND split = ?" if split is not None else "")
-        params: tuple[Any, ...] = (pool_key, after_row, *((split,) if split is not None else ()), limit)
-        rows = self._query(
-            "SELECT item_id, row, split, prompt, completion_a, completion_b, heldout_pref, featurized,"
-            " logp_policy_a, logp_policy_b, logp_ref_a, logp_ref_b, predictive_entropy FROM items"
-            f" WHERE {where} ORDER BY row LIMIT ?",
-            params,
-        )
-        return [
-            ExportedItem(
-                row=int(r[1]),
-                featurized=bool(r[7]),
-                item=ItemIn(
-                    item_id=r[0],
-                    prompt=r[3],
-                    completion_a=r[4],
-                    completion_b=r[5],
-                    split=Split(int(r[2])),
-                    heldout_preference=Preference(r[6]) if r[6] else None,
-                    apl=AplScores(r[8], r[9], r[10], r[11], r[12]) if r[8] is not None else None,
-                ),
-            )
-            for r in rows
-        ]
+        return ItemIndex(ids, rows_N, split_N, target_N)
 
     def apl_scores(self, pool_id: str) -> np.ndarray:
         """APL scores by item order (row order): float64 `[N, 5]`, NaN where unknown."""
@@ -485,26 +483,46 @@ class SqliteStore:
         )
         return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64).reshape(-1, 5)
 
-    def update_apl_scores(self, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
+    def update_apl_scores(self, pool_id: str, scores: Sequence[ItemAplScores]) -> int:
         """Set APL scores of items; returns the number of items updated."""
         with self.transaction() as c:
             n = 0
-            for item_id, s in scores:
+            for s in scores:
                 cur = c.execute(
                     "UPDATE items SET logp_policy_a = ?, logp_policy_b = ?, logp_ref_a = ?,"
                     " logp_ref_b = ?, predictive_entropy = ? WHERE pool_id = ? AND item_id = ?",
-                    (
-                        s.logp_policy_a,
-                        s.logp_policy_b,
-                        s.logp_ref_a,
-                        s.logp_ref_b,
-                        s.predictive_entropy,
-                        pool_id,
-                        item_id,
-                    ),
+                    (*_apl_columns(s.scores), pool_id, s.item_id),
                 )
                 n += cur.rowcount
             return n
+
+    def items_page(self, pool_id: str, from_row: int, limit: int, split: Split | None = None) -> list[ItemRecord]:
+        """Up to `limit` items with row >= `from_row` (of one split, when given), in row order."""
+        where, params = "pool_id = ? AND row >= ?", [pool_id, from_row]
+        if split is not None:
+            where += " AND split = ?"
+            params.append(int(split))
+        rows = self._query(
+            "SELECT item_id, row, split, prompt, completion_a, completion_b, heldout_pref, featurized, digest,"
+            f" logp_policy_a, logp_policy_b, logp_ref_a, logp_ref_b, predictive_entropy FROM items WHERE {where}"
+            " ORDER BY row LIMIT ?",
+            (*params, limit),
+        )
+        return [
+            ItemRecord(
+                item_id=iid,
+                row=int(row),
+                split=Split(split_value),
+                prompt=p,
+                completion_a=a,
+                completion_b=b,
+                heldout_preference=Preference(pref) if pref else None,
+                featurized=bool(featurized),
+                digest=digest,
+                apl=None if lpa is None else AplScores(lpa, lpb, lra, lrb, ent),
+            )
+            for iid, row, split_value, p, a, b, pref, featurized, digest, lpa, lpb, lra, lrb, ent in rows
+        ]
 
     def item_splits(self, pool_id: str, item_ids: Sequence[str]) -> dict[str, int]:
         """item_id -> split of the given items that exist."""
@@ -522,14 +540,14 @@ class SqliteStore:
 
     # ---- labels ------------------------------------------------------------------------
 
-    def existing_labels(self, pool_id: str, label_ids: Sequence[str]) -> dict[str, tuple[str, int, str]]:
-        """label_id -> (item_id, preference, annotator_id) for labels already stored."""
+    def existing_labels(self, pool_id: str, label_ids: Sequence[str]) -> dict[str, LabelContent]:
+        """label_id -> content of the given labels that are already stored."""
         rows = self._query_ids(
             "SELECT label_id, item_id, preference, annotator_id FROM labels WHERE pool_id = ? AND label_id",
             pool_id,
             label_ids,
         )
-        return {lid: (iid, int(pref), ann) for lid, iid, pref, ann in rows}
+        return {lid: LabelContent(iid, Preference(pref), ann) for lid, iid, pref, ann in rows}
 
     def insert_labels(
         self, conn: sqlite3.Connection, pool_id: str, labels: Sequence[LabelIn], labels_per_item: int = 1
@@ -586,8 +604,8 @@ class SqliteStore:
             )
         ]
 
-    def label_targets(self, pool_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """Every label as (item feature row, target P(A preferred)), in storage order."""
+    def label_targets(self, pool_id: str) -> LabelTargets:
+        """Every label as its item's feature row and its target P(A preferred), in storage order."""
         rows = self._query(
             "SELECT i.row, l.preference FROM labels l JOIN items i"
             " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ? ORDER BY l.seq",
@@ -595,14 +613,14 @@ class SqliteStore:
         )
         rows_L = np.array([r[0] for r in rows], dtype=np.int64)
         targets_L = np.array([Preference(r[1]).target for r in rows], dtype=np.float32)
-        return rows_L, targets_L
+        return LabelTargets(rows_L, targets_L)
 
     # ---- leases ------------------------------------------------------------------------
 
-    def active_leases(self, pool_id: str, now_s: float) -> list[tuple[int, str, float]]:
-        """(feature row, annotator_id, expire_s) of unexpired leases."""
+    def active_leases(self, pool_id: str, now_s: float) -> list[LeaseRecord]:
+        """The unexpired leases of a pool."""
         return [
-            (int(r), ann, float(exp))
+            LeaseRecord(int(r), ann, float(exp))
             for r, ann, exp in self._query(
                 "SELECT i.row, l.annotator_id, l.expire_time FROM leases l JOIN items i"
                 " ON i.pool_id = l.pool_id AND i.item_id = l.item_id"
@@ -611,10 +629,10 @@ class SqliteStore:
             )
         ]
 
-    def label_annotators(self, pool_id: str) -> list[tuple[int, str]]:
-        """Distinct (feature row, annotator_id) pairs of the pool's labels."""
+    def label_annotators(self, pool_id: str) -> list[LabelledBy]:
+        """Who labelled which feature row (each pair once)."""
         return [
-            (int(r), ann)
+            LabelledBy(int(r), ann)
             for r, ann in self._query(
                 "SELECT DISTINCT i.row, l.annotator_id FROM labels l JOIN items i"
                 " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ?",
@@ -622,13 +640,10 @@ class SqliteStore:
             )
         ]
 
-    def lease_and_read(
-        self, requests: Sequence[tuple[str, Sequence[str], str, float]]
-    ) -> list[dict[str, ItemText]]:
+    def lease_and_read(self, requests: Sequence[LeaseRequest]) -> list[dict[str, ItemText]]:
         """Write the leases of several acquisitions in one transaction, then read their items.
 
-        Each request is (pool_id, item_ids, annotator_id, expire_s); the answer gives, per
-        request, the text fields of its items. One commit for many concurrent
+        The answer gives, per request, the text fields of its items. One commit for many concurrent
         AcquireBatch calls (group commit) is what keeps their latency flat under load.
 
         Leases commit with ``synchronous=NORMAL``: in WAL mode the commit survives a crash
@@ -639,17 +654,15 @@ class SqliteStore:
         with self._lease_durability():
             with self.transaction() as c:
                 now_s = time.time()
-                for pool_id in sorted({r[0] for r in requests}):
+                for pool_id in sorted({r.pool_key for r in requests}):
                     c.execute("DELETE FROM leases WHERE pool_id = ? AND expire_time <= ?", (pool_id, now_s))
                 c.executemany(
                     "INSERT OR REPLACE INTO leases (pool_id, item_id, annotator_id, expire_time) VALUES (?, ?, ?, ?)",
-                    [(pool_id, iid, ann, exp) for pool_id, ids, ann, exp in requests for iid in ids],
+                    [(r.pool_key, iid, r.annotator_id, r.expire_s) for r in requests for iid in r.item_ids],
                 )
-            return [self.item_texts(pool_id, ids) for pool_id, ids, _, _ in requests]
+            return [self.item_texts(r.pool_key, r.item_ids) for r in requests]
 
-    def lease_and_read_nowait(
-        self, requests: Sequence[tuple[str, Sequence[str], str, float]]
-    ) -> list[dict[str, ItemText]] | None:
+    def lease_and_read_nowait(self, requests: Sequence[LeaseRequest]) -> list[dict[str, ItemText]] | None:
         """`lease_and_read` if the store is free this instant, else None (never waits)."""
         if not self._lock.acquire(blocking=False):
             return None
@@ -688,13 +701,13 @@ class SqliteStore:
 
     # ---- idempotent requests -----------------------------------------------------------
 
-    def get_request(self, pool_id: str, request_id: str) -> tuple[str, str] | None:
-        """(digest, response_json) of a recorded request id, or None."""
+    def get_request(self, pool_id: str, request_id: str) -> RequestRecord | None:
+        """The record of a request id, or None."""
         rows = self._query(
             "SELECT digest, response_json FROM requests WHERE pool_id = ? AND request_id = ?",
             (pool_id, request_id),
         )
-        return (rows[0][0], rows[0][1]) if rows else None
+        return RequestRecord(rows[0][0], rows[0][1]) if rows else None
 
     def put_request(self, conn: sqlite3.Connection, pool_id: str, request_id: str, digest: str, response: str) -> None:
         """Record a request id with its response (inside a transaction)."""
@@ -776,3 +789,44 @@ class SqliteStore:
             op.update_time_s = time.time()
             self.save_operation(op)
         return len(rows)
+
+    # ---- metrics -----------------------------------------------------------------------
+
+    def counts(self) -> StoreCounts | None:
+        """Totals over every pool, or None when the file cannot be read (missing, no schema yet).
+
+        Safe from any thread, also while the server writes or after `close`: it opens its
+        own short-lived read-only connection (WAL readers never block the writer), so a
+        Prometheus scrape costs the event loop nothing.
+        """
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1.0)
+        except sqlite3.Error:
+            return None
+        try:
+            by_state: dict[str, int] = {}
+            for state, count in conn.execute("SELECT state, COUNT(*) FROM pools GROUP BY state"):
+                by_state[str(state).lower()] = by_state.get(str(state).lower(), 0) + int(count)
+            ((pool_n, heldout_n, feat_n),) = conn.execute(
+                "SELECT COALESCE(SUM(split = 1), 0), COALESCE(SUM(split = 2), 0), COALESCE(SUM(featurized), 0)"
+                " FROM items"
+            ).fetchall()
+            ((labels_n,),) = conn.execute("SELECT COUNT(*) FROM labels").fetchall()
+            now_s = time.time()
+            ((active, expired),) = conn.execute(
+                "SELECT COALESCE(SUM(expire_time > ?), 0), COALESCE(SUM(expire_time <= ?), 0) FROM leases",
+                (now_s, now_s),
+            ).fetchall()
+        except sqlite3.Error as e:  # schema not there yet, or the file went away
+            log.debug("counts of %s unavailable: %s", self.path, e)
+            return None
+        finally:
+            conn.close()
+        return StoreCounts(by_state, int(pool_n), int(heldout_n), int(feat_n), int(labels_n), int(active), int(expired))
+
+
+def _apl_columns(apl: AplScores | None) -> tuple[float | None, ...]:
+    """The five APL columns of an item (NULL when unknown)."""
+    if apl is None:
+        return (None,) * 5
+    return (apl.logp_policy_a, apl.logp_policy_b, apl.logp_ref_a, apl.logp_ref_b, apl.predictive_entropy)

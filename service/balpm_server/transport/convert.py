@@ -175,19 +175,11 @@ def apl_from_pb(item: pb.Item) -> m.AplScores | None:
     )
 
 
-def split_from_pb(value: int, field: str) -> m.Split | None:
-    """The split of a message field; None for SPLIT_UNSPECIFIED (INVALID_ARGUMENT when unknown)."""
-    if value not in (pb.SPLIT_UNSPECIFIED, pb.SPLIT_POOL, pb.SPLIT_HELDOUT):
-        raise errors.InvalidArgument(f"{field} is unknown", field=field, reason="UNKNOWN_ENUM")
-    if value == pb.SPLIT_UNSPECIFIED:
-        return None
-    return m.Split.HELDOUT if value == pb.SPLIT_HELDOUT else m.Split.POOL
-
-
 def item_from_pb(item: pb.Item, field: str) -> m.ItemIn:
     """A domain item from a message (enum values checked, the rest by the domain)."""
-    given = split_from_pb(item.split, f"{field}.split")
-    split = m.Split.POOL if given is None else given  # unspecified: the pool split
+    if item.split not in (pb.SPLIT_UNSPECIFIED, pb.SPLIT_POOL, pb.SPLIT_HELDOUT):
+        raise errors.InvalidArgument(f"{field}.split is unknown", field=f"{field}.split", reason="UNKNOWN_ENUM")
+    split = m.Split.HELDOUT if item.split == pb.SPLIT_HELDOUT else m.Split.POOL
     pref = None
     if split == m.Split.HELDOUT:
         pref = preference_from_pb(item.heldout_preference, f"{field}.heldout_preference")
@@ -205,28 +197,39 @@ def item_from_pb(item: pb.Item, field: str) -> m.ItemIn:
     )
 
 
-def item_to_pb(item: m.ItemIn) -> pb.Item:
-    """An Item message with everything stored: texts, features (if any), split, preference, APL scores."""
+def split_from_pb(value: int, field: str = "split") -> m.Split | None:
+    """Map a Split enum number; None for UNSPECIFIED; INVALID_ARGUMENT for unknown numbers."""
+    if value == pb.SPLIT_UNSPECIFIED:
+        return None
+    if value not in (pb.SPLIT_POOL, pb.SPLIT_HELDOUT):
+        raise errors.InvalidArgument(f"{field} {value} is not a known Split", field=field, reason="UNKNOWN_ENUM")
+    return m.Split.HELDOUT if value == pb.SPLIT_HELDOUT else m.Split.POOL
+
+
+def exported_item_to_pb(e: m.ExportedItem) -> pb.Item:
+    """An Item message with every stored field (and the feature vectors, when exported)."""
+    it = e.item
     msg = pb.Item(
-        item_id=item.item_id,
-        prompt=item.prompt,
-        completion_a=item.completion_a,
-        completion_b=item.completion_b,
-        prompt_features=item.prompt_features,
-        completion_a_features=item.completion_a_features,
-        completion_b_features=item.completion_b_features,
-        split=pb.SPLIT_HELDOUT if item.split == m.Split.HELDOUT else pb.SPLIT_POOL,
+        item_id=it.item_id,
+        prompt=it.prompt,
+        completion_a=it.completion_a,
+        completion_b=it.completion_b,
+        split=pb.SPLIT_HELDOUT if it.split == m.Split.HELDOUT else pb.SPLIT_POOL,
     )
-    if item.heldout_preference is not None:
-        msg.heldout_preference = PREF_TO_PB[item.heldout_preference]
-    if item.apl is not None:
-        a = item.apl
+    if it.heldout_preference is not None:
+        msg.heldout_preference = PREF_TO_PB[it.heldout_preference]
+    if it.apl is not None:
+        a = it.apl
         msg.apl_scores.CopyFrom(
             pb.AplScores(logp_policy_a=a.logp_policy_a, logp_policy_b=a.logp_policy_b, logp_ref_a=a.logp_ref_a,
                          logp_ref_b=a.logp_ref_b)
         )
         if a.predictive_entropy is not None:
             msg.apl_scores.predictive_entropy = a.predictive_entropy
+    if e.features:
+        msg.prompt_features.extend(e.features["prompt"].tolist())
+        msg.completion_a_features.extend(e.features["a"].tolist())
+        msg.completion_b_features.extend(e.features["b"].tolist())
     return msg
 
 

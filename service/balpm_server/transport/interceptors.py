@@ -10,8 +10,12 @@ sets runs inside the handler's own task: with `grpc.aio`, context variables set 
    checks the key's role and sets `CURRENT_TENANT` to the key's tenant (health and
    reflection stay open);
 3. turns requests that cannot be decoded into INVALID_ARGUMENT (gRPC itself would
-   answer INTERNAL) — through the one error mapping in `transport.status`;
-4. records `balpm_rpc_requests_total` / `balpm_rpc_duration_seconds` by method and
+   answer INTERNAL);
+4. maps every exception of the call — its own (authentication, undecodable requests)
+   and the handler's, for every method of every service — to a status through the one
+   mapping, `transport.status.abort`: servicer methods raise domain errors and never
+   opt in, so a new RPC cannot forget it;
+5. records `balpm_rpc_requests_total` / `balpm_rpc_duration_seconds` by method and
    code, and writes one access-log line (method, code, duration_ms, tenant, request_id).
 """
 
@@ -181,15 +185,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     async def _admit(
         self, call: _Call, context: grpc.aio.ServicerContext, request: Any, ours: bool, stream_in: bool
     ) -> Any:
-        """`_enter` plus stream checking; any failure is aborted through the one status mapping."""
-        try:
-            request = await self._enter(call, context, request, ours)
-            if ours and stream_in:
-                request = _checked_stream(request)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await status.abort(context, e, call.method)
+        """`_enter` plus stream checking; returns the request to hand to the method."""
+        request = await self._enter(call, context, request, ours)
+        if ours and stream_in:
+            request = _checked_stream(request)
         return request
 
     def _exit(self, call: _Call, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
@@ -226,8 +225,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(service, method)
             exc: BaseException | None = None
             try:
-                request = await self._admit(call, context, request, ours, stream_in)
-                return await inner(request, context)
+                async with status.failures_as_status(context, method):
+                    request = await self._admit(call, context, request, ours, stream_in)
+                    return await inner(request, context)
             except BaseException as e:
                 exc = e
                 raise
@@ -244,9 +244,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(service, method)
             exc: BaseException | None = None
             try:
-                request = await self._admit(call, context, request, ours, stream_in)
-                async for response in inner(request, context):
-                    yield response
+                async with status.failures_as_status(context, method):
+                    request = await self._admit(call, context, request, ours, stream_in)
+                    async for response in inner(request, context):
+                        yield response
             except BaseException as e:
                 exc = e
                 raise
@@ -258,8 +259,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(service, method)
             exc: BaseException | None = None
             try:
-                request = await self._admit(call, context, request, ours, stream_in)
-                await cast(Awaitable[None], inner(request, context))
+                async with status.failures_as_status(context, method):
+                    request = await self._admit(call, context, request, ours, stream_in)
+                    await cast(Awaitable[None], inner(request, context))
             except BaseException as e:
                 exc = e
                 raise

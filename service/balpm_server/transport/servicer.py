@@ -1,4 +1,8 @@
-"""The gRPC servicer: validate enums, convert, one domain call, convert back."""
+"""The gRPC servicer: validate enums, convert, one domain call, convert back.
+
+Methods raise domain errors; the server interceptor maps them (and anything else) to a
+status for every method (`balpm_server.transport.status`).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ from balpm.v1 import balpm_pb2_grpc as pb_grpc
 from balpm_server import errors
 from balpm_server.domain import models as m
 from balpm_server.domain import validation as v
-from balpm_server.domain.service import DEFAULT_TENANT, PoolService
+from balpm_server.domain.common import DEFAULT_TENANT
+from balpm_server.domain.service import PoolService
 from balpm_server.transport import convert as c
-from balpm_server.transport.status import streaming, unary
 
 log = logging.getLogger(__name__)
 RELEASE_CHUNK = 1_000  # item ids per release_items call when taking back an undelivered batch
@@ -44,7 +48,6 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         self.max_acquire_reply_bytes: int | None = caps[0][0] if caps else None
         self.acquire_reply_cap_setting = caps[0][1] if caps else ""
 
-    @unary
     async def CreatePool(
         self, request: pb.CreatePoolRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreatePoolResponse:
@@ -53,23 +56,19 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         )
         return pb.CreatePoolResponse(pool=c.pool_to_pb(info))
 
-    @unary
     async def GetPool(self, request: pb.GetPoolRequest, context: grpc.aio.ServicerContext) -> pb.GetPoolResponse:
         return pb.GetPoolResponse(pool=c.pool_to_pb(await self.service.get_pool(tenant_of(context), request.pool_id)))
 
-    @unary
     async def ListPools(self, request: pb.ListPoolsRequest, context: grpc.aio.ServicerContext) -> pb.ListPoolsResponse:
         infos, token = await self.service.list_pools(tenant_of(context), request.page_size, request.page_token)
         return pb.ListPoolsResponse(pools=[c.pool_to_pb(i) for i in infos], next_page_token=token)
 
-    @unary
     async def DeletePool(
         self, request: pb.DeletePoolRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeletePoolResponse:
         await self.service.delete_pool(tenant_of(context), request.pool_id)
         return pb.DeletePoolResponse()
 
-    @unary
     async def UploadItems(
         self, request_iterator: AsyncIterator[pb.UploadItemsRequest], context: grpc.aio.ServicerContext
     ) -> pb.UploadItemsResponse:
@@ -99,7 +98,6 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
             pool=c.pool_to_pb(info),
         )
 
-    @unary
     async def IngestLabels(
         self, request: pb.IngestLabelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.IngestLabelsResponse:
@@ -114,7 +112,6 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
             stored_count=r.stored_count, duplicate_count=r.duplicate_count, label_count=r.label_count
         )
 
-    @unary
     async def UpdatePosterior(
         self, request: pb.UpdatePosteriorRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdatePosteriorResponse:
@@ -127,28 +124,24 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         )
         return pb.UpdatePosteriorResponse(operation=c.operation_to_pb(op))
 
-    @unary
     async def GetOperation(
         self, request: pb.GetOperationRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetOperationResponse:
         op = await self.service.get_operation(tenant_of(context), request.operation_id)
         return pb.GetOperationResponse(operation=c.operation_to_pb(op))
 
-    @streaming
     async def WatchOperation(
         self, request: pb.WatchOperationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchOperationResponse]:
         async for op in self.service.watch_operation(tenant_of(context), request.operation_id):
             yield pb.WatchOperationResponse(operation=c.operation_to_pb(op))
 
-    @unary
     async def CancelOperation(
         self, request: pb.CancelOperationRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelOperationResponse:
         op = await self.service.cancel_operation(tenant_of(context), request.operation_id)
         return pb.CancelOperationResponse(operation=c.operation_to_pb(op))
 
-    @unary
     async def AcquireBatch(
         self, request: pb.AcquireBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.AcquireBatchResponse:
@@ -207,7 +200,6 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         except Exception:  # e.g. the pool was deleted meanwhile; the caller's error still goes out
             log.exception("could not release the leases of an undelivered AcquireBatch reply", extra={"pool": pool_id})
 
-    @unary
     async def ReleaseItems(
         self, request: pb.ReleaseItemsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseItemsResponse:
@@ -216,7 +208,6 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         )
         return pb.ReleaseItemsResponse(released_count=n)
 
-    @unary
     async def UpdateItemScores(
         self, request: pb.UpdateItemScoresRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateItemScoresResponse:
@@ -229,7 +220,6 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         n = await self.service.update_item_scores(tenant_of(context), request.pool_id, scores)
         return pb.UpdateItemScoresResponse(updated_count=n)
 
-    @unary
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         items = [c.item_from_pb(it, f"items[{i}]") for i, it in enumerate(request.items)]
         preds, version = await self.service.predict(tenant_of(context), request.pool_id, list(request.item_ids), items)
@@ -247,7 +237,6 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
             posterior_version=version,
         )
 
-    @unary
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         items = [
             (c.item_from_pb(li.item, f"items[{i}].item"), c.preference_from_pb(li.preference, f"items[{i}].preference"))
@@ -264,7 +253,6 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
             posterior_version=e.posterior_version,
         )
 
-    @streaming
     async def ExportLabels(
         self, request: pb.ExportLabelsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExportLabelsResponse]:
@@ -288,21 +276,20 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
                 next_page_token=token,
             )
 
-    @streaming
+
     async def ExportItems(
         self, request: pb.ExportItemsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExportItemsResponse]:
-        split = c.split_from_pb(request.split, "split")  # None: every split
+        split = c.split_from_pb(request.split)
         async for page, token in self.service.export_items(
             tenant_of(context),
             request.pool_id,
-            page_size=request.page_size,
-            page_token=request.page_token,
+            request.page_size,
+            request.page_token,
             include_features=request.include_features,
             split=split,
         ):
-            yield pb.ExportItemsResponse(items=[c.item_to_pb(it) for it in page], next_page_token=token)
-
+            yield pb.ExportItemsResponse(items=[c.exported_item_to_pb(e) for e in page], next_page_token=token)
 
 def _varint_bytes(n: int) -> int:
     size = 1

@@ -1,24 +1,27 @@
 """The one place where exceptions become gRPC statuses.
 
-Domain errors (`balpm_server.errors.BalpmError`) map to their code with a
-`google.rpc.Status` carrying `ErrorInfo` (stable reason, domain "balpm.dev") and,
-when a field is named, `BadRequest.FieldViolation`. A storage fault (full disk,
-read-only or failing volume, see `balpm_server.storage.faults`) becomes
-RESOURCE_EXHAUSTED or UNAVAILABLE with a stable reason and a message naming no path
-(the original, with its path, goes to the server log). Anything else is logged with
-its traceback and becomes INTERNAL with a generic message. Every error status also
-carries the call's `x-request-id` in its trailing metadata.
+`GRPC_CODE` is the table from a domain error's kind (`balpm_server.errors.ErrorKind`)
+to its status code; the status carries a `google.rpc.Status` with `ErrorInfo` (stable
+reason, domain "balpm.dev") and, when a field is named, `BadRequest.FieldViolation`.
+A storage fault (full disk, read-only or failing volume, see
+`balpm_server.storage.faults`) becomes RESOURCE_EXHAUSTED or UNAVAILABLE with a stable
+reason and a message naming no path (the original, with its path, goes to the server
+log). Anything else is logged with its traceback and becomes INTERNAL with a generic
+message. Every error status also carries the call's `x-request-id` in its trailing
+metadata.
 
-Used by the servicer (`@unary`, `@streaming`) and by the interceptor (`abort`, for
-authentication failures and undecodable requests), so there is one mapping.
+`abort` applies the mapping; `failures_as_status` applies it to whatever a block
+raises. The server interceptor (`balpm_server.transport.interceptors`) runs every RPC,
+its own steps (authentication, undecodable requests) and the handler, inside
+`failures_as_status`, so no method opts in and none can forget to.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2
@@ -26,14 +29,27 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from balpm_server import errors
+from balpm_server.errors import ErrorKind
 from balpm_server.logs import REQUEST_ID
 from balpm_server.storage.faults import storage_error
 
 log = logging.getLogger(__name__)
 ERROR_DOMAIN = "balpm.dev"
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
+# Every kind, once; a kind missing here fails `test_every_error_kind_has_a_status_code`.
+GRPC_CODE: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+}
 
 
 MAX_MESSAGE_CHARS = 1024
@@ -43,6 +59,11 @@ MAX_METADATA_CHARS = 256
 def _clip(text: str, limit: int) -> str:
     """Bound text echoed from requests: status details travel in HTTP/2 trailers (8-16 KiB limits)."""
     return text if len(text) <= limit else text[: limit - 15] + f"...[{len(text)} chars]"
+
+
+def grpc_code(err: errors.BalpmError) -> grpc.StatusCode:
+    """The status code a domain error is sent with."""
+    return GRPC_CODE[err.kind]
 
 
 def to_status_proto(err: errors.BalpmError) -> status_pb2.Status:
@@ -64,7 +85,7 @@ def to_status_proto(err: errors.BalpmError) -> status_pb2.Status:
         a = any_pb2.Any()
         a.Pack(d)
         packed.append(a)
-    return status_pb2.Status(code=err.code.value[0], message=message, details=packed)
+    return status_pb2.Status(code=grpc_code(err).value[0], message=message, details=packed)
 
 
 def internal_status() -> status_pb2.Status:
@@ -109,40 +130,17 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: s
     await context.abort_with_status(_with_request_id(rpc_status.to_status(internal_status())))
 
 
-_abort = abort
+@contextlib.asynccontextmanager
+async def failures_as_status(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+    """End the call with the mapped status of any exception the block raises.
 
-
-def unary(
-    fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
-    """Wrap a unary-response servicer method with the error mapping."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        try:
-            return await fn(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc, fn.__name__)
-            raise  # unreachable: abort raises
-
-    return wrapper
-
-
-def streaming(
-    fn: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
-    """Wrap a server-streaming servicer method with the error mapping."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
-        try:
-            async for item in fn(self, request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc, fn.__name__)
-
-    return wrapper
+    A status already chosen (`grpc.aio.AbortError`) and cancellation (a BaseException)
+    pass through unchanged.
+    """
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        await abort(context, exc, method)
+        raise  # unreachable: abort raises

@@ -1,0 +1,324 @@
+"""Acquisition: AcquireBatch (the fast BALD path and the general one), leases, ReleaseItems, item scores.
+
+AcquireBatch picks under the pool lock from the in-memory occupancy, leases the picks
+in memory (so the next caller skips them), then makes the leases durable with a group
+commit before the reply; a failed or cancelled write takes them back. BALD over a
+fresh score cache walks the cached ranking (O(rows looked at)); every other case
+builds the full candidate masks and calls `acquisition.select_batch`.
+
+Shapes: N pool items (feature rows), B batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from balpm_server import errors, metrics
+from balpm_server.acquisition import (
+    AcquisitionParams,
+    AplInputs,
+    CandidateBatch,
+    KnnConvention,
+    Strategy,
+    first_open,
+    select_batch,
+)
+from balpm_server.acquisition.params import STOCHASTIC_BALD
+from balpm_server.domain import validation as v
+from balpm_server.domain.group_commit import GroupCommit
+from balpm_server.domain.models import (
+    AcquiredItem,
+    AcquireResult,
+    AplScores,
+    ItemAplScores,
+    ItemText,
+    LeaseRequest,
+    PoolInfo,
+    Split,
+)
+from balpm_server.domain.pool_runtime import PoolRuntime
+from balpm_server.domain.pools import Pools
+from balpm_server.domain.runtime import RuntimeCache
+from balpm_server.settings import Settings
+from balpm_server.storage import SqliteStore
+
+MAX_RELEASE_IDS = 10_000
+# Strategies that rank by the BALD scores of every pool row; the others score only their picks.
+SCORED_STRATEGIES = frozenset({Strategy.BALD, Strategy.BALPM, *STOCHASTIC_BALD})
+APL_STRATEGIES = frozenset({Strategy.APL_CERTAINTY, Strategy.APL_ENTROPY, Strategy.APL_HYBRID})
+
+
+class Acquisition:
+    """AcquireBatch, ReleaseItems and UpdateItemScores.
+
+    Args:
+        settings: Server settings (batch and lease limits).
+        store: The metadata store.
+        pools: Pool lookups.
+        cache: The pools' runtimes, BALD scores and kNN graphs.
+    """
+
+    def __init__(self, settings: Settings, store: SqliteStore, pools: Pools, cache: RuntimeCache) -> None:
+        self.settings = settings
+        self.store = store
+        self.pools = pools
+        self.cache = cache
+        # Leases of concurrent AcquireBatch calls are written (and their texts read) together.
+        self.leases: GroupCommit[LeaseRequest, dict[str, ItemText]] = GroupCommit(
+            store.lease_and_read, flush_now=store.lease_and_read_nowait
+        )
+
+    def _params(self, info: PoolInfo, options: dict[str, float]) -> AcquisitionParams:
+        """The pool's strategy settings with this call's overrides (checked)."""
+        s = info.settings
+        params = AcquisitionParams(
+            k=s.knn_k,
+            beta=options.get("beta", s.beta),
+            d_ent=options.get("d_ent", s.d_ent),
+            temperature=options.get("temperature", s.temperature),
+            apl_beta_dpo=options.get("apl_beta_dpo", s.apl_beta_dpo),
+            apl_entropy_top_s=int(options.get("apl_entropy_top_s", 0)),
+            knn_convention=s.knn_convention,
+        )
+        v.finite(params.beta, "options.beta", low=0.0)
+        v.finite(params.d_ent, "options.d_ent", low=0.0, low_open=True)
+        v.finite(params.temperature, "options.temperature", low=0.0, low_open=True)
+        v.finite(params.apl_beta_dpo, "options.apl_beta_dpo", low=0.0, low_open=True)
+        return params
+
+    async def acquire(
+        self,
+        tenant: str,
+        pool_id: str,
+        *,
+        batch_size: int,
+        strategy: Strategy | None,
+        seed: int,
+        lease_ttl_s: float,
+        annotator_id: str,
+        options: dict[str, float],
+    ) -> AcquireResult:
+        """Choose and lease the next batch."""
+        info = self.pools.require(tenant, pool_id)
+        self.pools.ensure_ready(info)
+        if batch_size < 1:
+            raise errors.InvalidArgument("batch_size must be at least 1", field="batch_size")
+        if batch_size > self.settings.max_batch_size:
+            raise errors.InvalidArgument(
+                f"batch_size {batch_size} exceeds max_batch_size={self.settings.max_batch_size}",
+                field="batch_size",
+                reason="MAX_BATCH_SIZE",
+            )
+        v.finite(lease_ttl_s, "lease_ttl_s", low=0.0)
+        if lease_ttl_s > self.settings.max_lease_ttl_s:
+            raise errors.InvalidArgument(
+                f"lease_ttl_s {lease_ttl_s} exceeds max_lease_ttl_s={self.settings.max_lease_ttl_s:.0f}",
+                field="lease_ttl_s",
+                reason="MAX_LEASE_TTL",
+            )
+        ttl_s = lease_ttl_s or self.settings.default_lease_ttl_s
+        annotator = v.annotator_id(annotator_id, "annotator_id")
+        strat = strategy or info.settings.default_strategy
+        params = self._params(info, options)
+        rt = self.cache.runtime(info.key)
+        async with rt.lock:
+            started = time.perf_counter()
+            self.cache.load_items(info, rt)
+            assert rt.item_ids is not None and rt.occupancy is not None
+            now = time.time()
+            rt.occupancy.purge_expired(now)
+            epistemic_N = self.cache.fresh_scores(info, rt)
+            if epistemic_N is None and strat in SCORED_STRATEGIES:
+                epistemic_N = await asyncio.to_thread(self.cache.scores, info, rt)
+            batch = None
+            if strat is Strategy.BALD and epistemic_N is not None and rt.bald_order_R is not None:
+                batch = self._bald_fast(rt, epistemic_N, batch_size, annotator)
+            if batch is None:
+                batch = await self._select(info, rt, strat, batch_size, annotator, now, seed, params, epistemic_N)
+            if info.posterior_version and strat not in SCORED_STRATEGIES:  # report the picks' BALD
+                epi_B = (
+                    epistemic_N[batch.indices_B]
+                    if epistemic_N is not None
+                    else await asyncio.to_thread(self.cache.epistemic_of_rows, info, rt, batch.indices_B)
+                )
+                batch = dataclasses.replace(batch, epistemic_B=np.asarray(epi_B, dtype=np.float64))
+            rows_B = batch.indices_B.tolist()
+            chosen = [rt.item_ids[r] for r in rows_B]
+            expire_s = now + ttl_s
+            # Leased in memory under the lock (so the next caller skips these rows), then
+            # made durable before the reply; a failed write takes the leases back.
+            for r in rows_B:
+                rt.occupancy.add_lease(r, annotator, expire_s)
+        write = asyncio.ensure_future(self.leases.submit(LeaseRequest(info.key, tuple(chosen), annotator, expire_s)))
+        try:
+            texts = await asyncio.shield(write)
+        except BaseException:
+            # Failed, or cancelled (client deadline) while the write goes ahead regardless:
+            # take the leases back, in SQLite too once that write has landed.
+            await asyncio.shield(self._take_back_leases(rt, write, info.key, chosen, rows_B, annotator))
+            raise
+        acquire_s = time.perf_counter() - started
+        metrics.observe_acquisition(strat.name, acquire_s, batch.epistemic_B, batch.entropy_B)
+        items = tuple(
+            AcquiredItem(
+                item=texts[iid],
+                total=float(batch.total_B[i]),
+                epistemic=float(batch.epistemic_B[i]),
+                entropy=float(batch.entropy_B[i]),
+                rank=i,
+            )
+            for i, iid in enumerate(chosen)
+        )
+        return AcquireResult(items, info.posterior_version, strat, expire_s, acquire_s)
+
+    async def _take_back_leases(
+        self,
+        rt: PoolRuntime,
+        write: asyncio.Future[dict[str, ItemText]],
+        key: str,
+        item_ids: Sequence[str],
+        rows_B: Sequence[int],
+        annotator: str,
+    ) -> None:
+        """End the leases of an acquisition whose reply will not be sent.
+
+        Waits for its lease write first (it goes ahead even when the caller is cancelled),
+        so the SQLite rows are deleted after they exist; the in-memory leases stay until
+        then, so nobody is handed those rows meanwhile.
+        """
+        with contextlib.suppress(BaseException):
+            await write
+        written = write.done() and not write.cancelled() and write.exception() is None  # else nothing stored
+        async with rt.lock:
+            if written:
+                self.store.release_leases(key, item_ids, annotator)
+            if rt.occupancy is not None:
+                for r in rows_B:
+                    rt.occupancy.release(r, annotator)
+
+    @staticmethod
+    def _bald_fast(rt: PoolRuntime, epistemic_N: np.ndarray, batch_size: int, annotator: str) -> CandidateBatch | None:
+        """BALD top-B by walking the cached ranking; None when it cannot fill the batch.
+
+        Same rows as `select_batch(BALD)` over the full candidate mask (tested), in
+        O(rows looked at) instead of O(N).
+        """
+        assert rt.occupancy is not None and rt.bald_order_R is not None
+        occ = rt.occupancy
+        rows_B = first_open(rt.bald_order_R, batch_size, lambda rows_R: occ.open_among(rows_R, annotator))
+        if rows_B.size < batch_size:
+            return None  # the general path raises the precise error
+        epi_B = epistemic_N[rows_B]
+        return CandidateBatch(rows_B, epi_B, epi_B, np.full(batch_size, np.nan))
+
+    async def _select(
+        self,
+        info: PoolInfo,
+        rt: PoolRuntime,
+        strat: Strategy,
+        batch_size: int,
+        annotator: str,
+        now: float,
+        seed: int,
+        params: AcquisitionParams,
+        epistemic_N: np.ndarray | None,
+    ) -> CandidateBatch:
+        """The general path: full candidate masks, then `select_batch` (off the loop unless cheap)."""
+        assert rt.split_N is not None and rt.prompt_N_D is not None and rt.occupancy is not None
+        s = info.settings
+        pool_N = rt.split_N == int(Split.POOL)
+        candidate_N, acquired_N = rt.occupancy.masks(pool_N, annotator, now)
+        n_candidates = int(candidate_N.sum())
+        if n_candidates == 0:
+            raise errors.FailedPrecondition(
+                f"pool {info.pool_id!r} has no acquirable items left (all labelled or leased)",
+                field="batch_size",
+                reason="POOL_EXHAUSTED",
+            )
+        if batch_size > n_candidates:
+            raise errors.FailedPrecondition(
+                f"batch_size {batch_size} exceeds the {n_candidates} acquirable items of pool {info.pool_id!r}",
+                field="batch_size",
+                reason="BATCH_LARGER_THAN_POOL",
+                metadata={"acquirable": str(n_candidates)},
+            )
+        uses_knn = strat in (Strategy.BALPM, Strategy.ENTROPY_ONLY)
+        authors = s.knn_convention is KnnConvention.AUTHORS  # radii over this call's candidates, no graph
+        needs_graph = uses_knn and not authors
+        if uses_knn:
+            # STANDARD needs k other pool rows per row; AUTHORS k candidates (the point itself included).
+            population, need = (n_candidates, s.knn_k) if authors else (int(pool_N.sum()), s.knn_k + 1)
+            if population < need:
+                raise errors.FailedPrecondition(
+                    f"BAL-PM with knn_k={s.knn_k} needs at least {need} "
+                    f"{'acquirable' if authors else 'pool'} items; the pool has {population}",
+                    field="strategy",
+                    reason="POOL_TOO_SMALL",
+                )
+        if needs_graph and rt.graph is None:
+            rt.graph = await asyncio.to_thread(self.cache.graph, info, rt.prompt_N_D, pool_N)
+        apl = None
+        if strat in APL_STRATEGIES:
+            m = self.store.apl_scores(info.key)
+            apl = AplInputs(m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4] if np.isfinite(m[:, 4]).any() else None)
+        select = functools.partial(
+            select_batch,
+            strat,
+            batch_size=batch_size,
+            candidate_mask_N=candidate_N,
+            acquired_mask_N=acquired_N,
+            rng=np.random.default_rng(seed),
+            params=params,
+            epistemic_N=epistemic_N,
+            graph=rt.graph if needs_graph else None,
+            apl=apl,
+            prompt_N_D=rt.prompt_N_D if uses_knn and authors else None,
+            standardize_prompt=s.standardize_features,
+        )
+        if strat in (Strategy.RANDOM, Strategy.BALD):  # O(N) array work: cheaper than a thread hop
+            return select()
+        return await asyncio.to_thread(select)
+
+    async def release(self, tenant: str, pool_id: str, item_ids: Sequence[str], annotator_id: str) -> int:
+        """End leases on items; returns how many leases ended."""
+        key = self.pools.require(tenant, pool_id).key
+        if not item_ids:
+            raise errors.InvalidArgument("item_ids is empty", field="item_ids")
+        if len(item_ids) > MAX_RELEASE_IDS:
+            raise errors.InvalidArgument(
+                f"item_ids has {len(item_ids)} ids; at most {MAX_RELEASE_IDS} per call",
+                field="item_ids",
+                reason="TOO_MANY_IDS",
+            )
+        for i, iid in enumerate(item_ids):
+            v.item_id(iid, f"item_ids[{i}]")
+        ann = v.annotator_id(annotator_id, "annotator_id") if annotator_id else ""
+        rt = self.cache.runtime(key)
+        async with rt.lock:
+            released = self.store.release_leases(key, item_ids, ann)
+            if rt.occupancy is not None:
+                for iid in item_ids:
+                    if iid in rt.row_of:
+                        rt.occupancy.release(rt.row_of[iid], ann)
+            return released
+
+    async def update_item_scores(self, tenant: str, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
+        """Set APL log-probabilities of items."""
+        key = self.pools.require(tenant, pool_id).key
+        if not scores:
+            raise errors.InvalidArgument("scores is empty", field="scores")
+        for i, (iid, s) in enumerate(scores):
+            v.item_id(iid, f"scores[{i}].item_id")
+            v.apl_scores(s, f"scores[{i}].apl_scores")
+        known = self.store.item_texts(key, [iid for iid, _ in scores])
+        for i, (iid, _) in enumerate(scores):
+            if iid not in known:
+                raise errors.NotFound(f"scores[{i}].item_id {iid!r} is not in the pool", field=f"scores[{i}].item_id")
+        return self.store.update_apl_scores(key, [ItemAplScores(iid, s) for iid, s in scores])

@@ -1,0 +1,328 @@
+"""Uploads: validated, deduplicated, durable item chunks; then server-side featurisation.
+
+`Uploads` stores streamed items chunk by chunk (features fsynced, then SQLite, before
+the next chunk is read), idempotent by item id and content digest. `Featurizer` then
+extracts the features of FEATURE_SOURCE_SERVER pools (and server-side APL scores) in
+the background, resumable after a crash: SQLite marks rows done only after their
+features are on disk.
+
+Shapes: R rows of a chunk, D feature dim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+
+from balpm_server import errors
+from balpm_server.domain import validation as v
+from balpm_server.domain.common import digest
+from balpm_server.domain.models import (
+    AplScores,
+    FeatureSource,
+    ItemAplScores,
+    ItemIn,
+    ItemRecord,
+    PoolInfo,
+    PoolState,
+    Rejection,
+    Split,
+    UploadResult,
+)
+from balpm_server.domain.pools import Pools
+from balpm_server.domain.runtime import RuntimeCache
+from balpm_server.features import FeatureExtractor
+from balpm_server.settings import Settings
+from balpm_server.storage import SqliteStore
+
+log = logging.getLogger(__name__)
+RETRY_S = 5.0
+
+
+def server_apl(info: PoolInfo) -> bool:
+    """Whether the server computes the pool's APL scores (both models configured)."""
+    return bool(info.settings.apl_policy_model_path and info.settings.apl_reference_model_path)
+
+
+def item_record(item: ItemIn, row: int, item_digest: str, client_features: bool) -> ItemRecord:
+    """The stored record of an uploaded item (client features are stored with it)."""
+    return ItemRecord(
+        item_id=item.item_id,
+        row=row,
+        split=item.split,
+        prompt=item.prompt,
+        completion_a=item.completion_a,
+        completion_b=item.completion_b,
+        heldout_preference=item.heldout_preference,
+        featurized=client_features,
+        digest=item_digest,
+        apl=item.apl,
+    )
+
+
+class Featurizer:
+    """Background feature extraction of server-feature pools, one task per pool.
+
+    Args:
+        settings: Server settings.
+        store: The metadata store.
+        cache: The pools' runtimes and folders.
+        extractor: The feature extractor (None: no server-feature pools exist).
+    """
+
+    def __init__(
+        self, settings: Settings, store: SqliteStore, cache: RuntimeCache, extractor: FeatureExtractor | None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.cache = cache
+        self.extractor = extractor
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def resume(self) -> None:
+        """Restart featurisation of every pool a previous process left FEATURIZING."""
+        for key in self.store.pool_keys():
+            info = self.store.pool_info(key, counts=False)
+            if info is not None and info.state == PoolState.FEATURIZING:
+                self.schedule(key)
+
+    def schedule(self, key: str) -> None:
+        """Featurise the pool's new rows in the background (once: a running task picks them up)."""
+        task = self._tasks.get(key)
+        if task is not None and not task.done():
+            return
+        self._tasks[key] = asyncio.get_running_loop().create_task(self._featurize(key))
+
+    def cancel(self, key: str) -> None:
+        """Stop featurising a pool (it is being deleted)."""
+        task = self._tasks.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    async def stop(self) -> None:
+        """Cancel every featurisation task and wait for them."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _score_apl(self, info: PoolInfo) -> None:
+        """Compute missing APL log-probabilities with the pool's policy and reference models."""
+        from balpm_server.features.logprobs import apl_logprobs
+
+        todo = self.store.items_missing_apl(info.key)
+        if not todo:
+            return
+        s = info.settings
+        logp_N_4 = await asyncio.to_thread(
+            apl_logprobs, s.apl_policy_model_path, s.apl_reference_model_path,
+            [t.prompt for t in todo], [t.completion_a for t in todo], [t.completion_b for t in todo],
+            device=self.settings.device,
+        )
+        self.store.update_apl_scores(
+            info.key,
+            [ItemAplScores(t.item_id, AplScores(*(float(x) for x in logp_N_4[i]))) for i, t in enumerate(todo)],
+        )
+
+    async def _featurize(self, key: str) -> None:
+        """Extract features (and server-side APL scores) for new rows; resumable after a crash."""
+        # One group = extract_batch_size items (3x as many texts, sorted by length inside the
+        # extractor), committed before the next one: featurized_count advances group by group.
+        batch = max(1, self.settings.extract_batch_size)
+        try:
+            while True:
+                todo = self.store.unfeaturized(key)
+                if not todo:
+                    break
+                info = self.store.pool_info(key)
+                if info is None:
+                    return
+                assert self.extractor is not None
+                fs = self.cache.features(info)
+                for start in range(0, len(todo), batch):
+                    part = todo[start : start + batch]
+                    rows_R = np.array([t.row for t in part], dtype=np.int64)
+                    prompts = [t.prompt for t in part]
+                    texts_a = [t.prompt + t.completion_a for t in part]
+                    texts_b = [t.prompt + t.completion_b for t in part]
+                    feats = await self.extractor.embed(prompts + texts_a + texts_b)
+                    n = len(part)
+                    fs.write_rows(rows_R, {"prompt": feats[:n], "a": feats[n : 2 * n], "b": feats[2 * n :]})
+                    self.store.mark_featurized(key, rows_R.tolist())
+            info = self.store.pool_info(key, counts=False)
+            if info is not None and server_apl(info):
+                await self._score_apl(info)
+            self.store.set_pool_state(key, PoolState.READY)
+            self.cache.runtime(key).invalidate_items()
+            self.cache.schedule_graph(key)
+        except asyncio.CancelledError:
+            raise
+        except errors.BalpmError as e:
+            log.error("featurisation of pool %s paused: %s; retrying in 5 s", key, e.message)
+            await self._retry_later(key)
+        except Exception:
+            log.exception("featurisation of pool %s failed; retrying in 5 s", key)
+            await self._retry_later(key)
+
+    async def _retry_later(self, key: str) -> None:
+        await asyncio.sleep(RETRY_S)
+        self._tasks.pop(key, None)
+        if self.store.pool_exists(key):
+            self.schedule(key)
+
+
+class Uploads:
+    """UploadItems.
+
+    Args:
+        settings: Server settings (chunk limit).
+        store: The metadata store.
+        pools: Pool lookups.
+        cache: The pools' runtimes and folders.
+        featurizer: Where server-feature pools' new rows go.
+    """
+
+    def __init__(
+        self, settings: Settings, store: SqliteStore, pools: Pools, cache: RuntimeCache, featurizer: Featurizer
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.pools = pools
+        self.cache = cache
+        self.featurizer = featurizer
+
+    @staticmethod
+    def _check_item(item: ItemIn, index: int, dim: int, client_features: bool) -> dict[str, np.ndarray]:
+        prefix = f"items[{index}]"
+        v.item_id(item.item_id, f"{prefix}.item_id")
+        v.text(item.prompt, f"{prefix}.prompt")
+        v.text(item.completion_a, f"{prefix}.completion_a")
+        v.text(item.completion_b, f"{prefix}.completion_b")
+        if item.split == Split.HELDOUT and item.heldout_preference is None:
+            raise errors.InvalidArgument(
+                f"{prefix}.heldout_preference is required for SPLIT_HELDOUT items",
+                field=f"{prefix}.heldout_preference",
+            )
+        if item.apl is not None:
+            v.apl_scores(item.apl, f"{prefix}.apl_scores")
+        if not client_features:
+            if not item.prompt:
+                raise errors.InvalidArgument(f"{prefix}.prompt is empty", field=f"{prefix}.prompt")
+            return {}
+        return {
+            "prompt": v.features(item.prompt_features, dim, f"{prefix}.prompt_features"),
+            "a": v.features(item.completion_a_features, dim, f"{prefix}.completion_a_features"),
+            "b": v.features(item.completion_b_features, dim, f"{prefix}.completion_b_features"),
+        }
+
+    async def upload(
+        self, tenant: str, pool_id: str, chunks: AsyncIterator[Sequence[ItemIn]]
+    ) -> tuple[UploadResult, PoolInfo]:
+        """Store streamed items; per-item problems are reported, not fatal.
+
+        Each chunk is committed (features fsynced, then SQLite) before the next is read,
+        so everything acknowledged survives a crash.
+        """
+        info = self.pools.require(tenant, pool_id)
+        key = info.key  # the stream is bound to this pool instance (see SqliteStore.reserve_rows)
+        client_features = info.settings.feature_source == FeatureSource.CLIENT
+        dim = info.settings.feature_dim
+        fs = self.cache.features(info)
+        rt = self.cache.runtime(key)
+        accepted = duplicates = index = 0
+        rejections: list[Rejection] = []
+        gone = errors.NotFound(
+            f"pool {pool_id!r} was deleted while this upload was running; later chunks were not stored",
+            field="pool_id",
+            reason="POOL_NOT_FOUND",
+        )
+        async for chunk in chunks:
+            if len(chunk) > self.settings.max_items_per_chunk:
+                raise errors.InvalidArgument(
+                    f"chunk has {len(chunk)} items, more than max_items_per_chunk={self.settings.max_items_per_chunk}",
+                    field="chunk.items",
+                    reason="MAX_ITEMS_PER_CHUNK",
+                )
+            if not self.store.pool_exists(key):
+                raise gone
+            good: list[tuple[int, ItemIn, dict[str, np.ndarray], str]] = []
+            seen: set[str] = set()
+            for item in chunk:
+                try:
+                    feats = self._check_item(item, index, dim, client_features)
+                except errors.InvalidArgument as e:
+                    rejections.append(Rejection(item.item_id, index, e.field, e.reason, e.message))
+                    index += 1
+                    continue
+                item_digest = digest(
+                    item.prompt,
+                    item.completion_a,
+                    item.completion_b,
+                    int(item.split),
+                    item.heldout_preference,
+                    *(f.tobytes() for f in feats.values()),
+                )
+                if item.item_id in seen:
+                    rejections.append(
+                        Rejection(
+                            item.item_id,
+                            index,
+                            f"items[{index}].item_id",
+                            "DUPLICATE_IN_STREAM",
+                            "item_id appears twice in this chunk",
+                        )
+                    )
+                else:
+                    seen.add(item.item_id)
+                    good.append((index, item, feats, item_digest))
+                index += 1
+            if not good:
+                continue
+            async with rt.lock:
+                stored = self.store.item_digests(key, [g[1].item_id for g in good])
+                new: list[tuple[ItemIn, dict[str, np.ndarray], str]] = []
+                for at, item, feats, item_digest in good:
+                    old = stored.get(item.item_id)
+                    if old is None:
+                        new.append((item, feats, item_digest))
+                    elif old == item_digest:
+                        duplicates += 1
+                    else:
+                        rejections.append(
+                            Rejection(
+                                item.item_id,
+                                at,
+                                f"items[{at}].item_id",
+                                "CONFLICT",
+                                "an item with this item_id exists with different content",
+                            )
+                        )
+                if not new:
+                    continue
+                try:
+                    with self.store.transaction() as conn:
+                        first = self.store.reserve_rows(conn, key, len(new))
+                        rows_R = np.arange(first, first + len(new), dtype=np.int64)
+                        if client_features:
+                            fs.write_rows(
+                                rows_R, {k: np.stack([f[k] for _, f, _ in new]) for k in ("prompt", "a", "b")}
+                            )
+                        self.store.insert_items(conn, key, [item_record(item, int(r), d, client_features)
+                                                            for (item, _, d), r in zip(new, rows_R, strict=True)])
+                        if not client_features or server_apl(info):
+                            self.store.set_pool_state_in(conn, key, PoolState.FEATURIZING)
+                except errors.NotFound:
+                    raise gone from None
+                accepted += len(new)
+                rt.invalidate_items()
+        if accepted and (not client_features or server_apl(info)):
+            self.featurizer.schedule(key)
+        elif accepted:
+            self.cache.schedule_graph(key)
+        final = self.store.pool_info(key, counts=True)
+        if final is None:
+            raise gone
+        return UploadResult(accepted, duplicates, tuple(rejections)), final
