@@ -8,7 +8,14 @@ Letter legend: N pool items, E ensemble members, B batch, D feature dim, K neigh
 """
 
 from balpm_server.acquisition.bald import bald_from_probs, binary_entropy
-from balpm_server.acquisition.knn import KnnGraph, build_authors_knn, build_knn_graph, pair_dist
+from balpm_server.acquisition.knn import (
+    KnnGraph,
+    build_authors_knn,
+    build_knn_graph,
+    can_extend,
+    extend_knn_graph,
+    pair_dist,
+)
 from balpm_server.acquisition.params import (
     AcquisitionParams,
     AplInputs,
@@ -37,7 +44,9 @@ __all__ = [
     "binary_entropy",
     "build_authors_knn",
     "build_knn_graph",
+    "can_extend",
     "descending_order",
+    "extend_knn_graph",
     "first_open",
     "greedy_balpm",
     "greedy_balpm_authors",

@@ -601,3 +601,244 @@ def _build(
 def _all_finite(x_N_D: np.ndarray) -> bool:
     step = max(1, _CHUNK_ELEMS // max(1, x_N_D.shape[1]))
     return all(bool(np.isfinite(x_N_D[lo : lo + step]).all()) for lo in range(0, len(x_N_D), step))
+
+
+# ---- blocked-GEMM exact balls and the incremental graph -------------------------------------
+
+_U32 = 2.0**-24  # unit roundoff of float32
+_GEMM_BLOCK_ELEMS = 1 << 24  # float32 entries of one block of squared distances (64 MiB)
+
+
+class _Gemm:
+    """float32 centred copy of the member features for blocked-GEMM candidate search.
+
+    ``y_a = fl32(z_a - c)`` (z the float64 rows `pair_dist` measures, c their mean), and a
+    block of squared distances is ``s(q, a) = |y_q|^2 + |y_a|^2 - 2 y_q . y_a`` (one sgemm).
+    `threshold` turns a float64 radius into a bound on s that no point within the radius
+    can exceed, whatever the sgemm's summation order: the GEMM error is at most
+    ``gamma_D |y_q| |y_a|`` (gamma_D = D u / (1 - D u)), the float32 additions add
+    ``4 u (|y_q|^2 + |y_a|^2)``, and rounding the centred features moves a distance by at
+    most ``u (|y_q| + |y_a|)``; each term is padded by 10% and |y_a| is bounded by the
+    largest norm. Candidates are then re-measured in float64, so the bound only decides
+    which points are looked at, never the result.
+
+    Args:
+        feats_A_D: The member rows (float32 or float64), finite.
+    """
+
+    def __init__(self, feats_A_D: np.ndarray) -> None:
+        a, d = feats_A_D.shape
+        step = max(1, _CHUNK_ELEMS // max(d, 1))
+        centre_D = np.zeros(d, dtype=np.float64)
+        for lo in range(0, a, step):
+            centre_D += feats_A_D[lo : lo + step].astype(np.float64).sum(axis=0)
+        centre_D /= max(a, 1)
+        self.y_A_D = np.empty((a, d), dtype=np.float32)
+        for lo in range(0, a, step):
+            self.y_A_D[lo : lo + step] = feats_A_D[lo : lo + step].astype(np.float64) - centre_D
+        y64_sq_A = np.einsum("ad,ad->a", self.y_A_D, self.y_A_D, dtype=np.float64)
+        self.sq_A = y64_sq_A.astype(np.float32)
+        self.norm_A = np.sqrt(y64_sq_A)
+        self.max_norm = float(self.norm_A.max()) if a else 0.0
+        self.gamma = 1.1 * d * _U32 / (1.0 - d * _U32)
+
+    def rows_per_block(self) -> int:
+        """Query rows per block so that one block of s stays within `_GEMM_BLOCK_ELEMS`."""
+        return max(1, min(4096, _GEMM_BLOCK_ELEMS // max(1, self.y_A_D.shape[0])))
+
+    def sq_block(self, pos_R: np.ndarray) -> np.ndarray:
+        """float32 [R, A] approximate squared distances of rows `pos_R` to every member."""
+        y_R_D = self.y_A_D[pos_R]
+        s_R_A = y_R_D @ self.y_A_D.T
+        s_R_A *= np.float32(-2.0)
+        s_R_A += self.sq_A[None, :]
+        s_R_A += self.sq_A[pos_R][:, None]
+        return s_R_A
+
+    def threshold(self, radius_R: np.ndarray, norm_R: np.ndarray) -> np.ndarray:
+        """float32 bound on s: every point within float64 distance `radius_R` has s <= it."""
+        big = self.max_norm
+        pad_R = 1.1 * _U32 * (norm_R + big) + 1e-12 * radius_R
+        err_R = 2.0 * self.gamma * norm_R * big + 4.4 * _U32 * (norm_R**2 + big**2)
+        bound_R = (radius_R + pad_R) ** 2 + err_R
+        return np.nextafter(bound_R.astype(np.float32), np.float32(np.inf))
+
+
+def _sorted_ball(ids_C: np.ndarray, d_C: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    """(r_k, ball) from every candidate within reach: k-th smallest distance, members by (distance, id)."""
+    order = np.lexsort((ids_C, d_C))
+    d_sorted = d_C[order]
+    radius = float(d_sorted[k - 1])
+    return radius, ids_C[order][d_sorted <= radius]
+
+
+def _gemm_balls(
+    gemm: _Gemm, rows_at: Any, s_R_A: np.ndarray, pos_R: np.ndarray, k: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Exact closed balls of the rows `pos_R` (member positions) from their block of s.
+
+    The k + `_SLACK` smallest s give an upper bound r_hat on r_k (float64 distances of a
+    subset); every member whose s is within `_Gemm.threshold` of r_hat is then measured
+    in float64, so the k-th smallest of those is r_k and the ball is every member within
+    it (self excluded, duplicates included).
+
+    Args:
+        gemm: The members' GEMM copy.
+        rows_at: position array -> float64 rows (the features `pair_dist` measures).
+        s_R_A: `gemm.sq_block(pos_R)`; overwritten (self set to +inf).
+        pos_R: Query positions.
+        k: Neighbours per ball (1 <= k < A).
+
+    Returns:
+        radius_R, members (R arrays of positions, by distance then position).
+    """
+    r, a = s_R_A.shape
+    s_R_A[np.arange(r), pos_R] = np.inf
+    kk = min(a - 1, k + _SLACK)
+    near_R_K = np.argpartition(s_R_A, kk - 1, axis=1)[:, :kk]
+    z_R_D = rows_at(pos_R)
+    d_R_K = pair_dist(z_R_D[:, None, :], rows_at(near_R_K.ravel()).reshape(r, kk, -1))
+    r_hat_R = np.sort(d_R_K, axis=1)[:, k - 1]
+    reach_R = gemm.threshold(r_hat_R, gemm.norm_A[pos_R])
+    qi_P, cand_P = np.nonzero(s_R_A <= reach_R[:, None])
+    d_P = np.empty(qi_P.size, dtype=np.float64)
+    step = max(1, _REFINE_ELEMS // max(1, z_R_D.shape[1]))
+    for lo in range(0, qi_P.size, step):
+        hi = min(qi_P.size, lo + step)
+        d_P[lo:hi] = pair_dist(z_R_D[qi_P[lo:hi]], rows_at(cand_P[lo:hi]))
+    bounds = np.searchsorted(qi_P, np.arange(r + 1))
+    radius_R = np.empty(r, dtype=np.float64)
+    members: list[np.ndarray] = []
+    for i in range(r):
+        seg = slice(bounds[i], bounds[i + 1])
+        radius_R[i], ball = _sorted_ball(cand_P[seg], d_P[seg], k)
+        members.append(ball)
+    return radius_R, members
+
+
+def _assembled(
+    k: int,
+    n: int,
+    radius_N: np.ndarray,
+    balls: list[np.ndarray],
+    member_mask_N: np.ndarray | None,
+) -> KnnGraph:
+    """A graph from per-row balls (global row numbers, by distance then row; empty for non-members)."""
+    sizes_N = np.fromiter((b.size for b in balls), dtype=np.int64, count=n)
+    ball_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes_N, out=ball_indptr[1:])
+    ball_indices = np.concatenate(balls).astype(np.int64) if n else np.empty(0, np.int64)
+    rows_E = np.repeat(np.arange(n, dtype=np.int64), sizes_N)
+    reverse_indices = rows_E[np.argsort(ball_indices, kind="stable")]
+    reverse_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(ball_indices, minlength=n), out=reverse_indptr[1:])
+    return KnnGraph(
+        k=k,
+        n_items=n,
+        radius_N=radius_N,
+        ball_indptr=ball_indptr,
+        ball_indices=ball_indices,
+        reverse_indptr=reverse_indptr,
+        reverse_indices=reverse_indices,
+        exact=True,
+        standardized=False,
+        member_mask_N=member_mask_N,
+    )
+
+
+def can_extend(graph: KnnGraph, n_items: int, member_mask_N: np.ndarray) -> bool:
+    """Whether `extend_knn_graph` applies: an exact, unstandardised graph whose rows only gained members.
+
+    Standardised graphs depend on the members' mean and std, which every append changes,
+    and approximate graphs are not extended (both are rebuilt).
+    """
+    if not graph.exact or graph.standardized or n_items < graph.n_items:
+        return False
+    mask = np.asarray(member_mask_N, dtype=bool)
+    return mask.shape == (n_items,) and np.array_equal(mask[: graph.n_items], graph.members())
+
+
+def extend_knn_graph(graph: KnnGraph, prompt_feats_N_D: np.ndarray, member_mask_N: np.ndarray) -> KnnGraph:
+    """The graph after appending rows: exactly what `build_knn_graph` gives on all of them.
+
+    Appending M member rows to a graph of N0 members costs one blocked float32 GEMM of
+    the M new rows against all N0 + M members (O((N0 + M) M D)) instead of a rebuild
+    (O((N0 + M)^2 D)): the new rows get their balls from it (`_gemm_balls`), and an old
+    row's ball changes only when a new row lies within its old radius; those rows are
+    re-ranked in float64 over their old ball plus the new rows inside it (the k nearest
+    of the grown pool are among them), every other row keeps its ball.
+
+    Args:
+        graph: An exact, unstandardised graph of the first `graph.n_items` rows (`can_extend`).
+        prompt_feats_N_D: Prompt features of all N >= graph.n_items rows (the old rows unchanged).
+        member_mask_N: bool [N]; on the old rows equal to `graph.members()`.
+
+    Returns:
+        The graph of all N rows (same k, `member_mask_N` stored).
+
+    Raises:
+        InvalidArgument: Bad features or mask, or a graph `can_extend` rejects (field graph).
+    """
+    feats_N_D = _checked_features(prompt_feats_N_D)
+    n = int(feats_N_D.shape[0])
+    mask_N = _checked_member_mask(member_mask_N, n)
+    if not can_extend(graph, n, mask_N):
+        raise InvalidArgument(
+            "only an exact, unstandardised graph whose old rows keep their membership can be extended",
+            field="graph",
+            reason="GRAPH_NOT_EXTENSIBLE",
+        )
+    k, n0 = graph.k, graph.n_items
+    rows_A = np.flatnonzero(mask_N).astype(np.int64)
+    a = int(rows_A.size)
+    a0 = int(np.searchsorted(rows_A, n0))  # positions [a0, a) are the new members
+    radius_N = np.full(n, np.nan)
+    radius_N[:n0] = graph.radius_N
+    balls: list[np.ndarray] = [graph.ball(row) for row in range(n0)]
+    balls.extend(np.empty(0, np.int64) for _ in range(n - n0))
+    if a0 == a:
+        return _assembled(k, n, radius_N, balls, mask_N.copy())
+    feats_A_D = feats_N_D[rows_A]
+    if feats_A_D.dtype.kind == "f" and not _all_finite(feats_A_D[a0:]):
+        raise InvalidArgument("prompt features contain NaN or inf", field="prompt_features")
+
+    def rows_at(pos: np.ndarray) -> np.ndarray:
+        return np.asarray(feats_A_D[pos], dtype=np.float64)
+
+    gemm = _Gemm(feats_A_D)
+    old_radius_A0 = graph.radius_N[rows_A[:a0]]
+    old_reach_A0 = gemm.threshold(old_radius_A0, gemm.norm_A[:a0])
+    hit_old: list[np.ndarray] = []  # (old position, new row, float64 distance) of new rows inside old balls
+    hit_new: list[np.ndarray] = []
+    hit_d: list[np.ndarray] = []
+    step = gemm.rows_per_block()
+    for lo in range(a0, a, step):
+        pos_R = np.arange(lo, min(a, lo + step), dtype=np.int64)
+        s_R_A = gemm.sq_block(pos_R)
+        # Old rows that may now hold a new row in their ball (checked before _gemm_balls edits s).
+        qi_P, old_P = np.nonzero(s_R_A[:, :a0] <= old_reach_A0[None, :])
+        rad_R, mem = _gemm_balls(gemm, rows_at, s_R_A, pos_R, k)
+        for i, p in enumerate(pos_R):
+            radius_N[rows_A[p]] = rad_R[i]
+            balls[int(rows_A[p])] = rows_A[mem[i]]
+        if qi_P.size:
+            d_P = pair_dist(rows_at(old_P), rows_at(pos_R[qi_P]))
+            inside_P = d_P <= old_radius_A0[old_P]
+            hit_old.append(old_P[inside_P])
+            hit_new.append(rows_A[pos_R[qi_P[inside_P]]])
+            hit_d.append(d_P[inside_P])
+    if hit_old:
+        old_H, new_H, d_H = np.concatenate(hit_old), np.concatenate(hit_new), np.concatenate(hit_d)
+        order = np.argsort(old_H, kind="stable")
+        old_H, new_H, d_H = old_H[order], new_H[order], d_H[order]
+        starts = np.flatnonzero(np.r_[True, old_H[1:] != old_H[:-1]]) if old_H.size else np.empty(0, np.int64)
+        ends = np.r_[starts[1:], old_H.size]
+        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+            row = int(rows_A[old_H[lo]])
+            old_ball = graph.ball(row)
+            z_row = np.asarray(feats_N_D[row], dtype=np.float64)
+            d_old = pair_dist(z_row[None, :], np.asarray(feats_N_D[old_ball], dtype=np.float64))
+            ids_C = np.concatenate([old_ball, new_H[lo:hi]])
+            d_C = np.concatenate([d_old, d_H[lo:hi]])
+            radius_N[row], balls[row] = _sorted_ball(ids_C, d_C, k)
+    return _assembled(k, n, radius_N, balls, mask_N.copy())

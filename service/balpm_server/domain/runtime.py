@@ -23,7 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from balpm_server import errors
-from balpm_server.acquisition import KnnConvention, KnnGraph, bald_from_probs, build_knn_graph, descending_order
+from balpm_server.acquisition import (
+    KnnConvention,
+    KnnGraph,
+    bald_from_probs,
+    build_knn_graph,
+    can_extend,
+    descending_order,
+    extend_knn_graph,
+)
 from balpm_server.domain.models import PoolInfo, PoolState, Split
 from balpm_server.domain.occupancy import Occupancy
 from balpm_server.domain.pool_runtime import PoolRuntime
@@ -208,21 +216,28 @@ class RuntimeCache:
 
     def _load_or_build_graph(self, info: PoolInfo, prompt_N_D: np.ndarray, pool_N: np.ndarray, path: Path) -> KnnGraph:
         s = info.settings
+        stored: KnnGraph | None = None
         if path.exists():
             try:
-                graph = KnnGraph.load(path)
-                if (
-                    graph.n_items == len(prompt_N_D)
-                    and graph.k == s.knn_k
-                    and np.array_equal(graph.members(), pool_N)
-                ):
-                    return graph
+                stored = KnnGraph.load(path)
             except errors.BalpmError:
                 log.warning("ignoring unreadable kNN graph of pool %s (rebuilding it)", info.pool_id)
-        graph = build_knn_graph(
-            prompt_N_D, s.knn_k, standardize=s.standardize_features,
-            exact_threshold=self.settings.knn_exact_threshold, member_mask_N=pool_N,
-        )
+        if stored is not None and (stored.k != s.knn_k or stored.standardized != s.standardize_features):
+            stored = None
+        if stored is not None and stored.n_items == len(prompt_N_D) and np.array_equal(stored.members(), pool_N):
+            return stored
+        if (
+            stored is not None
+            and int(pool_N.sum()) <= self.settings.knn_exact_threshold
+            and can_extend(stored, len(prompt_N_D), pool_N)
+        ):
+            # Rows were appended: search only the new rows (O(N M D)), same graph as a rebuild.
+            graph = extend_knn_graph(stored, prompt_N_D, pool_N)
+        else:
+            graph = build_knn_graph(
+                prompt_N_D, s.knn_k, standardize=s.standardize_features,
+                exact_threshold=self.settings.knn_exact_threshold, member_mask_N=pool_N,
+            )
         tmp = path.with_suffix(".tmp.npz")
         try:
             graph.save(tmp)
