@@ -610,17 +610,18 @@ _GEMM_BLOCK_ELEMS = 1 << 24  # float32 entries of one block of squared distances
 
 
 class _Gemm:
-    """float32 centred copy of the member features for blocked-GEMM candidate search.
+    """float32 centred, augmented copy of the member features for blocked-GEMM candidate search.
 
-    ``y_a = fl32(z_a - c)`` (z the float64 rows `pair_dist` measures, c their mean), and a
-    block of squared distances is ``s(q, a) = |y_q|^2 + |y_a|^2 - 2 y_q . y_a`` (one sgemm).
-    `threshold` turns a float64 radius into a bound on s that no point within the radius
-    can exceed, whatever the sgemm's summation order: the GEMM error is at most
-    ``gamma_D |y_q| |y_a|`` (gamma_D = D u / (1 - D u)), the float32 additions add
-    ``4 u (|y_q|^2 + |y_a|^2)``, and rounding the centred features moves a distance by at
-    most ``u (|y_q| + |y_a|)``; each term is padded by 10% and |y_a| is bounded by the
-    largest norm. Candidates are then re-measured in float64, so the bound only decides
-    which points are looked at, never the result.
+    ``y_a = fl32(z_a - c)`` (z the float64 rows `pair_dist` measures, c their mean); row a
+    of the table is ``[y_a, |y_a|^2, 1]`` and a query row q becomes ``[-2 y_q, 1, |y_q|^2]``,
+    so one sgemm gives ``s(q, a) = |y_q|^2 + |y_a|^2 - 2 y_q . y_a`` (squared distances,
+    no extra passes). `margins` bound how far s and the distances it implies can be from
+    the float64 distances, whatever the sgemm's summation order: the dot product's error
+    is at most ``gamma_{D+2} (2 |y_q| |y_a| + |y_q|^2 + |y_a|^2)`` (gamma_n = n u / (1 - n u)),
+    storing the squared norms in float32 adds ``u (|y_q|^2 + |y_a|^2)``, and rounding the
+    centred features moves a distance by at most ``u (|y_q| + |y_a|)``; every term is
+    padded by 10% and |y_a| bounded by the largest norm. Candidates are re-measured in
+    float64, so the bounds only decide which points are looked at, never the result.
 
     Args:
         feats_A_D: The member rows (float32 or float64), finite.
@@ -633,35 +634,49 @@ class _Gemm:
         for lo in range(0, a, step):
             centre_D += feats_A_D[lo : lo + step].astype(np.float64).sum(axis=0)
         centre_D /= max(a, 1)
-        self.y_A_D = np.empty((a, d), dtype=np.float32)
+        self.dim = d
+        self.table_A_W = np.zeros((a, d + 2), dtype=np.float32)
         for lo in range(0, a, step):
-            self.y_A_D[lo : lo + step] = feats_A_D[lo : lo + step].astype(np.float64) - centre_D
-        y64_sq_A = np.einsum("ad,ad->a", self.y_A_D, self.y_A_D, dtype=np.float64)
-        self.sq_A = y64_sq_A.astype(np.float32)
-        self.norm_A = np.sqrt(y64_sq_A)
+            self.table_A_W[lo : lo + step, :d] = feats_A_D[lo : lo + step].astype(np.float64) - centre_D
+        y = self.table_A_W[:, :d]
+        sq_A = np.einsum("ad,ad->a", y, y, dtype=np.float64)
+        self.table_A_W[:, d] = sq_A
+        self.table_A_W[:, d + 1] = 1.0
+        self.norm_A = np.sqrt(sq_A)
         self.max_norm = float(self.norm_A.max()) if a else 0.0
-        self.gamma = 1.1 * d * _U32 / (1.0 - d * _U32)
+        self.gamma = 1.1 * (d + 2) * _U32 / (1.0 - (d + 2) * _U32)
 
     def rows_per_block(self) -> int:
         """Query rows per block so that one block of s stays within `_GEMM_BLOCK_ELEMS`."""
-        return max(1, min(4096, _GEMM_BLOCK_ELEMS // max(1, self.y_A_D.shape[0])))
+        return max(1, min(4096, _GEMM_BLOCK_ELEMS // max(1, self.table_A_W.shape[0])))
 
     def sq_block(self, pos_R: np.ndarray) -> np.ndarray:
-        """float32 [R, A] approximate squared distances of rows `pos_R` to every member."""
-        y_R_D = self.y_A_D[pos_R]
-        s_R_A = y_R_D @ self.y_A_D.T
-        s_R_A *= np.float32(-2.0)
-        s_R_A += self.sq_A[None, :]
-        s_R_A += self.sq_A[pos_R][:, None]
-        return s_R_A
+        """float32 [R, A] approximate squared distances of rows `pos_R` to every member (one sgemm)."""
+        d = self.dim
+        rows_R_W = self.table_A_W[pos_R]
+        query_R_W = np.empty_like(rows_R_W)
+        np.multiply(rows_R_W[:, :d], np.float32(-2.0), out=query_R_W[:, :d])
+        query_R_W[:, d] = 1.0
+        query_R_W[:, d + 1] = rows_R_W[:, d]
+        return query_R_W @ self.table_A_W.T
+
+    def margins(self, norm_R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pad_R, err_R): distance padding for the rounded features, error bound of s."""
+        big = self.max_norm
+        pad_R = 1.1 * _U32 * (norm_R + big)
+        err_R = self.gamma * (norm_R + big) ** 2 + 1.1 * _U32 * (norm_R**2 + big**2)
+        return pad_R, err_R
 
     def threshold(self, radius_R: np.ndarray, norm_R: np.ndarray) -> np.ndarray:
         """float32 bound on s: every point within float64 distance `radius_R` has s <= it."""
-        big = self.max_norm
-        pad_R = 1.1 * _U32 * (norm_R + big) + 1e-12 * radius_R
-        err_R = 2.0 * self.gamma * norm_R * big + 4.4 * _U32 * (norm_R**2 + big**2)
-        bound_R = (radius_R + pad_R) ** 2 + err_R
+        pad_R, err_R = self.margins(norm_R)
+        bound_R = (radius_R * (1.0 + 1e-12) + pad_R) ** 2 + err_R
         return np.nextafter(bound_R.astype(np.float32), np.float32(np.inf))
+
+    def radius_above(self, s_R: np.ndarray, norm_R: np.ndarray) -> np.ndarray:
+        """float64 distances no smaller than the true distance of any point with s <= `s_R`."""
+        pad_R, err_R = self.margins(norm_R)
+        return np.sqrt(np.maximum(s_R.astype(np.float64), 0.0) + err_R) + pad_R
 
 
 def _sorted_ball(ids_C: np.ndarray, d_C: np.ndarray, k: int) -> tuple[float, np.ndarray]:
@@ -677,10 +692,10 @@ def _gemm_balls(
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Exact closed balls of the rows `pos_R` (member positions) from their block of s.
 
-    The k + `_SLACK` smallest s give an upper bound r_hat on r_k (float64 distances of a
-    subset); every member whose s is within `_Gemm.threshold` of r_hat is then measured
-    in float64, so the k-th smallest of those is r_k and the ball is every member within
-    it (self excluded, duplicates included).
+    The k-th smallest s gives an upper bound r_hat on r_k (`_Gemm.radius_above`); every
+    member whose s is within `_Gemm.threshold` of r_hat is then measured in float64, so
+    the k-th smallest of those is r_k and the ball is every member within it (self
+    excluded, duplicates included).
 
     Args:
         gemm: The members' GEMM copy.
@@ -692,14 +707,13 @@ def _gemm_balls(
     Returns:
         radius_R, members (R arrays of positions, by distance then position).
     """
-    r, a = s_R_A.shape
+    r = s_R_A.shape[0]
     s_R_A[np.arange(r), pos_R] = np.inf
-    kk = min(a - 1, k + _SLACK)
-    near_R_K = np.argpartition(s_R_A, kk - 1, axis=1)[:, :kk]
+    norm_R = gemm.norm_A[pos_R]
+    # k points have s <= the k-th smallest s, so r_k is at most the distance it implies.
+    s_k_R = np.partition(s_R_A, k - 1, axis=1)[:, k - 1]
+    reach_R = gemm.threshold(gemm.radius_above(s_k_R, norm_R), norm_R)
     z_R_D = rows_at(pos_R)
-    d_R_K = pair_dist(z_R_D[:, None, :], rows_at(near_R_K.ravel()).reshape(r, kk, -1))
-    r_hat_R = np.sort(d_R_K, axis=1)[:, k - 1]
-    reach_R = gemm.threshold(r_hat_R, gemm.norm_A[pos_R])
     qi_P, cand_P = np.nonzero(s_R_A <= reach_R[:, None])
     d_P = np.empty(qi_P.size, dtype=np.float64)
     step = max(1, _REFINE_ELEMS // max(1, z_R_D.shape[1]))
@@ -842,3 +856,4 @@ def extend_knn_graph(graph: KnnGraph, prompt_feats_N_D: np.ndarray, member_mask_
             d_C = np.concatenate([d_old, d_H[lo:hi]])
             radius_N[row], balls[row] = _sorted_ball(ids_C, d_C, k)
     return _assembled(k, n, radius_N, balls, mask_N.copy())
+
