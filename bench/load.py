@@ -651,14 +651,61 @@ def print_compare(rows: list[CompareRow]) -> None:
         print(f"| {label} | " + " | ".join(fmt(r) for r in rows) + " |")
 
 
-def run_compare(args: argparse.Namespace) -> None:
-    """`--compare-src`: the IngestLabels row and Health.Check during it, per source tree, in one table."""
+def source_trees(specs: list[str], flag: str) -> list[tuple[str, Path]]:
+    """NAME=PATH pairs of source trees (PATH/service/balpm_server must exist)."""
     trees: list[tuple[str, Path]] = []
-    for spec in args.compare_src:
+    for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not (Path(path) / "service" / "balpm_server").is_dir():
-            raise SystemExit(f"--compare-src wants NAME=PATH with PATH/service/balpm_server; got {spec!r}")
+            raise SystemExit(f"{flag} wants NAME=PATH with PATH/service/balpm_server; got {spec!r}")
         trees.append((name, Path(path)))
+    return trees
+
+
+def run_acquire_compare(args: argparse.Namespace) -> None:
+    """`--acquire-src`: the AcquireBatch rows of `--strategies`, per source tree, one after the other in one run."""
+    trees = source_trees(args.acquire_src, "--acquire-src")
+    strategies = [s.strip().upper() for s in args.strategies.split(",") if s.strip()]
+    tmp = Path(tempfile.mkdtemp(prefix="balpm-load-"))
+    tables: list[tuple[str, str, list[Row]]] = []
+    try:
+        for name, src in trees:
+            proc, target = start_server(tmp / f"data-{name}", tmp / f"server-{name}.log", src)
+            try:
+                with Client(target, timeout_s=600) as client:
+                    make_pool(client, args.items, args.dim, args.labels, args.seed)
+                rows = []
+                for strategy in strategies:
+                    rows.append(asyncio.run(run_load(
+                        target, proc.pid, "AcquireBatch", strategy, args.clients, args.requests, args.batch_size, 0
+                    )))
+                    print(f"# done {name} AcquireBatch {strategy}", flush=True)
+                tables.append((name, source_digest(src), rows))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"\n{args.items} items, dim {args.dim}, {args.labels} seed labels and one training, {args.clients} "
+        f"concurrent clients, batch {args.batch_size}, {args.requests} requests per row, {os.cpu_count()} CPUs"
+    )
+    for name, digest, rows in tables:
+        print(f"\n### {name} (source sha256 {digest})\n")
+        print_table(rows, args.target_p99_ms)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [{"tree": name, "src_digest": digest, "rows": [asdict(r) for r in rows]} for name, digest, rows in tables],
+            indent=2,
+        ))
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    """`--compare-src`: the IngestLabels row and Health.Check during it, per source tree, in one table."""
+    trees = source_trees(args.compare_src, "--compare-src")
     tmp = Path(tempfile.mkdtemp(prefix="balpm-load-", dir=args.data_parent or None))
     try:
         shim = build_fsync_shim(tmp) if args.fsync_delay_ms > 0 else None
@@ -712,6 +759,13 @@ def main() -> None:
         help="instead of the rows above: per source tree (its server run with PYTHONPATH=PATH/service:PATH/client), "
         "the IngestLabels closed-loop row and Health.Check p50/p99 idle and during it, side by side",
     )
+    p.add_argument(
+        "--acquire-src",
+        nargs="+",
+        metavar="NAME=PATH",
+        default=[],
+        help="instead of the rows above: the AcquireBatch rows of --strategies per source tree, one after the other",
+    )
     p.add_argument("--duration-s", type=float, default=12.0, help="--compare-src: ingest seconds per tree")
     p.add_argument("--health-interval-ms", type=float, default=5.0, help="--compare-src: Health.Check poll period")
     p.add_argument("--health-idle-s", type=float, default=3.0, help="--compare-src: idle Health.Check seconds")
@@ -731,6 +785,9 @@ def main() -> None:
         return
     if args.compare_src:
         run_compare(args)
+        return
+    if args.acquire_src:
+        run_acquire_compare(args)
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="balpm-load-"))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from balpm_server.acquisition.knn import KnnGraph, build_knn_graph, can_extend, extend_knn_graph
 from balpm_server.errors import InvalidArgument
 
-FIELDS = ("radius_N", "ball_indptr", "ball_indices", "reverse_indptr", "reverse_indices", "member_mask_N")
+FIELDS = (
+    "radius_N", "ball_indptr", "ball_indices", "reverse_indptr", "reverse_indices", "member_mask_N", "ball_dist",
+)
 
 
 def assert_same_graph(got: KnnGraph, want: KnnGraph) -> None:
@@ -95,3 +100,15 @@ def test_graphs_that_cannot_be_extended_are_refused() -> None:
     with pytest.raises(InvalidArgument) as e:
         extend_knn_graph(exact, bad, mask)
     assert e.value.field == "prompt_features"
+
+
+def test_a_graph_saved_without_entry_distances_still_extends_exactly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    x = _features("ties", 200, 4, rng)
+    mask = np.ones(200, dtype=bool)
+    old = build_knn_graph(x[:150], 6, member_mask_N=mask[:150])
+    assert old.ball_dist is not None and old.ball_dist.shape == old.ball_indices.shape
+    old.save(tmp_path / "g.npz")
+    assert_same_graph(KnnGraph.load(tmp_path / "g.npz"), old)  # ball_dist round-trips
+    legacy = dataclasses.replace(old, ball_dist=None)  # as saved before ball_dist existed
+    assert_same_graph(extend_knn_graph(legacy, x, mask), build_knn_graph(x, 6, member_mask_N=mask))

@@ -9,6 +9,7 @@ Letter legend: N pool items, E ensemble members, B batch, D feature dim, K neigh
 
 from balpm_server.acquisition.bald import bald_from_probs, binary_entropy
 from balpm_server.acquisition.knn import (
+    AcquiredCounts,
     KnnGraph,
     build_authors_knn,
     build_knn_graph,
@@ -34,6 +35,7 @@ from balpm_server.acquisition.strategies import (
 )
 
 __all__ = [
+    "AcquiredCounts",
     "AcquisitionParams",
     "AplInputs",
     "CandidateBatch",

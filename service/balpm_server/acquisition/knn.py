@@ -87,6 +87,8 @@ class KnnGraph:
         standardized: True when features were z-scored per dimension (over the members) first.
         member_mask_N: bool [N], the rows the graph was built over; None means every row.
             Non-members have empty balls and appear in no ball.
+        ball_dist: float64 [E], d(x, p) of each ball entry (what `extend_knn_graph` re-ranks
+            with); None in graphs saved before it was stored.
     """
 
     k: int
@@ -99,6 +101,7 @@ class KnnGraph:
     exact: bool = True
     standardized: bool = False
     member_mask_N: np.ndarray | None = None
+    ball_dist: np.ndarray | None = None
 
     @property
     def n_entries(self) -> int:
@@ -142,6 +145,8 @@ class KnnGraph:
         extra: dict[str, Any] = {}
         if self.member_mask_N is not None:
             extra["member_mask_N"] = np.asarray(self.member_mask_N, dtype=bool)
+        if self.ball_dist is not None:
+            extra["ball_dist"] = np.asarray(self.ball_dist, dtype=np.float64)
         np.savez(
             pathlib.Path(path),
             format_version=np.int64(_FORMAT_VERSION),
@@ -197,7 +202,38 @@ class KnnGraph:
                 exact=bool(z["exact"]),
                 standardized=bool(z["standardized"]),
                 member_mask_N=member_mask_N,
+                ball_dist=np.asarray(z["ball_dist"], dtype=np.float64) if "ball_dist" in z else None,
             )
+
+
+class AcquiredCounts:
+    """n(x) of a graph (acquired members inside each ball), kept current one row at a time.
+
+    A row turning acquired (leased or labelled) or free again changes n(x) only for the
+    x whose ball holds it, its reverse list: O(|reverse(row)|) per event instead of the
+    O(E) `KnnGraph.counts_inside` per acquisition.
+
+    Args:
+        graph: The graph.
+        acquired_mask_N: bool [N], the rows acquired now.
+    """
+
+    def __init__(self, graph: KnnGraph, acquired_mask_N: np.ndarray) -> None:
+        self.graph = graph
+        self.acquired_N = np.array(acquired_mask_N, dtype=bool, copy=True)
+        if self.acquired_N.shape != (graph.n_items,):
+            raise InvalidArgument(
+                f"acquired_mask_N must have shape ({graph.n_items},), got {self.acquired_N.shape}",
+                field="acquired_mask_N",
+            )
+        self.count_N = graph.counts_inside(self.acquired_N)
+
+    def set(self, row: int, acquired: bool) -> None:
+        """Record that `row` is now acquired (True) or free (False); a no-op when unchanged."""
+        if bool(self.acquired_N[row]) == acquired:
+            return
+        self.acquired_N[row] = acquired
+        self.count_N[self.graph.reverse(row)] += 1 if acquired else -1
 
 
 def feature_moments(feats_N_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,16 +322,17 @@ def _search(index: Any, x32_R_D: np.ndarray, kk: int, exact: bool) -> np.ndarray
 
 def _refine(
     feats: _Features, rows_R: np.ndarray, ids_R_K: np.ndarray, k: int
-) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]:
     """float64 radii and closed-ball members of `rows_R` from candidate ids.
 
     Returns:
-        radius_R, members (list of R arrays sorted by distance then id), saturated_R
-        (True when every retrieved candidate is inside the ball).
+        radius_R, members (list of R arrays sorted by distance then id), their distances,
+        saturated_R (True when every retrieved candidate is inside the ball).
     """
     r, kk = ids_R_K.shape
     radius_R = np.empty(r, dtype=np.float64)
     members: list[np.ndarray] = []
+    dists: list[np.ndarray] = []
     saturated_R = np.zeros(r, dtype=bool)
     step = max(1, _REFINE_ELEMS // max(1, kk * feats.raw.shape[1]))
     for lo in range(0, r, step):
@@ -318,7 +355,8 @@ def _refine(
         saturated_R[lo:hi] = n_in >= n_valid
         for i in range(hi - lo):
             members.append(id_sorted[i, : n_in[i]].copy())
-    return radius_R, members, saturated_R
+            dists.append(d_sorted[i, : n_in[i]].copy())
+    return radius_R, members, dists, saturated_R
 
 
 def build_knn_graph(
@@ -489,6 +527,7 @@ def _reindexed(sub: KnnGraph, rows_M: np.ndarray, n: int) -> KnnGraph:
         reverse_indices=rows_M[sub.reverse_indices],
         exact=sub.exact,
         standardized=sub.standardized,
+        ball_dist=sub.ball_dist,
     )
 
 
@@ -547,7 +586,9 @@ def _build(
     index, _gpu_resources = _make_index(x32, exact, use_gpu)
 
     radius_N = np.empty(n, dtype=np.float64)
-    members: list[np.ndarray | None] = [None] * n
+    empty = np.empty(0, np.int64)
+    members: list[np.ndarray] = [empty] * n
+    dists: list[np.ndarray] = [np.empty(0)] * n
     todo = np.arange(n, dtype=np.int64)
     kk = min(n, k + 1 + _SLACK)
     # Widening cap: exact CPU search can fetch every point; GPU search is limited to
@@ -561,10 +602,11 @@ def _build(
         for lo in range(0, todo.size, query_rows):
             rows = todo[lo : lo + query_rows]
             ids = _search(index, x32[rows], kk, exact)
-            rad, mem, sat = _refine(feats, rows, ids, k)
+            rad, mem, dist, sat = _refine(feats, rows, ids, k)
             radius_N[rows] = rad
-            for i, row in enumerate(rows):
-                members[int(row)] = mem[i]
+            for i, row in enumerate(rows.tolist()):
+                members[row] = mem[i]
+                dists[row] = dist[i]
             if kk < cap:
                 again.append(rows[sat])
         todo = np.concatenate(again) if again else np.empty(0, dtype=np.int64)
@@ -572,30 +614,7 @@ def _build(
             kk = min(cap, 2 * kk)
             log.debug("widening %d tied kNN balls to %d candidates", todo.size, kk)
 
-    sizes = np.fromiter((m.size for m in members if m is not None), dtype=np.int64, count=n)
-    ball_indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=ball_indptr[1:])
-    ball_indices = (
-        np.concatenate([m for m in members if m is not None]).astype(np.int64)
-        if n
-        else np.empty(0, np.int64)
-    )
-    rows_E = np.repeat(np.arange(n, dtype=np.int64), sizes)
-    order = np.argsort(ball_indices, kind="stable")
-    reverse_indices = rows_E[order]
-    reverse_indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(ball_indices, minlength=n), out=reverse_indptr[1:])
-    return KnnGraph(
-        k=k,
-        n_items=n,
-        radius_N=radius_N,
-        ball_indptr=ball_indptr,
-        ball_indices=ball_indices,
-        reverse_indptr=reverse_indptr,
-        reverse_indices=reverse_indices,
-        exact=exact,
-        standardized=standardize,
-    )
+    return _assembled(k, n, radius_N, members, dists, None, exact=exact, standardized=standardize)
 
 
 def _all_finite(x_N_D: np.ndarray) -> bool:
@@ -606,22 +625,22 @@ def _all_finite(x_N_D: np.ndarray) -> bool:
 # ---- blocked-GEMM exact balls and the incremental graph -------------------------------------
 
 _U32 = 2.0**-24  # unit roundoff of float32
-_GEMM_BLOCK_ELEMS = 1 << 24  # float32 entries of one block of squared distances (64 MiB)
+_GEMM_BLOCK_ELEMS = 1 << 25  # float32 entries of one block of squared distances (128 MiB)
 
 
 class _Gemm:
-    """float32 centred, augmented copy of the member features for blocked-GEMM candidate search.
+    """float32 copy of the member features for blocked-GEMM candidate search, with rounding bounds.
 
-    ``y_a = fl32(z_a - c)`` (z the float64 rows `pair_dist` measures, c their mean); row a
-    of the table is ``[y_a, |y_a|^2, 1]`` and a query row q becomes ``[-2 y_q, 1, |y_q|^2]``,
-    so one sgemm gives ``s(q, a) = |y_q|^2 + |y_a|^2 - 2 y_q . y_a`` (squared distances,
-    no extra passes). `margins` bound how far s and the distances it implies can be from
-    the float64 distances, whatever the sgemm's summation order: the dot product's error
-    is at most ``gamma_{D+2} (2 |y_q| |y_a| + |y_q|^2 + |y_a|^2)`` (gamma_n = n u / (1 - n u)),
-    storing the squared norms in float32 adds ``u (|y_q|^2 + |y_a|^2)``, and rounding the
-    centred features moves a distance by at most ``u (|y_q| + |y_a|)``; every term is
-    padded by 10% and |y_a| bounded by the largest norm. Candidates are re-measured in
-    float64, so the bounds only decide which points are looked at, never the result.
+    A block of approximate squared distances is ``s(q, a) = |x_q|^2 + |x_a|^2 - 2 x_q . x_a``
+    (one sgemm into a reused buffer, then two in-place additions; x the members' float32
+    rows, no copy when they already are). `margins` bound how far s and the distances it
+    implies can be from the float64 distances `pair_dist` measures, whatever the summation
+    orders: the dot product is off by at most ``gamma (2 |x_q| |x_a|)`` and each float32
+    squared norm by ``gamma |x|^2`` (gamma = 1.1 (D + 2) u / (1 - (D + 2) u), u = 2^-24, which
+    also covers the two additions), and rounding float64 features to float32 moves a
+    distance by at most ``u (|x_q| + |x_a|)``; the norms are inflated to upper bounds and
+    |x_a| bounded by the largest. Candidates are re-measured in float64, so the bounds only
+    decide which points are looked at, never the result.
 
     Args:
         feats_A_D: The member rows (float32 or float64), finite.
@@ -629,42 +648,49 @@ class _Gemm:
 
     def __init__(self, feats_A_D: np.ndarray) -> None:
         a, d = feats_A_D.shape
-        step = max(1, _CHUNK_ELEMS // max(d, 1))
-        centre_D = np.zeros(d, dtype=np.float64)
-        for lo in range(0, a, step):
-            centre_D += feats_A_D[lo : lo + step].astype(np.float64).sum(axis=0)
-        centre_D /= max(a, 1)
-        self.dim = d
-        self.table_A_W = np.zeros((a, d + 2), dtype=np.float32)
-        for lo in range(0, a, step):
-            self.table_A_W[lo : lo + step, :d] = feats_A_D[lo : lo + step].astype(np.float64) - centre_D
-        y = self.table_A_W[:, :d]
-        sq_A = np.einsum("ad,ad->a", y, y, dtype=np.float64)
-        self.table_A_W[:, d] = sq_A
-        self.table_A_W[:, d + 1] = 1.0
-        self.norm_A = np.sqrt(sq_A)
-        self.max_norm = float(self.norm_A.max()) if a else 0.0
+        self.x_A_D = np.ascontiguousarray(feats_A_D, dtype=np.float32)
+        self.sq_A = np.einsum("ad,ad->a", self.x_A_D, self.x_A_D)
         self.gamma = 1.1 * (d + 2) * _U32 / (1.0 - (d + 2) * _U32)
+        self.norm_A = np.sqrt(self.sq_A.astype(np.float64) * (1.0 + self.gamma))  # upper bounds of |x_a|
+        self.max_norm = float(self.norm_A.max()) if a else 0.0
+        self.rows = max(1, min(4096, _GEMM_BLOCK_ELEMS // max(1, a)))
+        # Two block buffers reused by every block: fresh ones would be page-faulted in each time.
+        self._s_buf = np.empty((self.rows, a), dtype=np.float32)
+        self._scratch = np.empty((min(self.rows, 32), a), dtype=np.float32)  # partitions 32 rows at a time
 
     def rows_per_block(self) -> int:
-        """Query rows per block so that one block of s stays within `_GEMM_BLOCK_ELEMS`."""
-        return max(1, min(4096, _GEMM_BLOCK_ELEMS // max(1, self.table_A_W.shape[0])))
+        """Query rows per block (one block of s holds at most `_GEMM_BLOCK_ELEMS` entries)."""
+        return self.rows
 
     def sq_block(self, pos_R: np.ndarray) -> np.ndarray:
-        """float32 [R, A] approximate squared distances of rows `pos_R` to every member (one sgemm)."""
-        d = self.dim
-        rows_R_W = self.table_A_W[pos_R]
-        query_R_W = np.empty_like(rows_R_W)
-        np.multiply(rows_R_W[:, :d], np.float32(-2.0), out=query_R_W[:, :d])
-        query_R_W[:, d] = 1.0
-        query_R_W[:, d + 1] = rows_R_W[:, d]
-        return query_R_W @ self.table_A_W.T
+        """float32 [R, A] approximate squared distances of rows `pos_R` to every member.
+
+        A view of a buffer the next call overwrites; R <= `rows_per_block()`.
+        """
+        s_R_A = self._s_buf[: pos_R.size]
+        np.matmul(self.x_A_D[pos_R], self.x_A_D.T, out=s_R_A)
+        s_R_A *= np.float32(-2.0)
+        s_R_A += self.sq_A[None, :]
+        s_R_A += self.sq_A[pos_R][:, None]
+        return s_R_A
+
+    def kth_smallest(self, s_R_A: np.ndarray, k: int) -> np.ndarray:
+        """The k-th smallest entry of each row of a block (`s_R_A` unchanged)."""
+        r = s_R_A.shape[0]
+        out_R = np.empty(r, dtype=np.float32)
+        step = self._scratch.shape[0]
+        for lo in range(0, r, step):
+            work = self._scratch[: min(step, r - lo)]
+            np.copyto(work, s_R_A[lo : lo + step])
+            work.partition(k - 1, axis=1)
+            out_R[lo : lo + step] = work[:, k - 1]
+        return out_R
 
     def margins(self, norm_R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(pad_R, err_R): distance padding for the rounded features, error bound of s."""
+        """(pad_R, err_R): distance padding for float64 features rounded to float32, error bound of s."""
         big = self.max_norm
         pad_R = 1.1 * _U32 * (norm_R + big)
-        err_R = self.gamma * (norm_R + big) ** 2 + 1.1 * _U32 * (norm_R**2 + big**2)
+        err_R = self.gamma * ((norm_R + big) ** 2 + norm_R**2 + big**2)
         return pad_R, err_R
 
     def threshold(self, radius_R: np.ndarray, norm_R: np.ndarray) -> np.ndarray:
@@ -679,17 +705,18 @@ class _Gemm:
         return np.sqrt(np.maximum(s_R.astype(np.float64), 0.0) + err_R) + pad_R
 
 
-def _sorted_ball(ids_C: np.ndarray, d_C: np.ndarray, k: int) -> tuple[float, np.ndarray]:
-    """(r_k, ball) from every candidate within reach: k-th smallest distance, members by (distance, id)."""
+def _sorted_ball(ids_C: np.ndarray, d_C: np.ndarray, k: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """(r_k, ball, distances) from every candidate within reach: members by (distance, id)."""
     order = np.lexsort((ids_C, d_C))
     d_sorted = d_C[order]
     radius = float(d_sorted[k - 1])
-    return radius, ids_C[order][d_sorted <= radius]
+    inside = d_sorted <= radius
+    return radius, ids_C[order][inside], d_sorted[inside]
 
 
 def _gemm_balls(
     gemm: _Gemm, rows_at: Any, s_R_A: np.ndarray, pos_R: np.ndarray, k: int
-) -> tuple[np.ndarray, list[np.ndarray]]:
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """Exact closed balls of the rows `pos_R` (member positions) from their block of s.
 
     The k-th smallest s gives an upper bound r_hat on r_k (`_Gemm.radius_above`); every
@@ -705,13 +732,13 @@ def _gemm_balls(
         k: Neighbours per ball (1 <= k < A).
 
     Returns:
-        radius_R, members (R arrays of positions, by distance then position).
+        radius_R, members (R arrays of positions, by distance then position), their distances.
     """
     r = s_R_A.shape[0]
     s_R_A[np.arange(r), pos_R] = np.inf
     norm_R = gemm.norm_A[pos_R]
     # k points have s <= the k-th smallest s, so r_k is at most the distance it implies.
-    s_k_R = np.partition(s_R_A, k - 1, axis=1)[:, k - 1]
+    s_k_R = gemm.kth_smallest(s_R_A, k)
     reach_R = gemm.threshold(gemm.radius_above(s_k_R, norm_R), norm_R)
     z_R_D = rows_at(pos_R)
     qi_P, cand_P = np.nonzero(s_R_A <= reach_R[:, None])
@@ -723,11 +750,13 @@ def _gemm_balls(
     bounds = np.searchsorted(qi_P, np.arange(r + 1))
     radius_R = np.empty(r, dtype=np.float64)
     members: list[np.ndarray] = []
+    dists: list[np.ndarray] = []
     for i in range(r):
         seg = slice(bounds[i], bounds[i + 1])
-        radius_R[i], ball = _sorted_ball(cand_P[seg], d_P[seg], k)
+        radius_R[i], ball, dist = _sorted_ball(cand_P[seg], d_P[seg], k)
         members.append(ball)
-    return radius_R, members
+        dists.append(dist)
+    return radius_R, members, dists
 
 
 def _assembled(
@@ -735,9 +764,13 @@ def _assembled(
     n: int,
     radius_N: np.ndarray,
     balls: list[np.ndarray],
+    dists: list[np.ndarray],
     member_mask_N: np.ndarray | None,
+    *,
+    exact: bool = True,
+    standardized: bool = False,
 ) -> KnnGraph:
-    """A graph from per-row balls (global row numbers, by distance then row; empty for non-members)."""
+    """A graph from per-row balls (row numbers by distance then row, empty for non-members) and their distances."""
     sizes_N = np.fromiter((b.size for b in balls), dtype=np.int64, count=n)
     ball_indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(sizes_N, out=ball_indptr[1:])
@@ -754,9 +787,10 @@ def _assembled(
         ball_indices=ball_indices,
         reverse_indptr=reverse_indptr,
         reverse_indices=reverse_indices,
-        exact=True,
-        standardized=False,
+        exact=exact,
+        standardized=standardized,
         member_mask_N=member_mask_N,
+        ball_dist=np.concatenate(dists).astype(np.float64) if n else np.empty(0),
     )
 
 
@@ -806,13 +840,14 @@ def extend_knn_graph(graph: KnnGraph, prompt_feats_N_D: np.ndarray, member_mask_
     rows_A = np.flatnonzero(mask_N).astype(np.int64)
     a = int(rows_A.size)
     a0 = int(np.searchsorted(rows_A, n0))  # positions [a0, a) are the new members
+    old_dist_E = graph.ball_dist if graph.ball_dist is not None else _entry_distances(graph, feats_N_D)
     radius_N = np.full(n, np.nan)
     radius_N[:n0] = graph.radius_N
-    balls: list[np.ndarray] = [graph.ball(row) for row in range(n0)]
-    balls.extend(np.empty(0, np.int64) for _ in range(n - n0))
+    balls: dict[int, np.ndarray] = {}  # the rows whose ball is new or changed, and their distances
+    dists: dict[int, np.ndarray] = {}
     if a0 == a:
-        return _assembled(k, n, radius_N, balls, mask_N.copy())
-    feats_A_D = feats_N_D[rows_A]
+        return _replaced(graph, old_dist_E, n, radius_N, balls, dists, mask_N.copy())
+    feats_A_D = feats_N_D if a == n else feats_N_D[rows_A]  # every row a member: no copy
     if feats_A_D.dtype.kind == "f" and not _all_finite(feats_A_D[a0:]):
         raise InvalidArgument("prompt features contain NaN or inf", field="prompt_features")
 
@@ -822,7 +857,7 @@ def extend_knn_graph(graph: KnnGraph, prompt_feats_N_D: np.ndarray, member_mask_
     gemm = _Gemm(feats_A_D)
     old_radius_A0 = graph.radius_N[rows_A[:a0]]
     old_reach_A0 = gemm.threshold(old_radius_A0, gemm.norm_A[:a0])
-    hit_old: list[np.ndarray] = []  # (old position, new row, float64 distance) of new rows inside old balls
+    hit_old: list[np.ndarray] = []  # (old row, new row, float64 distance) of new rows inside old balls
     hit_new: list[np.ndarray] = []
     hit_d: list[np.ndarray] = []
     step = gemm.rows_per_block()
@@ -831,29 +866,108 @@ def extend_knn_graph(graph: KnnGraph, prompt_feats_N_D: np.ndarray, member_mask_
         s_R_A = gemm.sq_block(pos_R)
         # Old rows that may now hold a new row in their ball (checked before _gemm_balls edits s).
         qi_P, old_P = np.nonzero(s_R_A[:, :a0] <= old_reach_A0[None, :])
-        rad_R, mem = _gemm_balls(gemm, rows_at, s_R_A, pos_R, k)
-        for i, p in enumerate(pos_R):
-            radius_N[rows_A[p]] = rad_R[i]
-            balls[int(rows_A[p])] = rows_A[mem[i]]
+        rad_R, mem, dist = _gemm_balls(gemm, rows_at, s_R_A, pos_R, k)
+        for i, row in enumerate(rows_A[pos_R].tolist()):
+            radius_N[row] = rad_R[i]
+            balls[row] = rows_A[mem[i]]
+            dists[row] = dist[i]
         if qi_P.size:
             d_P = pair_dist(rows_at(old_P), rows_at(pos_R[qi_P]))
             inside_P = d_P <= old_radius_A0[old_P]
-            hit_old.append(old_P[inside_P])
+            hit_old.append(rows_A[old_P[inside_P]])
             hit_new.append(rows_A[pos_R[qi_P[inside_P]]])
             hit_d.append(d_P[inside_P])
-    if hit_old:
-        old_H, new_H, d_H = np.concatenate(hit_old), np.concatenate(hit_new), np.concatenate(hit_d)
-        order = np.argsort(old_H, kind="stable")
-        old_H, new_H, d_H = old_H[order], new_H[order], d_H[order]
-        starts = np.flatnonzero(np.r_[True, old_H[1:] != old_H[:-1]]) if old_H.size else np.empty(0, np.int64)
-        ends = np.r_[starts[1:], old_H.size]
-        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-            row = int(rows_A[old_H[lo]])
-            old_ball = graph.ball(row)
-            z_row = np.asarray(feats_N_D[row], dtype=np.float64)
-            d_old = pair_dist(z_row[None, :], np.asarray(feats_N_D[old_ball], dtype=np.float64))
-            ids_C = np.concatenate([old_ball, new_H[lo:hi]])
-            d_C = np.concatenate([d_old, d_H[lo:hi]])
-            radius_N[row], balls[row] = _sorted_ball(ids_C, d_C, k)
-    return _assembled(k, n, radius_N, balls, mask_N.copy())
+    hit_rows = np.concatenate(hit_old) if hit_old else np.empty(0, np.int64)
+    if hit_rows.size:
+        # Re-rank every old row that a new row entered, over its old ball plus those new rows,
+        # all rows at once: segment e of the entries below is the e-th such row.
+        rows_X = np.unique(hit_rows)
+        seg_of = np.full(n, -1, dtype=np.int64)
+        seg_of[rows_X] = np.arange(rows_X.size)
+        lo_X = graph.ball_indptr[rows_X]
+        size_X = graph.ball_indptr[rows_X + 1] - lo_X
+        old_seg = np.repeat(np.arange(rows_X.size), size_X)
+        entry = np.arange(old_seg.size) - (np.cumsum(size_X) - size_X)[old_seg] + lo_X[old_seg]
+        seg_C = np.concatenate([old_seg, seg_of[hit_rows]])
+        ids_C = np.concatenate([graph.ball_indices[entry], *hit_new])
+        d_C = np.concatenate([old_dist_E[entry], *hit_d])
+        order = np.lexsort((ids_C, d_C, seg_C))  # by row, then distance, then id
+        seg_C, ids_C, d_C = seg_C[order], ids_C[order], d_C[order]
+        starts_X = np.searchsorted(seg_C, np.arange(rows_X.size))
+        radius_X = d_C[starts_X + k - 1]
+        keep_C = d_C <= radius_X[seg_C]
+        cuts_X = np.cumsum(np.bincount(seg_C[keep_C], minlength=rows_X.size))[:-1]
+        radius_N[rows_X] = radius_X
+        for row, ball, dist_b in zip(
+            rows_X.tolist(), np.split(ids_C[keep_C], cuts_X), np.split(d_C[keep_C], cuts_X), strict=True
+        ):
+            balls[row] = ball
+            dists[row] = dist_b
+    return _replaced(graph, old_dist_E, n, radius_N, balls, dists, mask_N.copy())
+
+
+def _replaced(
+    graph: KnnGraph,
+    dist_E: np.ndarray,
+    n: int,
+    radius_N: np.ndarray,
+    balls: dict[int, np.ndarray],
+    dists: dict[int, np.ndarray],
+    member_mask_N: np.ndarray,
+) -> KnnGraph:
+    """`graph` grown to n rows with the balls of the rows in `balls` replaced (rows >= n_items: new)."""
+    n0 = graph.n_items
+    changed = np.array(sorted(balls), dtype=np.int64)
+    size_N = np.zeros(n, dtype=np.int64)
+    size_N[:n0] = np.diff(graph.ball_indptr)
+    size_C = np.fromiter((balls[r].size for r in changed.tolist()), dtype=np.int64, count=changed.size)
+    size_N[changed] = size_C
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(size_N, out=indptr[1:])
+    indices = np.empty(int(indptr[-1]), dtype=np.int64)
+    dist = np.empty(int(indptr[-1]), dtype=np.float64)
+    # Unchanged old rows: their entries move as a block to the rows' new offsets.
+    row_E = np.repeat(np.arange(n0, dtype=np.int64), np.diff(graph.ball_indptr))
+    is_changed_N = np.zeros(n, dtype=bool)
+    is_changed_N[changed] = True
+    keep_E = ~is_changed_N[row_E]
+    to_E = np.arange(row_E.size) - graph.ball_indptr[row_E] + indptr[row_E]
+    indices[to_E[keep_E]] = graph.ball_indices[keep_E]
+    dist[to_E[keep_E]] = dist_E[keep_E]
+    if changed.size:
+        row_F = np.repeat(changed, size_C)
+        to_F = np.arange(row_F.size) - (np.cumsum(size_C) - size_C)[np.repeat(np.arange(changed.size), size_C)]
+        to_F += indptr[row_F]
+        indices[to_F] = np.concatenate([balls[r] for r in changed.tolist()])
+        dist[to_F] = np.concatenate([dists[r] for r in changed.tolist()])
+    rows_E = np.repeat(np.arange(n, dtype=np.int64), size_N)
+    reverse_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(indices, minlength=n), out=reverse_indptr[1:])
+    return KnnGraph(
+        k=graph.k,
+        n_items=n,
+        radius_N=radius_N,
+        ball_indptr=indptr,
+        ball_indices=indices,
+        reverse_indptr=reverse_indptr,
+        reverse_indices=rows_E[np.argsort(indices, kind="stable")],
+        exact=True,
+        standardized=False,
+        member_mask_N=member_mask_N,
+        ball_dist=dist,
+    )
+
+
+def _entry_distances(graph: KnnGraph, feats_N_D: np.ndarray) -> np.ndarray:
+    """float64 d(x, p) of every ball entry of a graph saved without `ball_dist`."""
+    rows_E = np.repeat(np.arange(graph.n_items, dtype=np.int64), np.diff(graph.ball_indptr))
+    out_E = np.empty(rows_E.size, dtype=np.float64)
+    step = max(1, _REFINE_ELEMS // max(1, feats_N_D.shape[1]))
+    for lo in range(0, rows_E.size, step):
+        sl = slice(lo, lo + step)
+        out_E[sl] = pair_dist(
+            np.asarray(feats_N_D[rows_E[sl]], dtype=np.float64),
+            np.asarray(feats_N_D[graph.ball_indices[sl]], dtype=np.float64),
+        )
+    return out_E
 

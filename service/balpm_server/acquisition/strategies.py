@@ -131,6 +131,7 @@ def greedy_balpm(
     epistemic_N: np.ndarray | None,
     beta: float,
     d_ent: float,
+    count_N: np.ndarray | None = None,
 ) -> CandidateBatch:
     """Greedy BAL-PM with incremental n(x) updates over the reverse kNN lists.
 
@@ -148,15 +149,21 @@ def greedy_balpm(
         epistemic_N: BALD scores, or None for the entropy term alone (epistemic 0).
         beta: Weight of the entropy term.
         d_ent: Divisor of psi(n + 1).
+        count_N: n(x) of `graph` under `acquired_mask_N` when the caller keeps it current
+            (`AcquiredCounts`); None computes it from the mask (O(E)). Not modified.
 
     Returns:
         The batch with total, epistemic and entropy components at pick time.
     """
     acquired = np.asarray(acquired_mask_N, dtype=bool)
+    if count_N is None:
+        count_N = graph.counts_inside(acquired)
+    elif np.shape(count_N) != (graph.n_items,):
+        raise InvalidArgument(f"count_N must have shape ({graph.n_items},), got {np.shape(count_N)}", field="count_N")
     return _greedy(
         graph,
         np.log(2.0 * np.maximum(graph.radius_N, R_MIN)),
-        graph.counts_inside(acquired),
+        count_N,
         batch_size=batch_size,
         candidate_mask_N=candidate_mask_N,
         acquired_mask_N=acquired,
@@ -335,6 +342,7 @@ def select_batch(
     apl: AplInputs | None = None,
     prompt_N_D: np.ndarray | None = None,
     standardize_prompt: bool = False,
+    count_N: np.ndarray | None = None,
 ) -> CandidateBatch:
     """Choose the next batch of pool rows to label.
 
@@ -365,6 +373,9 @@ def select_batch(
             population is this call's candidate rows.
         standardize_prompt: AUTHORS only: z-score `prompt_N_D` per dimension with the
             candidates' mean and std first (the pool's standardize_features).
+        count_N: STANDARD graph strategies only: n(x) of `graph` under `acquired_mask_N`,
+            kept current by the caller (`AcquiredCounts`); None computes it. The batch is
+            the same either way.
 
     Returns:
         The batch, in pick order, with score components.
@@ -480,6 +491,7 @@ def select_batch(
             epistemic_N=epi if strategy is Strategy.BALPM else None,
             beta=float(params.beta),
             d_ent=float(params.d_ent),
+            count_N=count_N,
         )
 
     if strategy in APL_STRATEGIES:

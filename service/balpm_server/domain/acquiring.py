@@ -22,6 +22,7 @@ import numpy as np
 
 from balpm_server import errors, metrics
 from balpm_server.acquisition import (
+    AcquiredCounts,
     AcquisitionParams,
     AplInputs,
     CandidateBatch,
@@ -264,6 +265,15 @@ class Acquisition:
                 )
         if needs_graph and rt.graph is None:
             rt.graph = await asyncio.to_thread(self.cache.graph, info, rt.prompt_N_D, pool_N)
+        count_N = None
+        if needs_graph:
+            assert rt.graph is not None
+            if rt.knn_counts is None or rt.knn_counts.graph is not rt.graph:
+                # Built once per graph; from then on every lease, label, release and expiry
+                # updates n(x) through the occupancy, so a call skips the O(E) recount.
+                rt.knn_counts = AcquiredCounts(rt.graph, acquired_N)
+                rt.occupancy.on_acquired = rt.knn_counts.set
+            count_N = rt.knn_counts.count_N.copy()  # a snapshot: the greedy runs off the loop
         apl = None
         if strat in APL_STRATEGIES:
             m = self.store.apl_scores(info.key)
@@ -281,6 +291,7 @@ class Acquisition:
             apl=apl,
             prompt_N_D=rt.prompt_N_D if uses_knn and authors else None,
             standardize_prompt=s.standardize_features,
+            count_N=count_N,
         )
         if strat in (Strategy.RANDOM, Strategy.BALD):  # O(N) array work: cheaper than a thread hop
             return select()

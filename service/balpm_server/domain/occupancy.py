@@ -10,7 +10,7 @@ Shapes: N pool rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -31,6 +31,9 @@ class Occupancy:
         self.lease_cnt_N = np.zeros(n_rows, dtype=np.int64)
         self.lease_min_exp_N = np.full(n_rows, np.inf)
         self.full_N = np.zeros(n_rows, dtype=bool)  # labels + leases >= k: nobody may be given it
+        self.acquired_N = np.zeros(n_rows, dtype=bool)  # labelled or leased by anyone
+        # Called with (row, acquired) whenever a row's acquired_N flips (e.g. AcquiredCounts.set).
+        self.on_acquired: Callable[[int, bool], None] | None = None
         self._next_expiry_s = np.inf  # no lease expires before this (a lower bound)
         self._labellers: dict[int, set[str]] = {}
         self._leases: dict[int, dict[str, float]] = {}
@@ -63,6 +66,11 @@ class Occupancy:
 
     def _update_full(self, row: int) -> None:
         self.full_N[row] = self.labels_N[row] + self.lease_cnt_N[row] >= self.k
+        acquired = bool(self.labels_N[row] > 0 or self.lease_cnt_N[row] > 0)
+        if acquired != self.acquired_N[row]:
+            self.acquired_N[row] = acquired
+            if self.on_acquired is not None:
+                self.on_acquired(row, acquired)
 
     def _refresh(self, row: int) -> None:
         holders = self._leases.get(row, {})
@@ -144,5 +152,5 @@ class Occupancy:
         for rows in self._mine(annotator):
             mine_N[np.fromiter(rows, dtype=np.int64, count=len(rows))] = True
         candidate_N = in_pool_N & ~self.full_N & ~mine_N
-        acquired_N = in_pool_N & ((self.labels_N > 0) | (self.lease_cnt_N > 0))
+        acquired_N = in_pool_N & self.acquired_N
         return candidate_N, acquired_N

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from balpm_server.acquisition import KnnGraph
+from balpm_server.acquisition import AcquiredCounts, KnnGraph
 from balpm_server.domain.occupancy import Occupancy
 
 
@@ -30,6 +30,7 @@ class PoolRuntime:
     a_N_D: np.ndarray | None = None
     b_N_D: np.ndarray | None = None
     graph: KnnGraph | None = None
+    knn_counts: AcquiredCounts | None = None  # n(x) of `graph`, kept current by `occupancy`
     posterior_version: int = 0
     posterior_state: Any = None
     occupancy: Occupancy | None = None
@@ -47,6 +48,7 @@ class PoolRuntime:
         self.split_N = self.heldout_target_N = None
         self.prompt_N_D = self.a_N_D = self.b_N_D = None
         self.graph = None
+        self.knn_counts = None
         self.occupancy = None
         self.texts_a = self.texts_b = None
         self.epistemic_version = -1
