@@ -173,6 +173,15 @@ def log_tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM the server (graceful drain), then SIGKILL if it is not gone in 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def start_server(
     data_dir: Path, log_path: Path, src: Path | None = None, fsync_shim: Path | None = None, fsync_delay_ms: float = 0
 ) -> tuple[subprocess.Popen[str], str]:
@@ -581,11 +590,7 @@ def compare_tree(
         load_ms, health_errors, slowest_at_s = finish_poller(poller)
         load_until = time.time()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     if fsync_shim is not None and "fsync delay shim" not in (tmp / f"server-{name}.log").read_text(errors="replace"):
         raise RuntimeError(f"the fsync delay shim did not load in {name}'s server")
     pauses = gc_pauses(tmp / f"server-{name}.log", load_since, load_until)
@@ -682,11 +687,7 @@ def run_acquire_compare(args: argparse.Namespace) -> None:
                     print(f"# done {name} AcquireBatch {strategy}", flush=True)
                 tables.append((name, source_digest(src), rows))
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_server(proc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
@@ -854,11 +855,7 @@ def main() -> None:
     finally:
         if spy is not None and spy.poll() is None:
             spy.kill()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -67,10 +67,26 @@ def _log2r(radius_N: np.ndarray, convention: KnnConvention) -> np.ndarray:
     return np.asarray(np.log(2.0 * np.maximum(r_N, R_MIN)))
 
 
+_PSI_TABLE = [digamma(np.arange(1, 1025, dtype=np.float64))]  # psi(n + 1) for n = 0..1023, grown on demand
+
+
+def _psi_of_count(count_N: np.ndarray) -> np.ndarray:
+    """psi(n + 1) of non-negative integer counts, by table look-up (the same values digamma gives)."""
+    top = int(count_N.max(initial=0))
+    table = _PSI_TABLE[0]
+    if top >= table.size:
+        table = digamma(np.arange(1, 2 * top + 2, dtype=np.float64))
+        _PSI_TABLE[0] = table
+    return np.asarray(table[count_N])
+
+
 def _entropy_from_log2r(log2r_N: np.ndarray, count_N: np.ndarray, d_ent: float) -> np.ndarray:
-    return np.asarray(
-        log2r_N - digamma(np.asarray(count_N, dtype=np.float64) + 1.0) / d_ent, dtype=np.float64
-    )
+    counts = np.asarray(count_N)
+    if counts.dtype.kind in "iu" and (counts.size == 0 or int(counts.min()) >= 0):
+        psi_N = _psi_of_count(counts)
+    else:
+        psi_N = digamma(np.asarray(counts, dtype=np.float64) + 1.0)
+    return np.asarray(log2r_N - psi_N / d_ent, dtype=np.float64)
 
 
 def top_b_desc(scores_C: np.ndarray, b: int) -> np.ndarray:
