@@ -103,6 +103,17 @@ def pools_table(pools: Iterable[pb.Pool]) -> str:
     return table(POOL_COLUMNS, [pool_row(p) for p in pools])
 
 
+def pause_text(pool: pb.Pool) -> str:
+    """Why the pool's featurisation is paused, for people ("" when it is not)."""
+    if not pool.HasField("featurization_pause"):
+        return ""
+    p = pool.featurization_pause
+    return (
+        f"{p.reason}: {p.message} (since {timestamp(p.paused_since)}, {p.attempts} failed "
+        f"attempt{'s' if p.attempts != 1 else ''}, next at {timestamp(p.next_retry_time)})"
+    )
+
+
 def pool_details(pool: pb.Pool) -> str:
     """The `pools get` view: the pool's counters, then every setting."""
     pairs: list[tuple[str, Any]] = [
@@ -111,6 +122,7 @@ def pool_details(pool: pb.Pool) -> str:
         ("items", pool.item_count),
         ("held-out items", pool.heldout_count),
         ("featurised", f"{pool.featurized_count}/{pool.item_count + pool.heldout_count}"),
+        *([("featurisation paused", pause_text(pool))] if pool.HasField("featurization_pause") else []),
         ("labels", pool.label_count),
         ("labelled items", pool.labelled_item_count),
         ("leased items", pool.leased_item_count),

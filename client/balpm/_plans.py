@@ -208,7 +208,8 @@ def wait_pool_ready(
     """Poll GetPool until the pool is READY.
 
     Raises:
-        WaitTimeoutError: Still featurising after `timeout_s` (metadata featurized_count, item_count).
+        WaitTimeoutError: Still featurising after `timeout_s` (metadata featurized_count, item_count, and
+            pause_reason / pause_attempts when the server reports featurisation paused).
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -220,10 +221,16 @@ def wait_pool_ready(
         left = deadline - time.monotonic()
         if left <= 0:
             total = pool.item_count + pool.heldout_count
+            facts = {"pool_id": pool_id, "featurized_count": str(pool.featurized_count), "item_count": str(total)}
+            why = ""
+            if pool.HasField("featurization_pause"):
+                pause = pool.featurization_pause
+                facts |= {"pause_reason": pause.reason, "pause_attempts": str(pause.attempts)}
+                why = f"; featurisation is paused: {pause.reason}: {pause.message}"
             raise WaitTimeoutError.local(
-                f"pool {pool_id} still featurising after {timeout_s:g} s ({pool.featurized_count}/{total} items)",
+                f"pool {pool_id} still featurising after {timeout_s:g} s ({pool.featurized_count}/{total} items){why}",
                 reason="WAIT_TIMEOUT",
-                metadata={"pool_id": pool_id, "featurized_count": str(pool.featurized_count), "item_count": str(total)},
+                metadata=facts,
             )
         yield Sleep(min(poll_s, left))
 

@@ -44,12 +44,18 @@ def _bar(args: argparse.Namespace, total: int | None, desc: str, unit: str) -> A
 
 def _wait_ready(args: argparse.Namespace, c: Client, pool_id: str) -> Any:
     """Wait until the pool is featurised, with a progress bar of featurized_count."""
+    reported: list[tuple[str, int]] = []
+
+    def progress(p: Any) -> None:
+        b.set(int(p.featurized_count), total=int(p.item_count + p.heldout_count))
+        if p.HasField("featurization_pause"):
+            seen = (p.featurization_pause.reason, p.featurization_pause.attempts)
+            if not reported or reported[-1] != seen:  # once per failed attempt
+                reported.append(seen)
+                b.write(f"featurisation paused: {out.pause_text(p)}")
+
     with _bar(args, None, f"featurise {pool_id}", "item") as b:
-        return c.wait_pool_ready(
-            pool_id,
-            timeout_s=_wait_s(args),
-            progress=lambda p: b.set(int(p.featurized_count), total=int(p.item_count + p.heldout_count)),
-        )
+        return c.wait_pool_ready(pool_id, timeout_s=_wait_s(args), progress=progress)
 
 
 def cmd_pools(args: argparse.Namespace) -> None:

@@ -59,3 +59,46 @@ def test_server_pool_is_featurised_through_triton_and_matches_in_process(triton_
             assert float(np.abs(got_N_D - local.embed_sync(texts)).max()) <= 1e-4
     finally:
         server.stop()
+
+
+def test_a_triton_outage_is_visible_on_the_pool_and_featurisation_resumes(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from balpm.errors import WaitTimeoutError
+    from tests.waiting import wait_until
+
+    settings = make_settings(
+        tmp_path / "data",
+        extractor="triton",
+        triton_url=triton_server.grpc_url,
+        triton_model=triton_server.model_name,
+        triton_output="MEAN_EMBEDDING",
+        triton_timeout_s=5.0,
+        max_length_tokens=triton_server.max_length_tokens,
+    )
+    server = ServerThread(settings)
+    items = [{"item_id": f"o{i}", "prompt": f"human question {i}", "completion_a": " yes", "completion_b": " no"}
+             for i in range(12)]
+    try:
+        with Client(server.target, timeout_s=60) as c:
+            c.create_pool("outage", ensemble_size=2, hidden_sizes=[8], knn_k=3)  # Triton up: dim known
+            triton_server.server.stop()
+            c.upload_items("outage", items)
+            paused = wait_until(
+                lambda: (p := c.get_pool("outage")).HasField("featurization_pause") and p, 120,
+                "GetPool to report the featurisation pause",
+            )
+            pause = paused.featurization_pause
+            assert paused.state == paused.STATE_FEATURIZING and paused.featurized_count == 0
+            assert pause.reason == "TRITON_UNAVAILABLE" and pause.attempts >= 1 and pause.message
+            assert pause.next_retry_time.ToNanoseconds() > pause.paused_since.ToNanoseconds() > 0
+            with pytest.raises(WaitTimeoutError) as e:  # what `balpm pools wait --timeout-s 1` exits with
+                c.wait_pool_ready("outage", timeout_s=1)
+            assert e.value.metadata["pause_reason"] == "TRITON_UNAVAILABLE"
+            assert "TRITON_UNAVAILABLE" in str(e.value)
+            assert [p.featurization_pause.reason for p in c.list_pools()] == ["TRITON_UNAVAILABLE"]
+            triton_server.server.start(ready_timeout_s=180.0)
+            ready = c.wait_pool_ready("outage", timeout_s=180)
+            assert ready.featurized_count == 12 and not ready.HasField("featurization_pause")
+    finally:
+        if not triton_server.server.is_running():
+            triton_server.server.start(ready_timeout_s=180.0)
+        server.stop()

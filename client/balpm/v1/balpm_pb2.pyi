@@ -124,7 +124,7 @@ class PoolSettings(_message.Message):
     def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("pool_id", "settings", "state", "item_count", "heldout_count", "label_count", "labelled_item_count", "leased_item_count", "posterior_version", "featurized_count", "extractor", "create_time")
+    __slots__ = ("pool_id", "settings", "state", "item_count", "heldout_count", "label_count", "labelled_item_count", "leased_item_count", "posterior_version", "featurized_count", "extractor", "create_time", "featurization_pause")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Pool.State]
@@ -145,6 +145,7 @@ class Pool(_message.Message):
     FEATURIZED_COUNT_FIELD_NUMBER: _ClassVar[int]
     EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    FEATURIZATION_PAUSE_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     settings: PoolSettings
     state: Pool.State
@@ -157,7 +158,22 @@ class Pool(_message.Message):
     featurized_count: int
     extractor: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, pool_id: _Optional[str] = ..., settings: _Optional[_Union[PoolSettings, _Mapping]] = ..., state: _Optional[_Union[Pool.State, str]] = ..., item_count: _Optional[int] = ..., heldout_count: _Optional[int] = ..., label_count: _Optional[int] = ..., labelled_item_count: _Optional[int] = ..., leased_item_count: _Optional[int] = ..., posterior_version: _Optional[int] = ..., featurized_count: _Optional[int] = ..., extractor: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    featurization_pause: FeaturizationPause
+    def __init__(self, pool_id: _Optional[str] = ..., settings: _Optional[_Union[PoolSettings, _Mapping]] = ..., state: _Optional[_Union[Pool.State, str]] = ..., item_count: _Optional[int] = ..., heldout_count: _Optional[int] = ..., label_count: _Optional[int] = ..., labelled_item_count: _Optional[int] = ..., leased_item_count: _Optional[int] = ..., posterior_version: _Optional[int] = ..., featurized_count: _Optional[int] = ..., extractor: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., featurization_pause: _Optional[_Union[FeaturizationPause, _Mapping]] = ...) -> None: ...
+
+class FeaturizationPause(_message.Message):
+    __slots__ = ("reason", "message", "paused_since", "next_retry_time", "attempts")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_SINCE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RETRY_TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    message: str
+    paused_since: _timestamp_pb2.Timestamp
+    next_retry_time: _timestamp_pb2.Timestamp
+    attempts: int
+    def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ..., paused_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_retry_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class CreatePoolRequest(_message.Message):
     __slots__ = ("pool_id", "settings")

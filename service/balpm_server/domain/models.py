@@ -154,6 +154,25 @@ class StoredLabel:
 
 
 @dataclass(frozen=True)
+class FeaturizationPause:
+    """Server-side featurisation of a pool failed and waits for its next attempt.
+
+    Attributes:
+        reason: Stable reason of the latest failure (the extractor's, e.g. TRITON_UNAVAILABLE).
+        message: What failed, for people (no paths).
+        paused_since_s: Epoch seconds of the first failure since the last success.
+        next_retry_s: Epoch seconds of the next attempt.
+        attempts: Failed attempts since the last success.
+    """
+
+    reason: str
+    message: str
+    paused_since_s: float
+    next_retry_s: float
+    attempts: int
+
+
+@dataclass(frozen=True)
 class PoolInfo:
     """A pool and its counters."""
 
@@ -172,6 +191,7 @@ class PoolInfo:
     featurized_count: int = 0
     # Storage key of this pool instance (see `storage.sqlite_store`); never shown to clients.
     key: str = ""
+    featurization_pause: FeaturizationPause | None = None  # runtime state, not stored
 
 
 @dataclass(frozen=True)

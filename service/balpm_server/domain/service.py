@@ -18,6 +18,7 @@ Methods raise only `balpm_server.errors` types on purpose.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Sequence
 
@@ -142,12 +143,17 @@ class PoolService:
         return await self._pools.create(tenant, pool_id, settings)
 
     async def get_pool(self, tenant: str, pool_id: str) -> PoolInfo:
-        """Return one pool."""
-        return self._pools.require(tenant, pool_id, counts=True)
+        """Return one pool (with why its featurisation is paused, if it is)."""
+        return self._with_pause(self._pools.require(tenant, pool_id, counts=True))
 
     async def list_pools(self, tenant: str, page_size: int, page_token: str) -> tuple[list[PoolInfo], str]:
         """Return a page of pools in id order and the next page token."""
-        return await self._pools.list_page(tenant, page_size, page_token)
+        page, token = await self._pools.list_page(tenant, page_size, page_token)
+        return [self._with_pause(info) for info in page], token
+
+    def _with_pause(self, info: PoolInfo) -> PoolInfo:
+        pause = self._featurizer.pause_of(info.key)
+        return info if pause is None else dataclasses.replace(info, featurization_pause=pause)
 
     async def delete_pool(self, tenant: str, pool_id: str) -> None:
         """Delete a pool and all its data (its featurisation and training stop first)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ from balpm_server.domain.common import digest
 from balpm_server.domain.models import (
     AplScores,
     FeatureSource,
+    FeaturizationPause,
     ItemAplScores,
     ItemIn,
     ItemRecord,
@@ -37,9 +39,11 @@ from balpm_server.domain.runtime import RuntimeCache
 from balpm_server.features import FeatureExtractor
 from balpm_server.settings import Settings
 from balpm_server.storage import SqliteStore
+from balpm_server.storage.faults import storage_error
 
 log = logging.getLogger(__name__)
-RETRY_S = 5.0
+RETRY_S = 5.0  # first retry of a failed featurisation; doubled per failure up to RETRY_MAX_S
+RETRY_MAX_S = 60.0
 
 
 def server_apl(info: PoolInfo) -> bool:
@@ -81,6 +85,26 @@ class Featurizer:
         self.cache = cache
         self.extractor = extractor
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._pauses: dict[str, FeaturizationPause] = {}
+
+    def pause_of(self, key: str) -> FeaturizationPause | None:
+        """Why the pool's featurisation is paused (None while it runs or once done)."""
+        return self._pauses.get(key)
+
+    def _paused(self, key: str, reason: str, message: str) -> float:
+        """Record a failed attempt; returns the seconds until the next one (capped exponential backoff)."""
+        now = time.time()
+        prior = self._pauses.get(key)
+        attempts = 1 if prior is None else prior.attempts + 1
+        delay_s = min(RETRY_MAX_S, RETRY_S * 2.0 ** (attempts - 1))
+        self._pauses[key] = FeaturizationPause(
+            reason=reason,
+            message=message,
+            paused_since_s=now if prior is None else prior.paused_since_s,
+            next_retry_s=now + delay_s,
+            attempts=attempts,
+        )
+        return delay_s
 
     def resume(self) -> None:
         """Restart featurisation of every pool a previous process left FEATURIZING."""
@@ -99,6 +123,7 @@ class Featurizer:
     def cancel(self, key: str) -> None:
         """Stop featurising a pool (it is being deleted)."""
         task = self._tasks.pop(key, None)
+        self._pauses.pop(key, None)
         if task is not None:
             task.cancel()
 
@@ -152,6 +177,7 @@ class Featurizer:
                     n = len(part)
                     fs.write_rows(rows_R, {"prompt": feats[:n], "a": feats[n : 2 * n], "b": feats[2 * n :]})
                     self.store.mark_featurized(key, rows_R.tolist())
+                    self._pauses.pop(key, None)  # progress: no longer paused
             info = self.store.pool_info(key, counts=False)
             if info is not None and server_apl(info):
                 await self._score_apl(info)
@@ -161,14 +187,24 @@ class Featurizer:
         except asyncio.CancelledError:
             raise
         except errors.BalpmError as e:
-            log.error("featurisation of pool %s paused: %s; retrying in 5 s", key, e.message)
-            await self._retry_later(key)
-        except Exception:
-            log.exception("featurisation of pool %s failed; retrying in 5 s", key)
-            await self._retry_later(key)
+            known = storage_error(e) or e
+            delay_s = self._paused(key, known.reason, known.message)
+            log.error("featurisation of pool %s paused: %s [%s]; retrying in %.0f s", key, known.message,
+                      known.reason, delay_s)
+            await self._retry_later(key, delay_s)
+        except Exception as e:
+            fault = storage_error(e)
+            if fault is not None:
+                delay_s = self._paused(key, fault.reason, fault.message)
+            else:
+                delay_s = self._paused(key, "FEATURIZATION_FAILED", "feature extraction failed (see the server log)")
+            log.exception("featurisation of pool %s failed; retrying in %.0f s", key, delay_s)
+            await self._retry_later(key, delay_s)
+        else:
+            self._pauses.pop(key, None)
 
-    async def _retry_later(self, key: str) -> None:
-        await asyncio.sleep(RETRY_S)
+    async def _retry_later(self, key: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
         self._tasks.pop(key, None)
         if self.store.pool_exists(key):
             self.schedule(key)

@@ -145,7 +145,7 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         apl_reference_model_path=s.apl_reference_model_path,
         knn_convention=KNN_CONVENTION_TO_PB[s.knn_convention],
     )
-    return pb.Pool(
+    msg = pb.Pool(
         pool_id=info.pool_id,
         settings=settings,
         state=pb.Pool.STATE_FEATURIZING if info.state == m.PoolState.FEATURIZING else pb.Pool.STATE_READY,
@@ -159,6 +159,18 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         extractor=info.extractor,
         create_time=timestamp(info.create_time_s),
     )
+    pause = info.featurization_pause
+    if pause is not None:
+        msg.featurization_pause.CopyFrom(
+            pb.FeaturizationPause(
+                reason=pause.reason,
+                message=pause.message,
+                paused_since=timestamp(pause.paused_since_s),
+                next_retry_time=timestamp(pause.next_retry_s),
+                attempts=pause.attempts,
+            )
+        )
+    return msg
 
 
 def apl_from_pb(item: pb.Item) -> m.AplScores | None:
