@@ -66,7 +66,8 @@ def cmd_pools(args: argparse.Namespace) -> None:
             settings: dict[str, Any] = {"feature_source": args.feature_source}
             if args.feature_dim:
                 settings["feature_dim"] = args.feature_dim
-            for key in ("ensemble_size", "knn_k", "beta", "d_ent", "labels_per_item", "epochs"):
+            for key in ("ensemble_size", "knn_k", "beta", "d_ent", "labels_per_item", "epochs",
+                        "auto_update_min_labels", "auto_update_interval_s"):
                 if getattr(args, key) is not None:
                     settings[key] = getattr(args, key)
             if args.strategy:
@@ -441,6 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
     pools.add_argument("--d-ent", type=float, help="create: BAL-PM d_ent (default 1)")
     pools.add_argument("--labels-per-item", type=int, help="create: distinct annotators per item (default 1)")
     pools.add_argument("--epochs", type=int, help="create: max training epochs per update (default 30)")
+    pools.add_argument(
+        "--auto-update-min-labels",
+        type=int,
+        help="create: retrain by itself once this many new labels arrived since the latest posterior (default 0: off)",
+    )
+    pools.add_argument(
+        "--auto-update-interval-s",
+        type=float,
+        help="create: retrain by itself this long after the latest posterior when new labels arrived (default 0: off)",
+    )
     pools.set_defaults(func=cmd_pools)
 
     up = sub.add_parser("upload", help="upload items from FILE.jsonl[.gz]", parents=common)

@@ -78,6 +78,9 @@ TRAINING_DURATION_SECONDS = Histogram(
     "balpm_training_duration_seconds", "Posterior (ensemble) training time in seconds.", buckets=TRAIN_BUCKETS_S
 )
 TRAINING_RUNS_TOTAL = Counter("balpm_training_runs_total", "Finished posterior trainings.")
+AUTO_UPDATES_TOTAL = Counter(
+    "balpm_auto_updates_total", "UpdatePosterior operations started by a pool's automatic update policy.", ["trigger"]
+)
 TRAINING_LAST_VAL_LOG_LIKELIHOOD = Gauge(
     "balpm_training_last_val_log_likelihood", "Validation log-likelihood of the most recent training."
 )

@@ -84,7 +84,7 @@ KNN_CONVENTION_STANDARD: KnnConvention
 KNN_CONVENTION_AUTHORS: KnnConvention
 
 class PoolSettings(_message.Message):
-    __slots__ = ("feature_source", "feature_dim", "ensemble_size", "hidden_sizes", "knn_k", "beta", "d_ent", "default_strategy", "standardize_features", "labels_per_item", "epochs", "posterior_kind", "lora_model_path", "temperature", "apl_beta_dpo", "apl_policy_model_path", "apl_reference_model_path", "knn_convention")
+    __slots__ = ("feature_source", "feature_dim", "ensemble_size", "hidden_sizes", "knn_k", "beta", "d_ent", "default_strategy", "standardize_features", "labels_per_item", "epochs", "posterior_kind", "lora_model_path", "temperature", "apl_beta_dpo", "apl_policy_model_path", "apl_reference_model_path", "knn_convention", "auto_update_min_labels", "auto_update_interval_s")
     FEATURE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,8 @@ class PoolSettings(_message.Message):
     APL_POLICY_MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     APL_REFERENCE_MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     KNN_CONVENTION_FIELD_NUMBER: _ClassVar[int]
+    AUTO_UPDATE_MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_UPDATE_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     feature_source: FeatureSource
     feature_dim: int
     ensemble_size: int
@@ -121,7 +123,9 @@ class PoolSettings(_message.Message):
     apl_policy_model_path: str
     apl_reference_model_path: str
     knn_convention: KnnConvention
-    def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ...) -> None: ...
+    auto_update_min_labels: int
+    auto_update_interval_s: float
+    def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ..., auto_update_min_labels: _Optional[int] = ..., auto_update_interval_s: _Optional[float] = ...) -> None: ...
 
 class Pool(_message.Message):
     __slots__ = ("pool_id", "settings", "state", "item_count", "heldout_count", "label_count", "labelled_item_count", "leased_item_count", "posterior_version", "featurized_count", "extractor", "create_time", "featurization_pause")
@@ -334,14 +338,16 @@ class IngestLabelsRequest(_message.Message):
     def __init__(self, pool_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class IngestLabelsResponse(_message.Message):
-    __slots__ = ("stored_count", "duplicate_count", "label_count")
+    __slots__ = ("stored_count", "duplicate_count", "label_count", "auto_update_operation_id")
     STORED_COUNT_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_COUNT_FIELD_NUMBER: _ClassVar[int]
     LABEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    AUTO_UPDATE_OPERATION_ID_FIELD_NUMBER: _ClassVar[int]
     stored_count: int
     duplicate_count: int
     label_count: int
-    def __init__(self, stored_count: _Optional[int] = ..., duplicate_count: _Optional[int] = ..., label_count: _Optional[int] = ...) -> None: ...
+    auto_update_operation_id: str
+    def __init__(self, stored_count: _Optional[int] = ..., duplicate_count: _Optional[int] = ..., label_count: _Optional[int] = ..., auto_update_operation_id: _Optional[str] = ...) -> None: ...
 
 class UpdatePosteriorRequest(_message.Message):
     __slots__ = ("pool_id", "seed", "warm_start", "epochs")

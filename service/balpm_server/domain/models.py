@@ -88,6 +88,8 @@ class PoolSettings:
     # r_k convention of the BAL-PM entropy term; settings stored before it existed load
     # as STANDARD, and a stored string value ("AUTHORS") is turned back into the enum.
     knn_convention: KnnConvention = KnnConvention.STANDARD
+    auto_update_min_labels: int = 0  # retrain after this many new labels (0: off)
+    auto_update_interval_s: float = 0.0  # or this long after the latest posterior, if new labels (0: off)
 
     def __post_init__(self) -> None:
         """Coerce `knn_convention` given by value (e.g. from settings JSON) to the enum."""
@@ -221,6 +223,7 @@ class IngestResult:
     stored_count: int
     duplicate_count: int
     label_count: int
+    auto_update_operation_id: str = ""  # the UpdatePosterior this ingest started ("" when none)
 
 
 @dataclass

@@ -25,6 +25,8 @@ MAX_LIST_PAGE_SIZE = 1000
 DEFAULT_LIST_PAGE_SIZE = 100
 
 
+MAX_AUTO_UPDATE_INTERVAL_S = 30 * 86400.0
+
 class Pools:
     """Pool records and their lifecycle.
 
@@ -74,6 +76,14 @@ class Pools:
         v.finite(s.temperature, "settings.temperature", low=0.0, low_open=True)
         v.finite(s.apl_beta_dpo, "settings.apl_beta_dpo", low=0.0, low_open=True)
         v.int_range(s.labels_per_item, "settings.labels_per_item", 1, 1000)
+        v.int_range(s.auto_update_min_labels, "settings.auto_update_min_labels", 0, 1_000_000)
+        v.finite(s.auto_update_interval_s, "settings.auto_update_interval_s", low=0.0)
+        if s.auto_update_interval_s > MAX_AUTO_UPDATE_INTERVAL_S:
+            raise errors.InvalidArgument(
+                f"settings.auto_update_interval_s must be at most {MAX_AUTO_UPDATE_INTERVAL_S:.0f} (30 days)",
+                field="settings.auto_update_interval_s",
+                reason="OUT_OF_RANGE",
+            )
         v.int_range(s.epochs, "settings.epochs", 1, 10_000)
         if not s.hidden_sizes or len(s.hidden_sizes) > 8:
             raise errors.InvalidArgument("settings.hidden_sizes needs 1-8 layers", field="settings.hidden_sizes")

@@ -173,8 +173,13 @@ class PoolService:
     async def ingest_labels(
         self, tenant: str, pool_id: str, labels: Sequence[LabelIn], request_id: str = ""
     ) -> IngestResult:
-        """Store labels atomically and idempotently; acknowledged only after commit."""
-        return await self._labels.ingest(tenant, pool_id, labels, request_id)
+        """Store labels atomically and idempotently; acknowledged only after commit.
+
+        Then the pool's automatic update policy may start UpdatePosterior (its id is in the result).
+        """
+        result = await self._labels.ingest(tenant, pool_id, labels, request_id)
+        op_id = await self._training.maybe_auto_update(tenant, pool_id)
+        return dataclasses.replace(result, auto_update_operation_id=op_id) if op_id else result
 
     def export_labels(
         self, tenant: str, pool_id: str, page_size: int, page_token: str

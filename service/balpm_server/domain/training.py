@@ -59,6 +59,11 @@ class Training:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, str] = {}  # pool key -> operation id
         self.closed = False  # the store is closing: outcomes are no longer recorded
+        # Automatic updates: per pool key, (labels the latest posterior saw, when it was made),
+        # the pending interval checks and the checks running.
+        self._trained: dict[str, tuple[int, float]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._auto_checks: set[asyncio.Task[str]] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -76,6 +81,12 @@ class Training:
 
     async def stop(self) -> None:
         """Ask every training to stop; give them `SHUTDOWN_GRACE_S`, then cancel them."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for check in list(self._auto_checks):
+            check.cancel()
+        await asyncio.gather(*self._auto_checks, return_exceptions=True)
         for flag in self.cancel_flags.values():
             flag.set()
         tasks = list(self.tasks.values())
@@ -134,6 +145,82 @@ class Training:
         self.tasks[op.operation_id] = task
         task.add_done_callback(functools.partial(self._forget_task, op.operation_id))
         return op
+
+    # ---- automatic updates (PoolSettings.auto_update_*) --------------------------------------
+
+    def _trained_upto(self, info: PoolInfo) -> tuple[int, float]:
+        """(labels the latest posterior was trained on, epoch seconds it was made); (0, creation) if none."""
+        known = self._trained.get(info.key)
+        if known is None:
+            posteriors = self.cache.posterior_store(info.key)
+            latest = posteriors.latest_version()
+            if latest is None:
+                known = (0, info.create_time_s)
+            else:
+                manifest = posteriors.manifest(latest)
+                known = (int(manifest.get("label_count", 0)), float(manifest.get("created_s", info.create_time_s)))
+            self._trained[info.key] = known
+        return known
+
+    async def maybe_auto_update(self, tenant: str, pool_id: str) -> str:
+        """Start UpdatePosterior if the pool's automatic update policy asks for it now.
+
+        Triggers: at least `auto_update_min_labels` labels since the latest posterior's, or
+        `auto_update_interval_s` elapsed since it (the pool's creation if none) with new
+        labels; an interval not elapsed yet is checked again when it is. One update at a
+        time per pool (a running one wins); an update that cannot start (still featurising,
+        the tenant's job limit) is tried again at the next ingest.
+
+        Returns:
+            The started operation's id, "" when none was started.
+        """
+        info = self.pools.require(tenant, pool_id)
+        s = info.settings
+        if self.closed or not (s.auto_update_min_labels or s.auto_update_interval_s) or info.key in self._running:
+            return ""
+        trained, made_s = self._trained_upto(info)
+        new_labels = self.store.label_count(info.key) - trained
+        if new_labels <= 0:
+            return ""
+        trigger = ""
+        if s.auto_update_min_labels and new_labels >= s.auto_update_min_labels:
+            trigger = "labels"
+        elif s.auto_update_interval_s:
+            wait_s = made_s + s.auto_update_interval_s - time.time()
+            if wait_s <= 0:
+                trigger = "interval"
+            else:
+                self._check_later(tenant, pool_id, info.key, wait_s)
+        if not trigger:
+            return ""
+        try:
+            op = await self.start(tenant, pool_id, seed=0, warm_start=False, epochs=0)
+        except errors.BalpmError as e:
+            log.info("automatic update of pool %s not started: %s [%s]", info.key, e.message, e.reason)
+            return ""
+        metrics.AUTO_UPDATES_TOTAL.labels(trigger).inc()
+        log.info("automatic update of pool %s started (%s): %s", info.key, trigger, op.operation_id)
+        return op.operation_id
+
+    def _check_later(self, tenant: str, pool_id: str, key: str, delay_s: float) -> None:
+        """Run `maybe_auto_update` for the pool after `delay_s` (once: a pending check is kept)."""
+        if key in self._timers or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._timers.pop(key, None)
+            check = loop.create_task(self._check_quietly(tenant, pool_id))
+            self._auto_checks.add(check)
+            check.add_done_callback(self._auto_checks.discard)
+
+        self._timers[key] = loop.call_later(max(0.0, delay_s), fire)
+
+    async def _check_quietly(self, tenant: str, pool_id: str) -> str:
+        try:
+            return await self.maybe_auto_update(tenant, pool_id)
+        except errors.BalpmError:  # the pool was deleted meanwhile
+            return ""
 
     def _forget_task(self, operation_id: str, _task: asyncio.Task[None]) -> None:
         self.tasks.pop(operation_id, None)
@@ -210,6 +297,7 @@ class Training:
             )
         train_s = time.perf_counter() - started
         metrics.observe_training(train_s, result.val_log_likelihood)
+        made_s = time.time()
         manifest = {
             "pool_id": info.pool_id,
             "seed": seed,
@@ -222,10 +310,11 @@ class Training:
                 "epochs_run": result.epochs_run,
                 "train_s": train_s,
             },
-            "created_s": time.time(),
+            "created_s": made_s,
         }
         version = await asyncio.to_thread(posteriors.save, result.state, manifest)
         self.store.set_posterior_version(info.key, version)
+        self._trained[info.key] = (len(rows_L), made_s)
         rt.posterior_state, rt.posterior_version, rt.lora = result.state, version, lora
         rt.epistemic_version = -1
         op.state = OperationState.SUCCEEDED
@@ -259,6 +348,9 @@ class Training:
                 op.state, op.error_code, op.error_message = OperationState.FAILED, "ABORTED", SHUTDOWN_REASON
             op.update_time_s = time.time()
             self._running.pop(info.key, None)
+            policy = info.settings.auto_update_min_labels or info.settings.auto_update_interval_s
+            if policy and op.state is OperationState.SUCCEEDED and not self.closed:
+                self._check_later(op.tenant, op.pool_id, info.key, 0.0)  # labels that came in meanwhile
             saved = False
             try:
                 if not self.closed and self.store.pool_exists(info.key):

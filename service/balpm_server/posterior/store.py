@@ -137,6 +137,18 @@ class PosteriorStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def manifest(self, version: int) -> dict[str, Any]:
+        """The manifest of a version alone (no tensors read).
+
+        Raises:
+            errors.NotFound: No complete version with this number.
+        """
+        path = self._dir(version) / MANIFEST_FILE
+        if version < 1 or not path.is_file():
+            raise errors.NotFound(f"posterior version {version} does not exist", field="posterior_version")
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f))
+
     def load(self, version: int) -> tuple[EnsembleState, dict[str, Any]]:
         """Read a version.
 

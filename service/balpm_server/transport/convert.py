@@ -115,6 +115,8 @@ def pool_settings_from_pb(s: pb.PoolSettings) -> m.PoolSettings:
         apl_policy_model_path=s.apl_policy_model_path,
         apl_reference_model_path=s.apl_reference_model_path,
         knn_convention=KNN_CONVENTION_FROM_PB[s.knn_convention],
+        auto_update_min_labels=s.auto_update_min_labels,
+        auto_update_interval_s=s.auto_update_interval_s,
     )
 
 
@@ -144,6 +146,8 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         apl_policy_model_path=s.apl_policy_model_path,
         apl_reference_model_path=s.apl_reference_model_path,
         knn_convention=KNN_CONVENTION_TO_PB[s.knn_convention],
+        auto_update_min_labels=s.auto_update_min_labels,
+        auto_update_interval_s=s.auto_update_interval_s,
     )
     msg = pb.Pool(
         pool_id=info.pool_id,

@@ -109,7 +109,10 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         ]
         r = await self.service.ingest_labels(tenant_of(context), request.pool_id, labels, request.request_id)
         return pb.IngestLabelsResponse(
-            stored_count=r.stored_count, duplicate_count=r.duplicate_count, label_count=r.label_count
+            stored_count=r.stored_count,
+            duplicate_count=r.duplicate_count,
+            label_count=r.label_count,
+            auto_update_operation_id=r.auto_update_operation_id,
         )
 
     async def UpdatePosterior(
