@@ -64,6 +64,7 @@ class Training:
         self._trained: dict[str, tuple[int, float]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._auto_checks: set[asyncio.Task[str]] = set()
+        self._stopping = False
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -81,6 +82,7 @@ class Training:
 
     async def stop(self) -> None:
         """Ask every training to stop; give them `SHUTDOWN_GRACE_S`, then cancel them."""
+        self._stopping = True  # no automatic update starts or is scheduled from now on
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -176,7 +178,8 @@ class Training:
         """
         info = self.pools.require(tenant, pool_id)
         s = info.settings
-        if self.closed or not (s.auto_update_min_labels or s.auto_update_interval_s) or info.key in self._running:
+        policy = s.auto_update_min_labels or s.auto_update_interval_s
+        if self._stopping or self.closed or not policy or info.key in self._running:
             return ""
         trained, made_s = self._trained_upto(info)
         new_labels = self.store.label_count(info.key) - trained
@@ -204,7 +207,7 @@ class Training:
 
     def _check_later(self, tenant: str, pool_id: str, key: str, delay_s: float) -> None:
         """Run `maybe_auto_update` for the pool after `delay_s` (once: a pending check is kept)."""
-        if key in self._timers or self.closed:
+        if key in self._timers or self._stopping or self.closed:
             return
         loop = asyncio.get_running_loop()
 
@@ -349,7 +352,7 @@ class Training:
             op.update_time_s = time.time()
             self._running.pop(info.key, None)
             policy = info.settings.auto_update_min_labels or info.settings.auto_update_interval_s
-            if policy and op.state is OperationState.SUCCEEDED and not self.closed:
+            if policy and op.state is OperationState.SUCCEEDED and not (self._stopping or self.closed):
                 self._check_later(op.tenant, op.pool_id, info.key, 0.0)  # labels that came in meanwhile
             saved = False
             try:
