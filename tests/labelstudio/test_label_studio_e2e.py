@@ -42,6 +42,7 @@ def _sync(
     batch_size: int,
     seed: int,
     token: str | None = None,
+    max_outstanding: int = 0,
 ) -> dict[str, Any]:
     return _cli(
         capsys,
@@ -59,6 +60,8 @@ def _sync(
         POOL,
         "--batch-size",
         str(batch_size),
+        "--max-outstanding",
+        str(max_outstanding),
         "--seed",
         str(seed),
         "--annotator-map",
@@ -214,6 +217,16 @@ def test_label_studio_round_trip_ingests_each_annotation_once_and_excludes_label
     assert fourth["conflicts"] == [f"ls:{project_id}:{a_ann}"]
     assert client.get_pool(POOL).label_count == 4
     assert len(_labels(client)) == 4
+
+    # Top-up mode (what cron runs): queue up to 10 open tasks in all; a second run while nobody
+    # labels leases nothing more.
+    fifth = _sync(capsys, ls, server, project_id, state_file, batch_size=50, seed=5, max_outstanding=10)
+    open_before = fifth["outstanding"]
+    assert 0 < open_before < 10 and fifth["tasks_created"] == 10 - open_before, json.dumps(fifth)
+    leased = client.get_pool(POOL).leased_item_count
+    sixth = _sync(capsys, ls, server, project_id, state_file, batch_size=50, seed=6, max_outstanding=10)
+    assert (sixth["outstanding"], sixth["acquired"], sixth["tasks_created"]) == (10, 0, 0), json.dumps(sixth)
+    assert client.get_pool(POOL).leased_item_count == leased
 
 
 def _annotate_result(choice: str) -> list[dict[str, Any]]:

@@ -330,6 +330,7 @@ class SyncReport:
     created_item_ids: list[str] = field(default_factory=list)
     skipped_existing: int = 0
     pool_exhausted: bool = False
+    outstanding: int = 0  # open bridge tasks (no annotation yet) before this round's batch
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -385,6 +386,7 @@ def sync(
     strategy: str | None = None,
     seed: int | None = None,
     state_file: Path | None = None,
+    max_outstanding: int = 0,
 ) -> SyncReport:
     """Ingest finished annotations, release leases of deleted tasks, then queue a new batch as tasks.
 
@@ -400,6 +402,9 @@ def sync(
         strategy: Acquisition strategy (pool default when None).
         seed: Acquisition seed (time-based when None, so stochastic strategies vary per round).
         state_file: Lease ledger path (default :func:`default_state_file`).
+        max_outstanding: Top up instead of adding: queue at most this many open tasks in all
+            (bridge tasks of the pool nobody has annotated or skipped yet), so a sync run from
+            cron while nobody labels leases nothing more. 0 queues `batch_size` every run.
 
     Returns:
         What the sync did.
@@ -410,6 +415,7 @@ def sync(
 
     # (1) Annotations of bridge tasks -> balpm labels (idempotent by the derived label id).
     live: dict[str, int] = {}
+    answered: set[str] = set()  # items whose task has any annotation (a label or a skip)
     labelled: set[str] = set()
     labels: list[dict[str, str]] = []
     for task in api.iter_tasks(project_id):
@@ -422,6 +428,8 @@ def sync(
         annotations = task.get("annotations")
         if annotations is None and int(task.get("total_annotations") or 0) > 0:
             annotations = api.task_annotations(int(task["id"]))
+        if annotations:
+            answered.add(item_id)
         for ann in annotations or ():
             report.annotations_seen += 1
             label = annotation_to_label(ann, task, project_id=project_id, pool_id=pool_id, annotator_of=annotator_of)
@@ -447,7 +455,10 @@ def sync(
         ledger.discard(gone)
     ledger.save()
 
-    # (3) A new batch -> one task per item not already queued.
+    # (3) A new batch -> one task per item not already queued (topped up to max_outstanding).
+    report.outstanding = sum(1 for iid in live if iid not in answered)
+    if max_outstanding > 0:
+        batch_size = min(batch_size, max(0, max_outstanding - report.outstanding))
     if batch_size > 0:
         resp = _acquire(
             client,
@@ -525,6 +536,7 @@ def cmd_sync(args: argparse.Namespace) -> None:
             strategy=args.strategy,
             seed=args.seed,
             state_file=Path(args.state_file) if args.state_file else None,
+            max_outstanding=args.batch_size if args.max_outstanding is None else args.max_outstanding,
         )
     print(json.dumps(report.to_dict(), indent=2))
 
@@ -586,6 +598,13 @@ def register_cli(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> N
     balpm_target(sy)
     sy.add_argument("--project", type=int, required=True, help="Label Studio project id")
     sy.add_argument("--batch-size", type=int, default=32, help="items to queue (0: only ingest)")
+    sy.add_argument(
+        "--max-outstanding",
+        type=int,
+        default=None,
+        help="top up to this many open (unannotated) tasks instead of adding --batch-size every run "
+        "(default: --batch-size, so repeated runs from cron lease nothing while nobody labels; 0: no cap)",
+    )
     sy.add_argument("--strategy", default=None, help="acquisition strategy (default: the pool's)")
     sy.add_argument("--seed", type=int, default=None, help="acquisition seed (default: time-based)")
     sy.add_argument(
