@@ -148,3 +148,63 @@ def test_webhook_http_server_checks_the_secret_and_rejects_bad_json(
     status, body = _post(webhook, event, {SECRET_HEADER: "s3cret"})
     assert status == 200 and body["stored"] == 1 and body["label_ids"] == ["ls:3:6"]
     assert pool_client.get_pool(POOL).label_count == 1
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_bad_label_studio_urls_and_an_unreachable_label_studio_are_clear_errors() -> None:
+    from balpm.errors import InvalidInputError
+    from balpm.integrations.label_studio import LabelStudioAPI, LabelStudioError
+
+    for url in ("127.0.0.1:8080", "ftp://host", "http://"):
+        with pytest.raises(InvalidInputError) as bad:
+            LabelStudioAPI(url, "token")
+        assert (bad.value.field, bad.value.reason) == ("ls_url", "BAD_URL")
+    api = LabelStudioAPI(f"http://127.0.0.1:{_closed_port()}", "token", timeout_s=5)
+    with pytest.raises(LabelStudioError) as down:
+        api.request("GET", "/api/projects/")
+    assert down.value.reason == "LABEL_STUDIO_UNREACHABLE" and "is it running?" in str(down.value)
+    assert down.value.code.name == "UNAVAILABLE"
+
+
+def test_sync_against_a_missing_pool_fails_before_touching_label_studio_or_the_ledger(
+    client: Client, tmp_path: Path
+) -> None:
+    from balpm.errors import NotFoundError
+    from balpm.integrations.label_studio import LabelStudioAPI, sync
+
+    ledger = tmp_path / "ledger.json"
+    api = LabelStudioAPI(f"http://127.0.0.1:{_closed_port()}", "token", timeout_s=5)  # never reached
+    with pytest.raises(NotFoundError):
+        sync(api, client, project_id=1, pool_id="no-such-pool", batch_size=4, state_file=ledger)
+    assert not ledger.exists()
+
+
+def test_the_webhook_logs_every_event(pool_client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    server = make_webhook_server(pool_client, pool_id=POOL, project_id=3, port=0, secret="s")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    event = {"action": "ANNOTATION_CREATED", "annotation": _ann(9, "B"), "task": _task("it-1"), "project": {"id": 3}}
+    try:
+        with caplog.at_level("INFO", logger="balpm.integrations.webhook"):
+            req = urllib.request.Request(url, data=json.dumps(event).encode(), method="POST",
+                                         headers={SECRET_HEADER: "s", "Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert resp.status == 200
+            bad = urllib.request.Request(url, data=b"{}", method="POST", headers={SECRET_HEADER: "wrong"})
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(bad, timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("ANNOTATION_CREATED event" in m and '"stored": 1' in m for m in messages), messages
+    assert any("rejected a request" in m for m in messages), messages

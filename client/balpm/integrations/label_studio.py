@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -124,12 +125,15 @@ class LabelStudioError(BalpmError):
         code = _HTTP_CODES.get(
             status, grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.UNAVAILABLE
         )
-        super().__init__(
-            code,
-            f"Label Studio {method} {url} failed: HTTP {status}: {body[:500]}",
-            reason=f"LABEL_STUDIO_HTTP_{status}",
-            metadata={"http_status": str(status), "url": url},
-        )
+        if status == 0:  # no HTTP response at all: say so plainly
+            message, reason = f"Label Studio is unreachable ({method} {url}: {body[:300]}); is it running?", (
+                "LABEL_STUDIO_UNREACHABLE"
+            )
+        else:
+            message, reason = f"Label Studio {method} {url} failed: HTTP {status}: {body[:500]}", (
+                f"LABEL_STUDIO_HTTP_{status}"
+            )
+        super().__init__(code, message, reason=reason, metadata={"http_status": str(status), "url": url})
         self.status = status
         self.body = body
 
@@ -153,6 +157,11 @@ class LabelStudioAPI:
         if not token:
             raise InvalidInputError.local(
                 f"a Label Studio token is required (--ls-token or {TOKEN_ENV})", field="token", reason="NO_TOKEN"
+            )
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise InvalidInputError.local(
+                f"the Label Studio URL must be http(s)://host[:port], got {url!r}", field="ls_url", reason="BAD_URL"
             )
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
@@ -409,6 +418,7 @@ def sync(
     Returns:
         What the sync did.
     """
+    client.get_pool(pool_id)  # a missing pool fails here, before Label Studio or the ledger is touched
     annotator_of = annotator_of or AnnotatorMapper(api=api)
     report = SyncReport(project_id=project_id, pool_id=pool_id)
     ledger = LeaseLedger(state_file or default_state_file(api.url, project_id, pool_id))
@@ -542,7 +552,8 @@ def cmd_sync(args: argparse.Namespace) -> None:
 
 
 def cmd_webhook(args: argparse.Namespace) -> None:
-    """``balpm label-studio webhook``: serve the annotation webhook until interrupted."""
+    """``balpm label-studio webhook``: serve the annotation webhook until interrupted (one log line per event)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     api = _api(args) if args.ls_url and (args.ls_token or os.environ.get(TOKEN_ENV)) else None
     with _balpm_client(args) as client:
         serve_webhook(

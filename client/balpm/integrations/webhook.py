@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +31,8 @@ SECRET_HEADER = "X-Balpm-Webhook-Secret"
 INGEST_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
 MAX_BODY_BYTES = 32 << 20
 
+
+log = logging.getLogger(__name__)
 
 def _as_list(value: Any) -> list[Any]:
     if value is None:
@@ -131,6 +134,8 @@ def make_webhook_server(
 
         def do_POST(self) -> None:
             if secret and not hmac.compare_digest(self.headers.get(SECRET_HEADER, ""), secret):
+                log.warning("webhook: rejected a request from %s: bad or missing %s", self.client_address[0],
+                            SECRET_HEADER)
                 self._reply(401, {"error": "bad or missing " + SECRET_HEADER})
                 return
             length = int(self.headers.get("Content-Length") or 0)
@@ -150,8 +155,11 @@ def make_webhook_server(
                         payload, client, pool_id=pool_id, project_id=project_id, annotator_of=annotator_of
                     )
             except BalpmError as e:
+                log.error("webhook: %s event not ingested (Label Studio will retry): %s",
+                          payload.get("action", "?"), e)
                 self._reply(503, {"error": str(e), "reason": e.reason})
                 return
+            log.info("webhook: %s event: %s", payload.get("action", "?"), json.dumps(summary, sort_keys=True))
             self._reply(200, summary)
 
         def log_message(self, format: str, *args: Any) -> None:
