@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from balpm_server.domain.service import PoolService
 from balpm_server.features import FeatureExtractor, build_extractor
 from balpm_server.features.cache import CachedExtractor
 from balpm_server.logs import setup_logging
-from balpm_server.settings import Settings
+from balpm_server.settings import ENV_PREFIX, Settings
 from balpm_server.storage import SqliteStore, faults
 from balpm_server.storage.faults import storage_error
 from balpm_server.transport.interceptors import ServerInterceptor
@@ -234,9 +236,45 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert-file", help="server certificate PEM (BALPM_TLS_CERT_FILE)")
     p.add_argument("--tls-key-file", help="server key PEM (BALPM_TLS_KEY_FILE)")
     p.add_argument("--tls-client-ca-file", help="client CA PEM; enables mutual TLS (BALPM_TLS_CLIENT_CA_FILE)")
-    p.add_argument("--insecure", action="store_true", default=None, help="allow plaintext on non-loopback hosts")
+    p.add_argument(
+        "--insecure", action="store_true", default=None, help="allow plaintext on non-loopback hosts (BALPM_INSECURE)"
+    )
     p.add_argument("--shutdown-grace-s", type=float, help="SIGTERM drain time in seconds (BALPM_SHUTDOWN_GRACE_S)")
+    _add_setting_flags(p)
     return p
+
+
+def _setting_docs() -> dict[str, str]:
+    """Each Settings field's description, from the class docstring's Attributes section."""
+    docs: dict[str, str] = {}
+    name = ""
+    for line in (Settings.__doc__ or "").splitlines():
+        match = re.match(r"^ {8}(\w+): (.*)$", line)
+        if match:
+            name, docs[match[1]] = match[1], match[2].strip()
+        elif name and line.startswith(" " * 12):
+            docs[name] += " " + line.strip()
+        else:
+            name = ""
+    return docs
+
+
+def _add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """A flag for every Settings field the parser has none for yet (`--triton-model`, `--pooling`, ...)."""
+    taken = {a.dest for a in p._actions}
+    docs = _setting_docs()
+    kinds: dict[str, Any] = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(Settings):
+        if f.name.startswith("_") or f.name in taken or str(f.type) not in (*kinds, "bool"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f"{docs.get(f.name, f.name)} ({env}, default {default!r})".replace("%", "%%")
+        if str(f.type) == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            p.add_argument(flag, type=kinds[str(f.type)], default=None, help=text)
 
 
 def main(argv: list[str] | None = None) -> None:
