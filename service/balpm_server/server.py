@@ -204,6 +204,24 @@ async def create_server(settings: Settings) -> RunningServer:
     return RunningServer(server, port, service, health_servicer, keys, metrics_port, http_server, service.store)
 
 
+async def check_extractor(extractor: FeatureExtractor | None, settings: Settings, timeout_s: float = 60.0) -> bool:
+    """Ask the extractor for its dimension once at start-up and log the answer (a reachability check).
+
+    A Triton that is down or misconfigured is reported here, in the first lines of the log, instead of
+    at the first upload; the server keeps running either way (Triton may come up later).
+    """
+    if extractor is None or settings.extractor != "triton":
+        return True
+    try:
+        dim = await asyncio.wait_for(extractor.dim(), timeout_s)
+    except (errors.BalpmError, asyncio.TimeoutError) as e:
+        why = e.message if isinstance(e, errors.BalpmError) else f"no answer in {timeout_s:g} s"
+        log.warning("Triton at %s is not usable yet: %s; server-feature pools wait for it", settings.triton_url, why)
+        return False
+    log.info("Triton at %s serves %s with dimension %d", settings.triton_url, settings.triton_model, dim)
+    return True
+
+
 async def serve(settings: Settings) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
     running = await create_server(settings)
@@ -215,7 +233,9 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signal.SIGHUP, running.keys.reload)
     metrics_note = f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else ""
     print(f"balpm-server listening on {settings.host}:{running.port}{metrics_note}", flush=True)
+    check = loop.create_task(check_extractor(running.service.extractor, settings))
     await stop.wait()
+    check.cancel()
     log.info("shutting down: draining in-flight RPCs", extra={"grace_s": settings.shutdown_grace_s})
     await running.stop(settings.shutdown_grace_s)
     log.info("stopped")

@@ -102,3 +102,29 @@ def test_a_triton_outage_is_visible_on_the_pool_and_featurisation_resumes(triton
         if not triton_server.server.is_running():
             triton_server.server.start(ready_timeout_s=180.0)
         server.stop()
+
+
+def test_start_up_check_reports_a_triton_url_that_points_at_the_http_port(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from balpm_server.features import build_extractor
+    from balpm_server.server import check_extractor
+
+    def settings_for(url: str):  # type: ignore[no-untyped-def]
+        return make_settings(
+            tmp_path / "data", extractor="triton", triton_url=url, triton_model=triton_server.model_name,
+            max_length_tokens=triton_server.max_length_tokens,
+        )
+
+    good = settings_for(triton_server.grpc_url)
+    assert asyncio.run(check_extractor(build_extractor(good), good, timeout_s=60))
+    http_port = triton_server.http_url.rsplit(":", 1)[1].strip("/")
+    wrong = settings_for(f"127.0.0.1:{http_port}")
+    extractor = build_extractor(wrong)
+    assert not asyncio.run(check_extractor(extractor, wrong, timeout_s=60))
+    try:
+        asyncio.run(extractor.dim())
+    except Exception as e:  # the message the operator sees, with the hint
+        assert "gRPC port" in str(e), str(e)
+    else:
+        raise AssertionError("the HTTP port answered a gRPC metadata call")

@@ -178,8 +178,11 @@ class TritonExtractor:
                 reason="TRITON_MODEL_UNAVAILABLE",
                 metadata=meta,
             )
+        hint = ""
+        if "socket closed" in lowered or "http1" in lowered or "http/1" in lowered:
+            hint = " (is this Triton's gRPC port? BALPM_TRITON_URL takes the gRPC port, 8001 by default, not HTTP 8000)"
         return errors.Unavailable(
-            f"Triton {what} at {self._url} failed: {message}",
+            f"Triton {what} at {self._url} failed: {message}{hint}",
             reason="TRITON_UNAVAILABLE",
             metadata=meta,
         )
