@@ -74,7 +74,9 @@ class Settings:
             tenant; one more fails fast with RESOURCE_EXHAUSTED (EXTRACTION_BUSY), retryable.
         default_lease_ttl_s: Lease length when AcquireBatch gives none.
         max_lease_ttl_s: Longest lease AcquireBatch accepts (default 90 days).
-        knn_exact_threshold: Pools up to this size get an exact FAISS kNN; larger ones HNSW.
+        knn_exact_threshold: Pools up to this size get an exact FAISS kNN (extended, not rebuilt, when
+            items are appended); larger ones HNSW (rebuilt). At 100k x 1024 the exact build took 76-89 s,
+            HNSW 63 s, an append of 1% to the exact graph 2.3 s (bench/results).
         shutdown_grace_s: Seconds SIGTERM waits for in-flight RPCs before stopping.
         api_keys_file: JSON file of hashed API keys; "" disables authentication.
         tls_cert_file: Server certificate (PEM); "" means plaintext.
@@ -111,7 +113,7 @@ class Settings:
     max_extractions_per_tenant: int = 2
     default_lease_ttl_s: float = 3600.0
     max_lease_ttl_s: float = 90 * 24 * 3600.0
-    knn_exact_threshold: int = 50_000
+    knn_exact_threshold: int = 200_000
     shutdown_grace_s: float = 10.0
     api_keys_file: str = ""
     tls_cert_file: str = ""
