@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,15 +18,19 @@ pytestmark = [pytest.mark.triton, pytest.mark.slow]
 WORDS = ["the", "a", "good", "bad", "answer", "question", "helpful", "reply", "human", "model", "yes", "no"]
 
 
+def triton_settings(triton_server: Any, tmp_path: Path, **overrides: Any) -> Any:
+    """Server settings for the test Triton (gRPC URL, model, output, token limit), plus `overrides`."""
+    base: dict[str, Any] = {
+        "extractor": "triton",
+        "triton_url": triton_server.grpc_url,
+        "triton_model": triton_server.model_name,
+        "triton_output": "MEAN_EMBEDDING",
+        "max_length_tokens": triton_server.max_length_tokens,
+    }
+    return make_settings(tmp_path / "data", **{**base, **overrides})
+
 def test_server_pool_is_featurised_through_triton_and_matches_in_process(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    settings = make_settings(
-        tmp_path / "data",
-        extractor="triton",
-        triton_url=triton_server.grpc_url,
-        triton_model=triton_server.model_name,
-        triton_output="MEAN_EMBEDDING",
-        max_length_tokens=triton_server.max_length_tokens,
-    )
+    settings = triton_settings(triton_server, tmp_path)
     server = ServerThread(settings)
     rng = np.random.default_rng(0)
     items = []
@@ -65,15 +70,7 @@ def test_a_triton_outage_is_visible_on_the_pool_and_featurisation_resumes(triton
     from balpm.errors import WaitTimeoutError
     from tests.waiting import wait_until
 
-    settings = make_settings(
-        tmp_path / "data",
-        extractor="triton",
-        triton_url=triton_server.grpc_url,
-        triton_model=triton_server.model_name,
-        triton_output="MEAN_EMBEDDING",
-        triton_timeout_s=5.0,
-        max_length_tokens=triton_server.max_length_tokens,
-    )
+    settings = triton_settings(triton_server, tmp_path, triton_timeout_s=5.0)
     server = ServerThread(settings)
     items = [{"item_id": f"o{i}", "prompt": f"human question {i}", "completion_a": " yes", "completion_b": " no"}
              for i in range(12)]
@@ -110,16 +107,10 @@ def test_start_up_check_reports_a_triton_url_that_points_at_the_http_port(triton
     from balpm_server.features import build_extractor
     from balpm_server.server import check_extractor
 
-    def settings_for(url: str):  # type: ignore[no-untyped-def]
-        return make_settings(
-            tmp_path / "data", extractor="triton", triton_url=url, triton_model=triton_server.model_name,
-            max_length_tokens=triton_server.max_length_tokens,
-        )
-
-    good = settings_for(triton_server.grpc_url)
+    good = triton_settings(triton_server, tmp_path)
     assert asyncio.run(check_extractor(build_extractor(good), good, timeout_s=60))
     http_port = triton_server.http_url.rsplit(":", 1)[1].strip("/")
-    wrong = settings_for(f"127.0.0.1:{http_port}")
+    wrong = triton_settings(triton_server, tmp_path, triton_url=f"127.0.0.1:{http_port}")
     extractor = build_extractor(wrong)
     assert not asyncio.run(check_extractor(extractor, wrong, timeout_s=60))
     try:
