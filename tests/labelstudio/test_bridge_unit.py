@@ -109,7 +109,13 @@ def test_webhook_event_ingests_once_and_reports_changed_answers_as_conflicts(poo
     again = handle_event(created, pool_client, pool_id=POOL, project_id=3)
     assert (again["stored"], again["duplicates"]) == (0, 1)
     changed = {**created, "action": "ANNOTATION_UPDATED", "annotation": _ann(5, "B")}
-    assert handle_event(changed, pool_client, pool_id=POOL, project_id=3)["conflicts"] == ["ls:3:5"]
+    conflict = handle_event(changed, pool_client, pool_id=POOL, project_id=3)
+    assert conflict["conflicts"] == ["ls:3:5"]
+    # The report says what differs: the answer changed from A to B (item and annotator are the same).
+    assert conflict["conflict_details"] == [{"label_id": "ls:3:5", "preference": {"stored": "A", "sent": "B"}}]
+    other_user = {**created, "action": "ANNOTATION_UPDATED", "annotation": _ann(5, "A", user=8)}
+    moved = handle_event(other_user, pool_client, pool_id=POOL, project_id=3)["conflict_details"]
+    assert [sorted(d) for d in moved] == [["annotator_id", "label_id"]]
     assert handle_event({**created, "project": {"id": 4}}, pool_client, pool_id=POOL, project_id=3)["ignored"]
     assert handle_event({"action": "TASKS_CREATED"}, pool_client, pool_id=POOL)["ignored"] == "action"
     assert pool_client.get_pool(POOL).label_count == 1

@@ -175,6 +175,8 @@ def test_label_studio_round_trip_ingests_each_annotation_once_and_excludes_label
     third = _sync(capsys, ls, server, project_id, state_file, batch_size=0, seed=3, token=pat)
     assert (third["labels_stored"], third["labels_duplicate"]) == (0, 2)
     assert third["conflicts"] == [f"ls:{project_id}:{a_ann}"]
+    changed_answer = {"label_id": f"ls:{project_id}:{a_ann}", "preference": {"stored": "A", "sent": "B"}}
+    assert third["conflict_details"] == [changed_answer]
     assert (third["acquired"], third["tasks_created"], third["leases_released"]) == (0, 0, 0)
     assert client.get_pool(POOL).label_count == 3
 

@@ -119,6 +119,21 @@ class IngestReport:
     stored: int = 0
     duplicates: int = 0
     conflicts: list[str] = field(default_factory=list)
+    # Per conflict: label_id and, for each field that differs, {"stored": ..., "sent": ...}.
+    conflict_details: list[dict[str, Any]] = field(default_factory=list)
+
+
+def conflict_detail(label: Mapping[str, str], error: AlreadyExistsError) -> dict[str, Any]:
+    """Which fields of `label` differ from the stored label with its id (from the LABEL_CONFLICT details)."""
+    detail: dict[str, Any] = {"label_id": label["label_id"]}
+    for name in ("item_id", "preference", "annotator_id"):
+        stored = error.metadata.get(f"stored_{name}")
+        sent = str(label.get(name, ""))
+        if name == "preference":
+            sent = sent.upper()
+        if stored is not None and stored != sent:
+            detail[name] = {"stored": stored, "sent": sent}
+    return detail
 
 
 def ingest_labels(client: Client, pool_id: str, labels: Sequence[Mapping[str, str]]) -> IngestReport:
@@ -137,8 +152,9 @@ def ingest_labels(client: Client, pool_id: str, labels: Sequence[Mapping[str, st
             for label in chunk:
                 try:
                     resp = client.ingest_labels(pool_id, [label])
-                except AlreadyExistsError:
+                except AlreadyExistsError as e:
                     report.conflicts.append(label["label_id"])
+                    report.conflict_details.append(conflict_detail(label, e))
                     continue
                 report.stored += int(resp.stored_count)
                 report.duplicates += int(resp.duplicate_count)

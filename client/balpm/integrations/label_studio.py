@@ -18,7 +18,8 @@ Where the state lives:
 * A label's id is derived from the Label Studio annotation id (``ls:<project>:<annotation>``), so
   ingesting the same annotation twice is a no-op in balpm (IngestLabels is idempotent by label id).
   An annotation *changed* to another choice after it was ingested conflicts with the stored label
-  (balpm labels are immutable): it is reported under ``conflicts`` and the first answer is kept.
+  (balpm labels are immutable): it is reported under ``conflicts`` (``conflict_details`` names the fields
+  that differ, stored and sent) and the first answer is kept.
 * Only releasing the leases of *deleted* tasks needs memory Label Studio cannot give (the task is
   gone): a small local lease ledger (JSON, ``--state-file``) lists the items the bridge leased. If it
   is lost, nothing breaks; leases of deleted tasks then simply run until their TTL.
@@ -332,6 +333,7 @@ class SyncReport:
     labels_stored: int = 0
     labels_duplicate: int = 0
     conflicts: list[str] = field(default_factory=list)
+    conflict_details: list[dict[str, Any]] = field(default_factory=list)  # which fields differ, per conflict
     leases_released: int = 0
     released_item_ids: list[str] = field(default_factory=list)
     acquired: int = 0
@@ -452,6 +454,7 @@ def sync(
         ingested.duplicates,
         ingested.conflicts,
     )
+    report.conflict_details = ingested.conflict_details
     ledger.discard(labelled)
 
     # (2) Leased items whose task is gone (deleted in Label Studio, or a failed import) -> release.

@@ -98,6 +98,7 @@ def handle_event(
         "stored": report.stored,
         "duplicates": report.duplicates,
         "conflicts": report.conflicts,
+        "conflict_details": report.conflict_details,
     }
 
 
