@@ -126,6 +126,7 @@ def pool_details(pool: pb.Pool) -> str:
         ("labels", pool.label_count),
         ("labelled items", pool.labelled_item_count),
         ("leased items", pool.leased_item_count),
+        ("excluded items", pool.excluded_count),
         ("posterior version", pool.posterior_version),
         ("extractor", pool.extractor or "(client features)"),
         ("created", timestamp(pool.create_time)),

@@ -310,6 +310,12 @@ def release_items(pool_id: str, item_ids: Sequence[str], annotator_id: str) -> P
     return unary("ReleaseItems", req, lambda resp: int(resp.released_count))
 
 
+def exclude_items(pool_id: str, item_ids: Sequence[str], include: bool) -> Plan[pb.ExcludeItemsResponse]:
+    """ExcludeItems."""
+    req = pb.ExcludeItemsRequest(pool_id=pool_id, item_ids=list(item_ids), include=include)
+    return unary("ExcludeItems", req, _same)
+
+
 def update_item_scores(pool_id: str, scores: Mapping[str, Mapping[str, float]]) -> Plan[int]:
     """UpdateItemScores."""
     return unary(

@@ -161,6 +161,11 @@ class AsyncClient(ClientBase):
     async def release_items(self, pool_id: str, item_ids: Sequence[str], annotator_id: str = "") -> int:
         return await self._run(plans.release_items(pool_id, item_ids, annotator_id))
 
+    async def exclude_items(
+        self, pool_id: str, item_ids: Sequence[str], *, include: bool = False
+    ) -> pb.ExcludeItemsResponse:
+        return await self._run(plans.exclude_items(pool_id, item_ids, include))
+
     async def update_item_scores(self, pool_id: str, scores: Mapping[str, Mapping[str, float]]) -> int:
         return await self._run(plans.update_item_scores(pool_id, scores))
 

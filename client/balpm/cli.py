@@ -191,6 +191,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     out.emit(args.output, op, lambda: _operation_view(op))
 
 
+def cmd_exclude(args: argparse.Namespace) -> None:
+    with _client(args) as c:
+        resp = c.exclude_items(args.pool, args.items, include=args.include)
+    if args.output == "json":
+        print(out.dumps(resp))
+    else:
+        verb = "included again" if args.include else "excluded"
+        print(f"{verb}: {resp.changed_count} items changed; {resp.excluded_count} excluded in pool {args.pool}")
+
+
 def cmd_acquire(args: argparse.Namespace) -> None:
     with _client(args) as c:
         resp = c.acquire(
@@ -493,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     acq.add_argument("--lease-ttl-s", type=float, default=0.0, help="lease length (0: the server's, 1 h)")
     acq.add_argument("--annotator", help="who receives the lease (default anonymous)")
     acq.set_defaults(func=cmd_acquire)
+
+    exc = sub.add_parser(
+        "exclude", help="never hand out these items again (their leases end; labels stay); --include undoes it",
+        parents=common,
+    )
+    exc.add_argument("pool", help="pool id")
+    exc.add_argument("items", nargs="+", help="item ids")
+    exc.add_argument("--include", action="store_true", help="include the items again instead")
+    exc.set_defaults(func=cmd_exclude)
 
     pr = sub.add_parser("predict", help="predict stored items", parents=common)
     pr.add_argument("pool", help="pool id")

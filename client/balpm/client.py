@@ -48,6 +48,7 @@ RETRY_METHODS = (
     "Evaluate",
     "IngestLabels",
     "UpdateItemScores",
+    "ExcludeItems",
 )
 #: gRPC retry policy of RETRY_METHODS: up to 5 attempts, exponential backoff 0.2 s .. 5 s (jittered by gRPC).
 RETRY_POLICY: Mapping[str, Any] = {
@@ -340,6 +341,12 @@ class Client(ClientBase):
     def release_items(self, pool_id: str, item_ids: Sequence[str], annotator_id: str = "") -> int:
         """End leases; returns how many ended."""
         return self._run(plans.release_items(pool_id, item_ids, annotator_id))
+
+    def exclude_items(
+        self, pool_id: str, item_ids: Sequence[str], *, include: bool = False
+    ) -> pb.ExcludeItemsResponse:
+        """Exclude items from acquisition (their leases end; labels stay), or include them again."""
+        return self._run(plans.exclude_items(pool_id, item_ids, include))
 
     def update_item_scores(self, pool_id: str, scores: Mapping[str, Mapping[str, float]]) -> int:
         """Set APL log-probabilities: item_id -> {logp_policy_a, logp_policy_b, logp_ref_a, logp_ref_b}."""

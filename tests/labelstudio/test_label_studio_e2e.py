@@ -153,6 +153,7 @@ def test_label_studio_round_trip_ingests_each_annotation_once_and_excludes_label
     second = _sync(capsys, ls, server, project_id, state_file, batch_size=6, seed=2)
     assert (second["labels_stored"], second["labels_duplicate"], second["conflicts"]) == (3, 0, [])
     assert second["released_item_ids"] == [deleted_item] and second["leases_released"] == 1
+    assert client.get_pool(POOL).excluded_count == 1  # the deleted task's item is not offered again
     assert second["tasks_created"] == 6 and second["skipped_existing"] == 0
     still_queued = {t["data"]["item_id"] for t in tasks} - {deleted_item}
     assert not set(second["created_item_ids"]) & (set(labelled) | still_queued)

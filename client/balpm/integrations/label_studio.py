@@ -457,13 +457,12 @@ def sync(
     report.conflict_details = ingested.conflict_details
     ledger.discard(labelled)
 
-    # (2) Leased items whose task is gone (deleted in Label Studio, or a failed import) -> release.
+    # (2) Leased items whose task is gone (deleted in Label Studio, or a failed import) -> excluded from
+    # acquisition (which ends their leases), so they are not offered again; `balpm exclude --include` undoes it.
     gone = sorted(iid for iid in ledger.items if iid not in live)
     if gone:
         for start in range(0, len(gone), 10000):
-            report.leases_released += client.release_items(
-                pool_id, gone[start : start + 10000], annotator_id=lease_annotator
-            )
+            report.leases_released += int(client.exclude_items(pool_id, gone[start : start + 10000]).changed_count)
         report.released_item_ids = gone
         ledger.discard(gone)
     ledger.save()

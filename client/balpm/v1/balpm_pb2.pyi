@@ -128,7 +128,7 @@ class PoolSettings(_message.Message):
     def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ..., auto_update_min_labels: _Optional[int] = ..., auto_update_interval_s: _Optional[float] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("pool_id", "settings", "state", "item_count", "heldout_count", "label_count", "labelled_item_count", "leased_item_count", "posterior_version", "featurized_count", "extractor", "create_time", "featurization_pause")
+    __slots__ = ("pool_id", "settings", "state", "item_count", "heldout_count", "label_count", "labelled_item_count", "leased_item_count", "posterior_version", "featurized_count", "extractor", "create_time", "featurization_pause", "excluded_count")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Pool.State]
@@ -150,6 +150,7 @@ class Pool(_message.Message):
     EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     FEATURIZATION_PAUSE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_COUNT_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     settings: PoolSettings
     state: Pool.State
@@ -163,7 +164,8 @@ class Pool(_message.Message):
     extractor: str
     create_time: _timestamp_pb2.Timestamp
     featurization_pause: FeaturizationPause
-    def __init__(self, pool_id: _Optional[str] = ..., settings: _Optional[_Union[PoolSettings, _Mapping]] = ..., state: _Optional[_Union[Pool.State, str]] = ..., item_count: _Optional[int] = ..., heldout_count: _Optional[int] = ..., label_count: _Optional[int] = ..., labelled_item_count: _Optional[int] = ..., leased_item_count: _Optional[int] = ..., posterior_version: _Optional[int] = ..., featurized_count: _Optional[int] = ..., extractor: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., featurization_pause: _Optional[_Union[FeaturizationPause, _Mapping]] = ...) -> None: ...
+    excluded_count: int
+    def __init__(self, pool_id: _Optional[str] = ..., settings: _Optional[_Union[PoolSettings, _Mapping]] = ..., state: _Optional[_Union[Pool.State, str]] = ..., item_count: _Optional[int] = ..., heldout_count: _Optional[int] = ..., label_count: _Optional[int] = ..., labelled_item_count: _Optional[int] = ..., leased_item_count: _Optional[int] = ..., posterior_version: _Optional[int] = ..., featurized_count: _Optional[int] = ..., extractor: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., featurization_pause: _Optional[_Union[FeaturizationPause, _Mapping]] = ..., excluded_count: _Optional[int] = ...) -> None: ...
 
 class FeaturizationPause(_message.Message):
     __slots__ = ("reason", "message", "paused_since", "next_retry_time", "attempts")
@@ -546,6 +548,24 @@ class ReleaseItemsResponse(_message.Message):
     RELEASED_COUNT_FIELD_NUMBER: _ClassVar[int]
     released_count: int
     def __init__(self, released_count: _Optional[int] = ...) -> None: ...
+
+class ExcludeItemsRequest(_message.Message):
+    __slots__ = ("pool_id", "item_ids", "include")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    include: bool
+    def __init__(self, pool_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., include: _Optional[bool] = ...) -> None: ...
+
+class ExcludeItemsResponse(_message.Message):
+    __slots__ = ("changed_count", "excluded_count")
+    CHANGED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    changed_count: int
+    excluded_count: int
+    def __init__(self, changed_count: _Optional[int] = ..., excluded_count: _Optional[int] = ...) -> None: ...
 
 class ItemScores(_message.Message):
     __slots__ = ("item_id", "apl_scores")

@@ -96,6 +96,11 @@ class BalpmServiceStub:
                 request_serializer=balpm_dot_v1_dot_balpm__pb2.ReleaseItemsRequest.SerializeToString,
                 response_deserializer=balpm_dot_v1_dot_balpm__pb2.ReleaseItemsResponse.FromString,
                 _registered_method=True)
+        self.ExcludeItems = channel.unary_unary(
+                '/balpm.v1.BalpmService/ExcludeItems',
+                request_serializer=balpm_dot_v1_dot_balpm__pb2.ExcludeItemsRequest.SerializeToString,
+                response_deserializer=balpm_dot_v1_dot_balpm__pb2.ExcludeItemsResponse.FromString,
+                _registered_method=True)
         self.UpdateItemScores = channel.unary_unary(
                 '/balpm.v1.BalpmService/UpdateItemScores',
                 request_serializer=balpm_dot_v1_dot_balpm__pb2.UpdateItemScoresRequest.SerializeToString,
@@ -219,6 +224,14 @@ class BalpmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExcludeItems(self, request, context):
+        """Excludes items from acquisition (or includes them again): an excluded item is never
+        handed out and its leases end; its labels stay. Reversible, tenant-scoped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateItemScores(self, request, context):
         """Sets per-item policy/reference log-probabilities for the APL strategies.
         """
@@ -317,6 +330,11 @@ def add_BalpmServiceServicer_to_server(servicer, server):
                     servicer.ReleaseItems,
                     request_deserializer=balpm_dot_v1_dot_balpm__pb2.ReleaseItemsRequest.FromString,
                     response_serializer=balpm_dot_v1_dot_balpm__pb2.ReleaseItemsResponse.SerializeToString,
+            ),
+            'ExcludeItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExcludeItems,
+                    request_deserializer=balpm_dot_v1_dot_balpm__pb2.ExcludeItemsRequest.FromString,
+                    response_serializer=balpm_dot_v1_dot_balpm__pb2.ExcludeItemsResponse.SerializeToString,
             ),
             'UpdateItemScores': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateItemScores,
@@ -670,6 +688,33 @@ class BalpmService:
             '/balpm.v1.BalpmService/ReleaseItems',
             balpm_dot_v1_dot_balpm__pb2.ReleaseItemsRequest.SerializeToString,
             balpm_dot_v1_dot_balpm__pb2.ReleaseItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExcludeItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balpm.v1.BalpmService/ExcludeItems',
+            balpm_dot_v1_dot_balpm__pb2.ExcludeItemsRequest.SerializeToString,
+            balpm_dot_v1_dot_balpm__pb2.ExcludeItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -320,6 +320,48 @@ class Acquisition:
                         rt.occupancy.release(rt.row_of[iid], ann)
             return released
 
+    async def exclude(self, tenant: str, pool_id: str, item_ids: Sequence[str], *, include: bool) -> tuple[int, int]:
+        """Exclude pool items from acquisition (ending their leases) or include them again.
+
+        Returns:
+            (items changed, items excluded now).
+        """
+        info = self.pools.require(tenant, pool_id)
+        if not item_ids:
+            raise errors.InvalidArgument("item_ids is empty", field="item_ids")
+        if len(item_ids) > MAX_RELEASE_IDS:
+            raise errors.InvalidArgument(
+                f"item_ids has {len(item_ids)} ids; at most {MAX_RELEASE_IDS} per call",
+                field="item_ids",
+                reason="TOO_MANY_IDS",
+            )
+        for i, iid in enumerate(item_ids):
+            v.item_id(iid, f"item_ids[{i}]")
+        rt = self.cache.runtime(info.key)
+        async with rt.lock:
+            split_of = self.store.item_splits(info.key, item_ids)
+            for i, iid in enumerate(item_ids):
+                if iid not in split_of:
+                    raise errors.NotFound(
+                        f"item_ids[{i}] {iid!r} is not an item of pool {pool_id!r}",
+                        field=f"item_ids[{i}]",
+                        reason="ITEM_NOT_FOUND",
+                    )
+                if split_of[iid] == int(Split.HELDOUT):
+                    raise errors.InvalidArgument(
+                        f"item_ids[{i}] {iid!r} is a held-out item; only pool items are acquired",
+                        field=f"item_ids[{i}]",
+                        reason="HELDOUT_ITEM",
+                    )
+            changed = self.store.set_excluded(info.key, item_ids, not include)
+            if rt.occupancy is not None:
+                for iid in item_ids:
+                    row = rt.row_of.get(iid)
+                    if row is not None:
+                        rt.occupancy.set_excluded(row, not include)
+        excluded = self.store.pool_info(info.key)
+        return changed, excluded.excluded_count if excluded is not None else 0
+
     async def update_item_scores(self, tenant: str, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
         """Set APL log-probabilities of items."""
         key = self.pools.require(tenant, pool_id).key

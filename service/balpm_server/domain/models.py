@@ -194,6 +194,7 @@ class PoolInfo:
     # Storage key of this pool instance (see `storage.sqlite_store`); never shown to clients.
     key: str = ""
     featurization_pause: FeaturizationPause | None = None  # runtime state, not stored
+    excluded_count: int = 0
 
 
 @dataclass(frozen=True)

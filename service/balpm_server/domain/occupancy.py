@@ -32,6 +32,7 @@ class Occupancy:
         self.lease_min_exp_N = np.full(n_rows, np.inf)
         self.full_N = np.zeros(n_rows, dtype=bool)  # labels + leases >= k: nobody may be given it
         self.acquired_N = np.zeros(n_rows, dtype=bool)  # labelled or leased by anyone
+        self.excluded_N = np.zeros(n_rows, dtype=bool)  # ExcludeItems: never a candidate
         # Called with (row, acquired) whenever a row's acquired_N flips (e.g. AcquiredCounts.set).
         self.on_acquired: Callable[[int, bool], None] | None = None
         self._next_expiry_s = np.inf  # no lease expires before this (a lower bound)
@@ -47,9 +48,13 @@ class Occupancy:
         labels_per_item: int,
         labels: Iterable[LabelledBy],
         leases: Iterable[LeaseRecord],
+        excluded_rows: Iterable[int] = (),
     ) -> Occupancy:
-        """Build from who labelled which row and the unexpired leases."""
+        """Build from who labelled which row, the unexpired leases and the excluded rows."""
         occ = cls(n_rows, labels_per_item)
+        for row in excluded_rows:
+            occ.excluded_N[row] = True
+            occ._update_full(row)
         for label in labels:
             occ._note_label(label.row, label.annotator_id)
         for lease in leases:
@@ -65,7 +70,7 @@ class Occupancy:
             self._update_full(row)
 
     def _update_full(self, row: int) -> None:
-        self.full_N[row] = self.labels_N[row] + self.lease_cnt_N[row] >= self.k
+        self.full_N[row] = self.excluded_N[row] or self.labels_N[row] + self.lease_cnt_N[row] >= self.k
         acquired = bool(self.labels_N[row] > 0 or self.lease_cnt_N[row] > 0)
         if acquired != self.acquired_N[row]:
             self.acquired_N[row] = acquired
@@ -86,6 +91,13 @@ class Occupancy:
         self.release(row, annotator)
         if self.labels_N[row] >= self.k:
             self.release(row, "")
+
+    def set_excluded(self, row: int, excluded: bool) -> None:
+        """Exclude a row from acquisition (its leases end) or include it again."""
+        self.excluded_N[row] = excluded
+        if excluded:
+            self.release(row, "")
+        self._update_full(row)
 
     def add_lease(self, row: int, annotator: str, expire_s: float) -> None:
         """Lease a row to an annotator until `expire_s` (epoch seconds)."""

@@ -112,7 +112,7 @@ class RuntimeCache:
         rt.heldout_target_N = index.heldout_target_N
         rt.occupancy = Occupancy.from_records(
             n, info.settings.labels_per_item, self.store.label_annotators(info.key),
-            self.store.active_leases(info.key, time.time()),
+            self.store.active_leases(info.key, time.time()), self.store.excluded_rows(info.key),
         )
         rt.prompt_N_D = fs.read("prompt", n)
         rt.a_N_D = fs.read("a", n)

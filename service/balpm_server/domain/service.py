@@ -252,6 +252,12 @@ class PoolService:
         """End leases on items; returns how many leases ended."""
         return await self._acquisition.release(tenant, pool_id, item_ids, annotator_id)
 
+    async def exclude_items(
+        self, tenant: str, pool_id: str, item_ids: Sequence[str], *, include: bool = False
+    ) -> tuple[int, int]:
+        """Exclude items from acquisition or include them again; returns (changed, excluded now)."""
+        return await self._acquisition.exclude(tenant, pool_id, item_ids, include=include)
+
     async def update_item_scores(self, tenant: str, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
         """Set APL log-probabilities of items."""
         return await self._acquisition.update_item_scores(tenant, pool_id, scores)

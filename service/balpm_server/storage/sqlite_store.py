@@ -144,7 +144,11 @@ UPDATE pools SET name = pool_id;
 CREATE UNIQUE INDEX pools_tenant_name ON pools (tenant, name);
 """
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2)
+SCHEMA_V3 = """
+ALTER TABLE items ADD COLUMN excluded INTEGER NOT NULL DEFAULT 0;
+"""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -351,9 +355,9 @@ class SqliteStore:
         )
         if not counts:
             return base
-        ((items, heldout, featurized),) = self._query(
-            "SELECT COALESCE(SUM(split = 1), 0), COALESCE(SUM(split = 2), 0), COALESCE(SUM(featurized), 0)"
-            " FROM items WHERE pool_id = ?",
+        ((items, heldout, featurized, excluded),) = self._query(
+            "SELECT COALESCE(SUM(split = 1), 0), COALESCE(SUM(split = 2), 0), COALESCE(SUM(featurized), 0),"
+            " COALESCE(SUM(excluded), 0) FROM items WHERE pool_id = ?",
             (pool_key,),
         )
         ((labels, labelled),) = self._query(
@@ -371,6 +375,7 @@ class SqliteStore:
             labelled_item_count=int(labelled),
             leased_item_count=int(leased),
             featurized_count=int(featurized),
+            excluded_count=int(excluded),
         )
 
     # ---- items -------------------------------------------------------------------------
@@ -670,6 +675,25 @@ class SqliteStore:
             return self.lease_and_read(requests)
         finally:
             self._lock.release()
+
+    def set_excluded(self, pool_id: str, item_ids: Sequence[str], excluded: bool) -> int:
+        """Exclude items from acquisition (ending their leases) or include them again; returns items changed."""
+        flag = 1 if excluded else 0
+        with self.transaction() as c:
+            cur = c.executemany(
+                "UPDATE items SET excluded = ? WHERE pool_id = ? AND item_id = ? AND excluded != ?",
+                [(flag, pool_id, iid, flag) for iid in item_ids],
+            )
+            changed = max(0, cur.rowcount)
+            if excluded:
+                c.executemany(
+                    "DELETE FROM leases WHERE pool_id = ? AND item_id = ?", [(pool_id, iid) for iid in item_ids]
+                )
+            return changed
+
+    def excluded_rows(self, pool_id: str) -> list[int]:
+        """Feature rows of the pool's excluded items."""
+        return [int(r) for (r,) in self._query("SELECT row FROM items WHERE pool_id = ? AND excluded = 1", (pool_id,))]
 
     def release_leases(self, pool_id: str, item_ids: Sequence[str], annotator_id: str) -> int:
         """End leases; annotator_id "" ends them whoever holds them. Returns leases ended.

@@ -160,6 +160,7 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         leased_item_count=info.leased_item_count,
         posterior_version=info.posterior_version,
         featurized_count=info.featurized_count,
+        excluded_count=info.excluded_count,
         extractor=info.extractor,
         create_time=timestamp(info.create_time_s),
     )

@@ -211,6 +211,14 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
         )
         return pb.ReleaseItemsResponse(released_count=n)
 
+    async def ExcludeItems(
+        self, request: pb.ExcludeItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExcludeItemsResponse:
+        changed, excluded = await self.service.exclude_items(
+            tenant_of(context), request.pool_id, list(request.item_ids), include=request.include
+        )
+        return pb.ExcludeItemsResponse(changed_count=changed, excluded_count=excluded)
+
     async def UpdateItemScores(
         self, request: pb.UpdateItemScoresRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateItemScoresResponse:
