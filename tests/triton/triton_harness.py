@@ -24,7 +24,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -461,23 +460,35 @@ def build_tiny_model(dest: Path, *, seed: int = 0, n_positions: int = 128) -> Pa
     return dest
 
 
-def main() -> None:
-    """CLI: run a CPU Triton with the project repository until Ctrl-C (dev helper).
+def main(argv: list[str] | None = None) -> None:
+    """CLI: run a CPU Triton with the project repository until Ctrl-C or SIGTERM (dev helper).
 
-    Usage: python tests/triton/triton_harness.py MODEL_PATH [MAX_LENGTH_TOKENS]
+    Usage: python tests/triton/triton_harness.py MODEL_PATH [MAX_LENGTH_TOKENS] [--grpc-port N] [--http-port N]
     """
+    import argparse
+    import signal
     import tempfile
 
-    model_path = Path(sys.argv[1]).resolve()
-    max_length_tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 256
+    p = argparse.ArgumentParser(description="Serve deploy/triton's model repository with a local model on CPU.")
+    p.add_argument("model_path", help="local model folder (config, weights, tokenizer)")
+    p.add_argument("max_length_tokens", nargs="?", type=int, default=256, help="truncation length (default 256)")
+    p.add_argument("--grpc-port", type=int, default=0, help="gRPC port, balpm-server's --triton-url (0: free)")
+    p.add_argument("--http-port", type=int, default=0, help="HTTP port (0: a free one)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Triton metrics port (0: a free one)")
+    args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="balpm-triton-"))
     install = TritonInstall.find(ensure_triton_venv())
     repo = prepare_model_repository(
-        work / "model_repository", model_path=model_path, max_length_tokens=max_length_tokens
+        work / "model_repository", model_path=Path(args.model_path).resolve(), max_length_tokens=args.max_length_tokens
     )
-    server = TritonServer(install, repo, work)
+    ports = {name: value for name in ("grpc_port", "http_port", "metrics_port") if (value := getattr(args, name))}
+    server = TritonServer(install, repo, work, **ports)
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # a plain `kill` stops tritonserver too instead of orphaning it
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     server.start()
-    print(f"ready: grpc {server.grpc_url}  http {server.http_url}  log {server.log_path}")
+    print(f"ready: grpc {server.grpc_url}  http {server.http_url}  log {server.log_path}", flush=True)
     try:
         while server.is_running():
             time.sleep(1.0)
