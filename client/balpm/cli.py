@@ -67,7 +67,8 @@ def cmd_pools(args: argparse.Namespace) -> None:
             if args.feature_dim:
                 settings["feature_dim"] = args.feature_dim
             for key in ("ensemble_size", "knn_k", "beta", "d_ent", "labels_per_item", "epochs",
-                        "auto_update_min_labels", "auto_update_interval_s"):
+                        "auto_update_min_labels", "auto_update_interval_s", "bootstrap", "patience", "val_fraction",
+                        "train_batch_size", "learning_rate", "weight_decay"):
                 if getattr(args, key) is not None:
                     settings[key] = getattr(args, key)
             if args.strategy:
@@ -452,6 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     pools.add_argument("--d-ent", type=float, help="create: BAL-PM d_ent (default 1)")
     pools.add_argument("--labels-per-item", type=int, help="create: distinct annotators per item (default 1)")
     pools.add_argument("--epochs", type=int, help="create: max training epochs per update (default 30)")
+    pools.add_argument(
+        "--bootstrap", action=argparse.BooleanOptionalAction, default=None,
+        help="create: each ensemble member trains on its own bootstrap resample (default on)",
+    )
+    pools.add_argument("--patience", type=int, help="create: early-stopping patience in epochs (default 5)")
+    pools.add_argument("--val-fraction", type=float, help="create: labels held out for early stopping (default 0.1)")
+    pools.add_argument("--train-batch-size", type=int, help="create: label pairs per training minibatch (default 32)")
+    pools.add_argument("--learning-rate", type=float, help="create: AdamW learning rate (default 0.001)")
+    pools.add_argument("--weight-decay", type=float, help="create: AdamW weight decay (default 0.0001)")
     pools.add_argument(
         "--auto-update-min-labels",
         type=int,

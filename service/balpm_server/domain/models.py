@@ -90,6 +90,12 @@ class PoolSettings:
     knn_convention: KnnConvention = KnnConvention.STANDARD
     auto_update_min_labels: int = 0  # retrain after this many new labels (0: off)
     auto_update_interval_s: float = 0.0  # or this long after the latest posterior, if new labels (0: off)
+    bootstrap: bool = True  # posterior training (EnsembleConfig), as a pool setting
+    patience: int = 5
+    val_fraction: float = 0.1
+    train_batch_size: int = 32  # small: early rounds have a few hundred labels
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
 
     def __post_init__(self) -> None:
         """Coerce `knn_convention` given by value (e.g. from settings JSON) to the enum."""

@@ -77,6 +77,18 @@ class Pools:
         v.finite(s.apl_beta_dpo, "settings.apl_beta_dpo", low=0.0, low_open=True)
         v.int_range(s.labels_per_item, "settings.labels_per_item", 1, 1000)
         v.int_range(s.auto_update_min_labels, "settings.auto_update_min_labels", 0, 1_000_000)
+        v.int_range(s.patience, "settings.patience", 1, 1000)
+        v.int_range(s.train_batch_size, "settings.train_batch_size", 1, 4096)
+        for name, low, high, low_open in (
+            ("val_fraction", 0.0, 0.5, False), ("learning_rate", 0.0, 1.0, True), ("weight_decay", 0.0, 1.0, False),
+        ):
+            value = float(getattr(s, name))
+            v.finite(value, f"settings.{name}", low=low, low_open=low_open)
+            if value > high:
+                raise errors.InvalidArgument(
+                    f"settings.{name} must be at most {high:g}, got {value}", field=f"settings.{name}",
+                    reason="OUT_OF_RANGE",
+                )
         v.finite(s.auto_update_interval_s, "settings.auto_update_interval_s", low=0.0)
         if s.auto_update_interval_s > MAX_AUTO_UPDATE_INTERVAL_S:
             raise errors.InvalidArgument(

@@ -254,9 +254,12 @@ class Training:
             ensemble_size=s.ensemble_size,
             hidden_sizes=tuple(s.hidden_sizes),
             epochs=op.epochs,
-            # Small minibatches: early rounds have a few hundred labels, and 128-pair
-            # batches would give only a couple of optimiser steps per epoch.
-            batch_size=32,
+            batch_size=s.train_batch_size,
+            learning_rate=s.learning_rate,
+            weight_decay=s.weight_decay,
+            val_fraction=s.val_fraction,
+            patience=s.patience,
+            bootstrap=s.bootstrap,
             warm_start=warm_start,
             device=self.settings.device,
             posterior=s.posterior_kind,

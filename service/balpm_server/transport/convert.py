@@ -117,6 +117,12 @@ def pool_settings_from_pb(s: pb.PoolSettings) -> m.PoolSettings:
         knn_convention=KNN_CONVENTION_FROM_PB[s.knn_convention],
         auto_update_min_labels=s.auto_update_min_labels,
         auto_update_interval_s=s.auto_update_interval_s,
+        bootstrap=s.bootstrap if s.HasField("bootstrap") else d.bootstrap,
+        patience=s.patience or d.patience,
+        val_fraction=s.val_fraction if s.HasField("val_fraction") else d.val_fraction,
+        train_batch_size=s.train_batch_size or d.train_batch_size,
+        learning_rate=s.learning_rate if s.HasField("learning_rate") else d.learning_rate,
+        weight_decay=s.weight_decay if s.HasField("weight_decay") else d.weight_decay,
     )
 
 
@@ -148,6 +154,12 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         knn_convention=KNN_CONVENTION_TO_PB[s.knn_convention],
         auto_update_min_labels=s.auto_update_min_labels,
         auto_update_interval_s=s.auto_update_interval_s,
+        bootstrap=s.bootstrap,
+        patience=s.patience,
+        val_fraction=s.val_fraction,
+        train_batch_size=s.train_batch_size,
+        learning_rate=s.learning_rate,
+        weight_decay=s.weight_decay,
     )
     msg = pb.Pool(
         pool_id=info.pool_id,
