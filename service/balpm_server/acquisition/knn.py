@@ -759,6 +759,15 @@ def _gemm_balls(
     return radius_R, members, dists
 
 
+def _reverse_lists(ball_indptr: np.ndarray, ball_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR reverse lists of ball CSR lists: for each p, the rows x whose ball holds p, ascending."""
+    n = int(ball_indptr.size - 1)
+    rows_E = np.repeat(np.arange(n, dtype=np.int64), np.diff(ball_indptr))
+    reverse_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(ball_indices, minlength=n), out=reverse_indptr[1:])
+    return reverse_indptr, rows_E[np.argsort(ball_indices, kind="stable")]
+
+
 def _assembled(
     k: int,
     n: int,
@@ -775,10 +784,7 @@ def _assembled(
     ball_indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(sizes_N, out=ball_indptr[1:])
     ball_indices = np.concatenate(balls).astype(np.int64) if n else np.empty(0, np.int64)
-    rows_E = np.repeat(np.arange(n, dtype=np.int64), sizes_N)
-    reverse_indices = rows_E[np.argsort(ball_indices, kind="stable")]
-    reverse_indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(ball_indices, minlength=n), out=reverse_indptr[1:])
+    reverse_indptr, reverse_indices = _reverse_lists(ball_indptr, ball_indices)
     return KnnGraph(
         k=k,
         n_items=n,
@@ -940,9 +946,7 @@ def _replaced(
         to_F += indptr[row_F]
         indices[to_F] = np.concatenate([balls[r] for r in changed.tolist()])
         dist[to_F] = np.concatenate([dists[r] for r in changed.tolist()])
-    rows_E = np.repeat(np.arange(n, dtype=np.int64), size_N)
-    reverse_indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(indices, minlength=n), out=reverse_indptr[1:])
+    reverse_indptr, reverse_indices = _reverse_lists(indptr, indices)
     return KnnGraph(
         k=graph.k,
         n_items=n,
@@ -950,7 +954,7 @@ def _replaced(
         ball_indptr=indptr,
         ball_indices=indices,
         reverse_indptr=reverse_indptr,
-        reverse_indices=rows_E[np.argsort(indices, kind="stable")],
+        reverse_indices=reverse_indices,
         exact=True,
         standardized=False,
         member_mask_N=member_mask_N,

@@ -56,6 +56,20 @@ SCORED_STRATEGIES = frozenset({Strategy.BALD, Strategy.BALPM, *STOCHASTIC_BALD})
 APL_STRATEGIES = frozenset({Strategy.APL_CERTAINTY, Strategy.APL_ENTROPY, Strategy.APL_HYBRID})
 
 
+def _check_item_ids(item_ids: Sequence[str]) -> None:
+    """The `item_ids` of ReleaseItems / ExcludeItems: 1..MAX_RELEASE_IDS well-formed ids."""
+    if not item_ids:
+        raise errors.InvalidArgument("item_ids is empty", field="item_ids")
+    if len(item_ids) > MAX_RELEASE_IDS:
+        raise errors.InvalidArgument(
+            f"item_ids has {len(item_ids)} ids; at most {MAX_RELEASE_IDS} per call",
+            field="item_ids",
+            reason="TOO_MANY_IDS",
+        )
+    for i, iid in enumerate(item_ids):
+        v.item_id(iid, f"item_ids[{i}]")
+
+
 class Acquisition:
     """AcquireBatch, ReleaseItems and UpdateItemScores.
 
@@ -300,16 +314,7 @@ class Acquisition:
     async def release(self, tenant: str, pool_id: str, item_ids: Sequence[str], annotator_id: str) -> int:
         """End leases on items; returns how many leases ended."""
         key = self.pools.require(tenant, pool_id).key
-        if not item_ids:
-            raise errors.InvalidArgument("item_ids is empty", field="item_ids")
-        if len(item_ids) > MAX_RELEASE_IDS:
-            raise errors.InvalidArgument(
-                f"item_ids has {len(item_ids)} ids; at most {MAX_RELEASE_IDS} per call",
-                field="item_ids",
-                reason="TOO_MANY_IDS",
-            )
-        for i, iid in enumerate(item_ids):
-            v.item_id(iid, f"item_ids[{i}]")
+        _check_item_ids(item_ids)
         ann = v.annotator_id(annotator_id, "annotator_id") if annotator_id else ""
         rt = self.cache.runtime(key)
         async with rt.lock:
@@ -327,16 +332,7 @@ class Acquisition:
             (items changed, items excluded now).
         """
         info = self.pools.require(tenant, pool_id)
-        if not item_ids:
-            raise errors.InvalidArgument("item_ids is empty", field="item_ids")
-        if len(item_ids) > MAX_RELEASE_IDS:
-            raise errors.InvalidArgument(
-                f"item_ids has {len(item_ids)} ids; at most {MAX_RELEASE_IDS} per call",
-                field="item_ids",
-                reason="TOO_MANY_IDS",
-            )
-        for i, iid in enumerate(item_ids):
-            v.item_id(iid, f"item_ids[{i}]")
+        _check_item_ids(item_ids)
         rt = self.cache.runtime(info.key)
         async with rt.lock:
             split_of = self.store.item_splits(info.key, item_ids)
@@ -359,8 +355,7 @@ class Acquisition:
                     row = rt.row_of.get(iid)
                     if row is not None:
                         rt.occupancy.set_excluded(row, not include)
-        excluded = self.store.pool_info(info.key)
-        return changed, excluded.excluded_count if excluded is not None else 0
+        return changed, self.store.excluded_count(info.key)
 
     async def update_item_scores(self, tenant: str, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
         """Set APL log-probabilities of items."""

@@ -691,6 +691,11 @@ class SqliteStore:
                 )
             return changed
 
+    def excluded_count(self, pool_id: str) -> int:
+        """How many of the pool's items are excluded."""
+        ((n,),) = self._query("SELECT COUNT(*) FROM items WHERE pool_id = ? AND excluded = 1", (pool_id,))
+        return int(n)
+
     def excluded_rows(self, pool_id: str) -> list[int]:
         """Feature rows of the pool's excluded items."""
         return [int(r) for (r,) in self._query("SELECT row FROM items WHERE pool_id = ? AND excluded = 1", (pool_id,))]
