@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ import pytest
 
 from balpm_server.server import RunningServer, create_server
 from balpm_server.settings import Settings
+from tests.backends import BACKEND_OVERRIDES
 
 TIERS = ("unit", "service", "slow")
 TIER_BY_FOLDER = {"unit": "unit", "service": "service", "client": "service", "interop": "service"}
@@ -96,12 +99,88 @@ class ServerThread:
         self.thread.join(10)
 
 
+# ---- storage backends --------------------------------------------------------------------
+#
+# Tests marked `storage_matrix` run once per backend: "sqlite" (the embedded default: SQLite
+# and the data dir) and "postgres" (a real PostgreSQL server for the records and a real
+# S3-compatible server for the artifacts, both on loopback, started once per session). The
+# autouse `backend` fixture points `make_settings` (and `procserver.ProcServer`) at a fresh
+# database and bucket prefix per test; a restart inside one test reuses them.
+
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrise `storage_matrix` tests over every backend."""
+    if metafunc.definition.get_closest_marker("storage_matrix") is not None:
+        if "backend" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("backend")
+        metafunc.parametrize("backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real PostgreSQL 16 server (the `pgserver` wheel's binaries) on 127.0.0.1."""
+    from tests.backends import PostgresServer
+
+    pg = PostgresServer(Path(tempfile.mkdtemp(prefix="balpm-pg-")) / "pg")
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3-compatible server (`moto_server`) on 127.0.0.1, with boto3's environment pointed at it."""
+    from tests.backends import MotoServer
+
+    moto = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    saved = {k: os.environ.get(k) for k in moto.env()}
+    os.environ.update(moto.env())
+    try:
+        yield moto
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        moto.close()
+
+
+def backend_overrides(request: pytest.FixtureRequest, name: str) -> dict[str, str]:
+    """Settings fields that put a server on backend `name` (a fresh database and bucket for postgres)."""
+    if name == "sqlite":
+        return {}
+    if name != "postgres":
+        raise ValueError(f"unknown backend {name!r}")
+    pg = request.getfixturevalue("pg_server")
+    s3 = request.getfixturevalue("s3_server")
+    return {"database_url": pg.new_database(), "artifact_url": f"s3://{s3.new_bucket()}/balpm"}
+
+
+@pytest.fixture(autouse=True)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The storage backend of this test ("sqlite" unless the test is in the `storage_matrix`)."""
+    name = getattr(request, "param", "sqlite")
+    BACKEND_OVERRIDES.clear()
+    BACKEND_OVERRIDES.update(backend_overrides(request, name))
+    try:
+        yield name
+    finally:
+        BACKEND_OVERRIDES.clear()
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for a test server: loopback, free port, no metrics port, client extractor unless asked."""
+    """Settings for a test server: loopback, free port, no metrics port, client extractor unless asked.
+
+    The current test's storage backend (`backend`) applies unless `overrides` name its fields.
+    """
     base = Settings.from_env(
         environ={}, host="127.0.0.1", port=0, data_dir=str(data_dir), metrics_port=-1, log_json=False
     )
-    return dataclasses.replace(base, **overrides)
+    return dataclasses.replace(base, **{**BACKEND_OVERRIDES, **overrides})
 
 
 @pytest.fixture

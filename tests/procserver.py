@@ -33,7 +33,10 @@ class ProcServer:
         self.data_dir = data_dir
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "BALPM_LOG_JSON": "true", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+        from tests.backends import BACKEND_OVERRIDES  # the current test's storage backend
+
+        backend = {"BALPM_" + k.upper(): v for k, v in BACKEND_OVERRIDES.items()}
+        self.env = {**os.environ, "BALPM_LOG_JSON": "true", "HF_HUB_OFFLINE": "1", **backend, **(extra_env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"server-{self.port}.log"
 

@@ -19,7 +19,6 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -202,9 +201,8 @@ class InstrumentedExtractor:
 class CountsSource(Protocol):
     """What `StoreCollector` reads: a store that can total itself from any thread."""
 
-    @property
-    def path(self) -> Path:
-        """The store's file (several servers on one file are counted once)."""
+    def describe(self) -> str:
+        """Where the store's records are (several servers on one store are counted once)."""
         ...
 
     def counts(self) -> StoreCounts | None:
@@ -222,23 +220,25 @@ class StoreCollector(Collector):
     """
 
     def __init__(self) -> None:
-        self._sources: dict[Path, tuple[CountsSource, int]] = {}
+        self._sources: dict[str, tuple[CountsSource, int]] = {}
         self._lock = threading.Lock()
 
     def add(self, source: CountsSource) -> None:
         """Start reporting a store."""
         with self._lock:
-            _, held = self._sources.get(source.path, (source, 0))
-            self._sources[source.path] = (source, held + 1)
+            where = source.describe()
+            _, held = self._sources.get(where, (source, 0))
+            self._sources[where] = (source, held + 1)
 
     def remove(self, source: CountsSource) -> None:
         """Stop reporting a store."""
         with self._lock:
-            found, held = self._sources.get(source.path, (source, 0))
+            where = source.describe()
+            found, held = self._sources.get(where, (source, 0))
             if held > 1:
-                self._sources[source.path] = (found, held - 1)
+                self._sources[where] = (found, held - 1)
             else:
-                self._sources.pop(source.path, None)
+                self._sources.pop(where, None)
 
     def describe(self) -> Iterable[Any]:
         """No fixed description: avoids a scrape at registration time."""

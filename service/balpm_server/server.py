@@ -32,7 +32,7 @@ from balpm_server.features import FeatureExtractor, build_extractor
 from balpm_server.features.cache import CachedExtractor
 from balpm_server.logs import setup_logging
 from balpm_server.settings import ENV_PREFIX, Settings
-from balpm_server.storage import SqliteStore, faults
+from balpm_server.storage import SqlStore, faults
 from balpm_server.storage.faults import storage_error
 from balpm_server.transport.interceptors import ServerInterceptor
 from balpm_server.transport.servicer import BalpmServicer
@@ -75,7 +75,7 @@ class RunningServer:
     keys: KeyStore | None = None
     metrics_port: int | None = None
     _metrics_http: Any = field(default=None, repr=False)
-    _counted: SqliteStore | None = field(default=None, repr=False)  # registered with the metrics collector
+    _counted: SqlStore | None = field(default=None, repr=False)  # registered with the metrics collector
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Flip health to NOT_SERVING, drain in-flight RPCs for `grace_s`, then stop."""

@@ -43,7 +43,16 @@ class Settings:
     Attributes:
         host: Address the gRPC server binds.
         port: gRPC port; 0 picks a free port.
-        data_dir: Folder for SQLite, feature arrays and posterior versions.
+        data_dir: Folder for SQLite, feature arrays and posterior versions (only caches of them when
+            database_url and artifact_url name a database and a bucket).
+        database_url: Metadata store: "" = embedded SQLite in data_dir, sqlite:///path, or
+            postgresql://user:password@host:port/dbname (the system of record for production).
+        database_connect_timeout_s: PostgreSQL: how long a call waits for a connection before
+            failing UNAVAILABLE (DATABASE_UNAVAILABLE).
+        artifact_url: Where feature arrays, kNN graphs and posterior versions are kept durably:
+            "" = data_dir itself, file:///absolute/path, or s3://bucket/prefix (endpoint, region
+            and credentials from AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, ...).
+        artifact_cache_bytes: Bound of the local read cache of an s3:// artifact store.
         metrics_port: Prometheus HTTP port; 0 picks a free port, -1 disables it.
         metrics_host: Address the metrics HTTP server binds.
         extractor: Feature extractor: "transformers" (in-process) or "triton".
@@ -90,6 +99,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     data_dir: str = "./balpm-data"
+    database_url: str = ""
+    database_connect_timeout_s: float = 5.0
+    artifact_url: str = ""
+    artifact_cache_bytes: int = 8 * 1024**3
     metrics_port: int = 9090
     metrics_host: str = "127.0.0.1"
     extractor: str = "transformers"

@@ -13,6 +13,9 @@ from balpm.data import demo_rows, hide_preferences
 from balpm.v1 import balpm_pb2 as pb
 from tests.conftest import ServerThread, synthetic_items
 
+# Storage paths: every test runs on SQLite and on PostgreSQL + S3 (tests/conftest.py).
+pytestmark = pytest.mark.storage_matrix
+
 SMALL = {"ensemble_size": 3, "hidden_sizes": [64], "epochs": 60}
 
 

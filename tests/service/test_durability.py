@@ -17,6 +17,9 @@ from tests.conftest import ServerThread, make_settings, synthetic_items
 from tests.procserver import ProcServer
 from tests.waiting import wait_until
 
+# Storage paths: every test runs on SQLite and on PostgreSQL + S3 (tests/conftest.py).
+pytestmark = pytest.mark.storage_matrix
+
 SMALL = {"ensemble_size": 2, "hidden_sizes": [16], "epochs": 20}
 CRASHES = 20  # the slow tier; the fast tiers crash 3 times
 WRITERS = 4

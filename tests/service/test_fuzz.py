@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from balpm import Client
 from balpm.errors import NotFoundError
 from balpm.v1 import balpm_pb2 as pb
-from tests.conftest import ServerThread, make_settings, synthetic_items
+from tests.conftest import BACKENDS, ServerThread, backend_overrides, make_settings, synthetic_items
 
 EXAMPLES = int(os.environ.get("BALPM_FUZZ_EXAMPLES", "2000"))  # the full count (slow tier)
 REDUCED_EXAMPLES = min(EXAMPLES, 200)  # the fast tiers' pass over every RPC
@@ -275,9 +275,14 @@ def upload_batch() -> st.SearchStrategy[list[list[bytes]]]:
 # ---- fixtures -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    srv = ServerThread(make_settings(tmp_path_factory.mktemp("fuzz") / "data", extractor=""))
+@pytest.fixture(scope="module", params=BACKENDS)
+def fuzz_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """The fuzzed server, once per storage backend."""
+    srv = ServerThread(
+        make_settings(
+            tmp_path_factory.mktemp("fuzz") / "data", extractor="", **backend_overrides(request, request.param)
+        )
+    )
     try:
         with Client(srv.target) as c:
             items, truth = synthetic_items(N_ITEMS, DIM, seed=0)

@@ -46,7 +46,7 @@ def test_appended_items_extend_the_graph_to_what_a_rebuild_gives(
             assert builds == [200] and extends == [(200, 260)]  # extended, not rebuilt
             assert len(first.items) == len(second.items) == 8
         svc = srv.running.service
-        info = svc._pools.require(DEFAULT_TENANT, "p")
+        info = srv.call(svc._pools.require(DEFAULT_TENANT, "p"))
         graph = svc._cache.runtime(info.key).graph
         assert graph is not None and graph.n_items == 260
         feats = np.array([it["prompt_features"] for it in items], dtype=np.float32)

@@ -28,7 +28,7 @@ def test_training_settings_are_stored_shown_and_used(server: ServerThread, clien
     op = client.update_posterior("tuned", seed=0)
     assert op.result.posterior_version == 1
     svc = server.running.service
-    key = svc._pools.require(DEFAULT_TENANT, "tuned").key
+    key = server.call(svc._pools.require(DEFAULT_TENANT, "tuned")).key
     used = svc._cache.posterior_store(key).manifest(1)["settings"]
     assert (used["bootstrap"], used["patience"], used["val_fraction"], used["batch_size"]) == (False, 2, 0.0, 8)
     assert (used["learning_rate"], used["weight_decay"]) == (0.01, 0.0)

@@ -23,7 +23,7 @@ from balpm.v1 import balpm_pb2 as pb
 from balpm.v1 import balpm_pb2_grpc as pb_grpc
 from balpm_server.auth import hash_key
 from balpm_server.server import create_server
-from tests.conftest import ServerThread, make_settings, synthetic_items
+from tests.conftest import BACKENDS, ServerThread, backend_overrides, make_settings, synthetic_items
 
 ADMIN, READER, OTHER, LATE = "key-acme-admin", "key-acme-reader", "key-globex-writer", "key-late"
 SMALL = {"ensemble_size": 2, "hidden_sizes": [16], "epochs": 5}
@@ -61,10 +61,16 @@ def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def auth_server(tmp_path_factory: pytest.TempPathFactory, keys_file: Path) -> Iterator[ServerThread]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def auth_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, keys_file: Path
+) -> Iterator[ServerThread]:
+    """A server with API keys, once per storage backend (tenancy holds on every backend)."""
     srv = ServerThread(
-        make_settings(tmp_path_factory.mktemp("auth") / "data", extractor="", api_keys_file=str(keys_file))
+        make_settings(
+            tmp_path_factory.mktemp("auth") / "data", extractor="", api_keys_file=str(keys_file),
+            **backend_overrides(request, request.param),
+        )
     )
     try:
         admin = Client(srv.target, api_key=ADMIN)

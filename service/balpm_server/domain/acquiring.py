@@ -48,7 +48,7 @@ from balpm_server.domain.pool_runtime import PoolRuntime
 from balpm_server.domain.pools import Pools
 from balpm_server.domain.runtime import RuntimeCache
 from balpm_server.settings import Settings
-from balpm_server.storage import SqliteStore
+from balpm_server.storage import SqlStore
 
 MAX_RELEASE_IDS = 10_000
 # Strategies that rank by the BALD scores of every pool row; the others score only their picks.
@@ -80,7 +80,7 @@ class Acquisition:
         cache: The pools' runtimes, BALD scores and kNN graphs.
     """
 
-    def __init__(self, settings: Settings, store: SqliteStore, pools: Pools, cache: RuntimeCache) -> None:
+    def __init__(self, settings: Settings, store: SqlStore, pools: Pools, cache: RuntimeCache) -> None:
         self.settings = settings
         self.store = store
         self.pools = pools
@@ -121,8 +121,8 @@ class Acquisition:
         options: dict[str, float],
     ) -> AcquireResult:
         """Choose and lease the next batch."""
-        info = self.pools.require(tenant, pool_id)
-        self.pools.ensure_ready(info)
+        info = await self.pools.require(tenant, pool_id)
+        await self.pools.ensure_ready(info)
         if batch_size < 1:
             raise errors.InvalidArgument("batch_size must be at least 1", field="batch_size")
         if batch_size > self.settings.max_batch_size:
@@ -145,7 +145,7 @@ class Acquisition:
         rt = self.cache.runtime(info.key)
         async with rt.lock:
             started = time.perf_counter()
-            self.cache.load_items(info, rt)
+            await self.cache.load_items(info, rt)
             assert rt.item_ids is not None and rt.occupancy is not None
             now = time.time()
             rt.occupancy.purge_expired(now)
@@ -213,7 +213,7 @@ class Acquisition:
         written = write.done() and not write.cancelled() and write.exception() is None  # else nothing stored
         async with rt.lock:
             if written:
-                self.store.release_leases(key, item_ids, annotator)
+                await self.store.call(self.store.release_leases, key, item_ids, annotator)
             if rt.occupancy is not None:
                 for r in rows_B:
                     rt.occupancy.release(r, annotator)
@@ -290,7 +290,7 @@ class Acquisition:
             count_N = rt.knn_counts.count_N.copy()  # a snapshot: the greedy runs off the loop
         apl = None
         if strat in APL_STRATEGIES:
-            m = self.store.apl_scores(info.key)
+            m = await self.store.call(self.store.apl_scores, info.key)
             apl = AplInputs(m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4] if np.isfinite(m[:, 4]).any() else None)
         select = functools.partial(
             select_batch,
@@ -313,12 +313,12 @@ class Acquisition:
 
     async def release(self, tenant: str, pool_id: str, item_ids: Sequence[str], annotator_id: str) -> int:
         """End leases on items; returns how many leases ended."""
-        key = self.pools.require(tenant, pool_id).key
+        key = (await self.pools.require(tenant, pool_id)).key
         _check_item_ids(item_ids)
         ann = v.annotator_id(annotator_id, "annotator_id") if annotator_id else ""
         rt = self.cache.runtime(key)
         async with rt.lock:
-            released = self.store.release_leases(key, item_ids, ann)
+            released = await self.store.call(self.store.release_leases, key, item_ids, ann)
             if rt.occupancy is not None:
                 for iid in item_ids:
                     if iid in rt.row_of:
@@ -331,11 +331,11 @@ class Acquisition:
         Returns:
             (items changed, items excluded now).
         """
-        info = self.pools.require(tenant, pool_id)
+        info = await self.pools.require(tenant, pool_id)
         _check_item_ids(item_ids)
         rt = self.cache.runtime(info.key)
         async with rt.lock:
-            split_of = self.store.item_splits(info.key, item_ids)
+            split_of = await self.store.call(self.store.item_splits, info.key, item_ids)
             for i, iid in enumerate(item_ids):
                 if iid not in split_of:
                     raise errors.NotFound(
@@ -349,24 +349,24 @@ class Acquisition:
                         field=f"item_ids[{i}]",
                         reason="HELDOUT_ITEM",
                     )
-            changed = self.store.set_excluded(info.key, item_ids, not include)
+            changed = await self.store.call(self.store.set_excluded, info.key, item_ids, not include)
             if rt.occupancy is not None:
                 for iid in item_ids:
                     row = rt.row_of.get(iid)
                     if row is not None:
                         rt.occupancy.set_excluded(row, not include)
-        return changed, self.store.excluded_count(info.key)
+        return changed, await self.store.call(self.store.excluded_count, info.key)
 
     async def update_item_scores(self, tenant: str, pool_id: str, scores: Sequence[tuple[str, AplScores]]) -> int:
         """Set APL log-probabilities of items."""
-        key = self.pools.require(tenant, pool_id).key
+        key = (await self.pools.require(tenant, pool_id)).key
         if not scores:
             raise errors.InvalidArgument("scores is empty", field="scores")
         for i, (iid, s) in enumerate(scores):
             v.item_id(iid, f"scores[{i}].item_id")
             v.apl_scores(s, f"scores[{i}].apl_scores")
-        known = self.store.item_texts(key, [iid for iid, _ in scores])
+        known = await self.store.call(self.store.item_texts, key, [iid for iid, _ in scores])
         for i, (iid, _) in enumerate(scores):
             if iid not in known:
                 raise errors.NotFound(f"scores[{i}].item_id {iid!r} is not in the pool", field=f"scores[{i}].item_id")
-        return self.store.update_apl_scores(key, [ItemAplScores(iid, s) for iid, s in scores])
+        return await self.store.call(self.store.update_apl_scores, key, [ItemAplScores(iid, s) for iid, s in scores])

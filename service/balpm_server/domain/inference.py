@@ -88,9 +88,9 @@ class Inference:
         field: str,
     ) -> Inputs:
         """Features (and, for LoRA pools, pair texts) of stored items (by id) or ad-hoc items."""
-        self.cache.load_items(info, rt)
+        await self.cache.load_items(info, rt)
         assert rt.a_N_D is not None and rt.b_N_D is not None
-        all_a, all_b = self.cache.texts(info, rt)
+        all_a, all_b = await self.cache.store.call(self.cache.texts, info, rt)
         lora = info.settings.posterior_kind == "lora_ensemble"
         pair_a: list[str] = []
         pair_b: list[str] = []
@@ -154,8 +154,8 @@ class Inference:
         self, tenant: str, pool_id: str, item_ids: Sequence[str], items: Sequence[ItemIn]
     ) -> tuple[list[PredictionOut], int]:
         """Predict P(A preferred) with epistemic and aleatoric uncertainty (`bernoulli.decompose`)."""
-        info = self.pools.require(tenant, pool_id)
-        self.pools.ensure_ready(info)
+        info = await self.pools.require(tenant, pool_id)
+        await self.pools.ensure_ready(info)
         if not item_ids and not items:
             raise errors.InvalidArgument("give item_ids or items", field="item_ids", reason="EMPTY_BATCH")
         if item_ids and items:
@@ -181,15 +181,15 @@ class Inference:
 
     async def evaluate(self, tenant: str, pool_id: str, items: Sequence[tuple[ItemIn, Preference]]) -> EvaluationOut:
         """Evaluate on given labelled items, or on the held-out split when none are given."""
-        info = self.pools.require(tenant, pool_id)
-        self.pools.ensure_ready(info)
+        info = await self.pools.require(tenant, pool_id)
+        await self.pools.ensure_ready(info)
         rt = self.cache.runtime(info.key)
         self.cache.require_posterior(info, rt)
         if items:
             _ids, fa, fb, ta, tb = await self._inputs(tenant, info, rt, [], [it for it, _ in items], "items")
             targets_N = np.array([p.target for _, p in items], dtype=np.float64)
         else:
-            self.cache.load_items(info, rt)
+            await self.cache.load_items(info, rt)
             assert rt.split_N is not None and rt.a_N_D is not None and rt.b_N_D is not None
             rows = np.flatnonzero(rt.split_N == int(Split.HELDOUT))
             if len(rows) == 0:
@@ -200,7 +200,7 @@ class Inference:
                 )
             assert rt.heldout_target_N is not None
             fa, fb, targets_N = rt.a_N_D[rows], rt.b_N_D[rows], rt.heldout_target_N[rows]
-            all_a, all_b = self.cache.texts(info, rt)
+            all_a, all_b = await self.cache.store.call(self.cache.texts, info, rt)
             ta, tb = ([all_a[r] for r in rows], [all_b[r] for r in rows]) if all_a else ([], [])
         probs_N_E = await asyncio.to_thread(self.cache.member_probs, rt, fa, fb, ta, tb)
         m = evaluate(probs_N_E, targets_N)

@@ -32,7 +32,7 @@ from balpm_server.domain.models import (
 )
 from balpm_server.domain.pools import Pools
 from balpm_server.domain.runtime import RuntimeCache
-from balpm_server.storage import FeatureStore, SqliteStore
+from balpm_server.storage import FeatureStore, SqlStore
 
 MAX_LABELS_PER_REQUEST = 10_000
 MAX_EXPORT_LABELS_PAGE = 10_000
@@ -52,7 +52,7 @@ class Labels:
         cache: The pools' runtimes (their locks and occupancy) and feature stores.
     """
 
-    def __init__(self, store: SqliteStore, pools: Pools, cache: RuntimeCache) -> None:
+    def __init__(self, store: SqlStore, pools: Pools, cache: RuntimeCache) -> None:
         self.store = store
         self.pools = pools
         self.cache = cache
@@ -61,7 +61,7 @@ class Labels:
 
     async def ingest(self, tenant: str, pool_id: str, labels: Sequence[LabelIn], request_id: str = "") -> IngestResult:
         """Store labels atomically and idempotently; acknowledged only after commit."""
-        info = self.pools.require(tenant, pool_id)
+        info = await self.pools.require(tenant, pool_id)
         if not labels:
             raise errors.InvalidArgument("labels is empty", field="labels", reason="EMPTY_BATCH")
         if len(labels) > MAX_LABELS_PER_REQUEST:
@@ -83,7 +83,7 @@ class Labels:
         # that waits behind its original finds the original's record and replays it.
         async with rt.lock:
             if request_id:
-                prior = self.store.get_request(key, request_id)
+                prior = await self.store.call(self.store.get_request, key, request_id)
                 if prior is not None:
                     if prior.digest != req_digest:
                         raise errors.AlreadyExists(
@@ -92,9 +92,10 @@ class Labels:
                             reason="REQUEST_ID_CONFLICT",
                         )
                     body = json.loads(prior.response_json)
-                    return IngestResult(0, body["stored_count"] + body["duplicate_count"], self.store.label_count(key))
-            split_of = self.store.item_splits(key, [c.item_id for c in clean])
-            existing = self.store.existing_labels(key, [c.label_id for c in clean])
+                    total = await self.store.call(self.store.label_count, key)
+                    return IngestResult(0, body["stored_count"] + body["duplicate_count"], total)
+            split_of = await self.store.call(self.store.item_splits, key, [c.item_id for c in clean])
+            existing = await self.store.call(self.store.existing_labels, key, [c.label_id for c in clean])
             fresh: list[LabelIn] = []
             dup = 0
             seen: dict[str, LabelContent] = {}
@@ -148,24 +149,24 @@ class Labels:
                         rt.invalidate_items()
                         break
                     rt.occupancy.add_label(row, c.annotator_id)
-        return IngestResult(len(fresh), dup, self.store.label_count(key))
+        return IngestResult(len(fresh), dup, await self.store.call(self.store.label_count, key))
 
     async def export_labels(
         self, tenant: str, pool_id: str, page_size: int, page_token_in: str
     ) -> AsyncIterator[tuple[list[tuple[StoredLabel, dict[str, str]]], str]]:
         """Yield pages of (label, item texts) with the token that resumes after each page."""
-        key = self.pools.require(tenant, pool_id).key
+        key = (await self.pools.require(tenant, pool_id)).key
         if page_size < 0 or page_size > MAX_EXPORT_LABELS_PAGE:
             raise errors.InvalidArgument(f"page_size must be in [0, {MAX_EXPORT_LABELS_PAGE}]", field="page_size")
         size = page_size or DEFAULT_EXPORT_LABELS_PAGE
         after = parse_page_token(page_token_in)
         while True:
-            page = self.store.labels_page(key, after, size)
+            page = await self.store.call(self.store.labels_page, key, after, size)
             if not page:
                 return
-            texts = self.store.item_texts(key, [lb.item_id for lb in page])
+            texts = await self.store.call(self.store.item_texts, key, [lb.item_id for lb in page])
             after = page[-1].seq
-            more = bool(self.store.labels_page(key, after, 1))
+            more = bool(await self.store.call(self.store.labels_page, key, after, 1))
             yield (
                 [(lb, dataclasses.asdict(texts[lb.item_id])) for lb in page],
                 page_token(after) if more else "",
@@ -198,7 +199,7 @@ class Labels:
             errors.InvalidArgument: page_size out of range, or a token this server did not issue.
             errors.NotFound: The tenant has no such pool.
         """
-        info = self.pools.require(tenant, pool_id)
+        info = await self.pools.require(tenant, pool_id)
         if page_size < 0 or page_size > MAX_EXPORT_ITEMS_PAGE:
             raise errors.InvalidArgument(
                 f"page_size must be in [0, {MAX_EXPORT_ITEMS_PAGE}], got {page_size}",
@@ -210,7 +211,7 @@ class Labels:
         fs = self.cache.features(info) if include_features else None
         while True:
             # One row beyond the page says whether another page follows.
-            page = self.store.items_page(info.key, from_row, size + 1, split)
+            page = await self.store.call(self.store.items_page, info.key, from_row, size + 1, split)
             more = len(page) > size
             page = page[:size]
             if not page:

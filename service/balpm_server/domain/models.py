@@ -316,7 +316,7 @@ class EvaluationOut:
 
 
 class PoolInsert(enum.Enum):
-    """Outcome of inserting a pool (`SqliteStore.insert_pool`)."""
+    """Outcome of inserting a pool (`SqlStore.insert_pool`)."""
 
     INSERTED = "INSERTED"
     NAME_TAKEN = "NAME_TAKEN"  # the tenant already has a pool with this id
@@ -423,7 +423,7 @@ class LeaseRecord:
 
 @dataclass(frozen=True)
 class LeaseRequest:
-    """The leases one AcquireBatch call writes (`SqliteStore.lease_and_read`)."""
+    """The leases one AcquireBatch call writes (`SqlStore.lease_and_read`)."""
 
     pool_key: str
     item_ids: tuple[str, ...]

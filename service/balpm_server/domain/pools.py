@@ -19,7 +19,7 @@ from balpm_server.domain.models import FeatureSource, PoolInfo, PoolInsert, Pool
 from balpm_server.domain.runtime import RuntimeCache
 from balpm_server.features import FeatureExtractor
 from balpm_server.settings import Settings
-from balpm_server.storage import SqliteStore
+from balpm_server.storage import SqlStore
 
 MAX_LIST_PAGE_SIZE = 1000
 DEFAULT_LIST_PAGE_SIZE = 100
@@ -38,26 +38,26 @@ class Pools:
     """
 
     def __init__(
-        self, settings: Settings, store: SqliteStore, cache: RuntimeCache, extractor: FeatureExtractor | None
+        self, settings: Settings, store: SqlStore, cache: RuntimeCache, extractor: FeatureExtractor | None
     ) -> None:
         self.settings = settings
         self.store = store
         self.cache = cache
         self.extractor = extractor
 
-    def require(self, tenant: str, pool_id: str, *, counts: bool = False) -> PoolInfo:
+    async def require(self, tenant: str, pool_id: str, *, counts: bool = False) -> PoolInfo:
         """The tenant's pool `pool_id` (another tenant's pool of that name is invisible)."""
         v.pool_id(pool_id)
-        key = self.store.pool_key(tenant, pool_id)
-        info = self.store.pool_info(key, counts=counts) if key is not None else None
+        info = await self.store.call(self.store.pool_named, tenant, pool_id, counts=counts)
         if info is None or info.tenant != tenant:
             raise errors.NotFound(f"pool {pool_id!r} does not exist", field="pool_id", reason="POOL_NOT_FOUND")
         return info
 
-    def ensure_ready(self, info: PoolInfo) -> None:
+    async def ensure_ready(self, info: PoolInfo) -> None:
         """FAILED_PRECONDITION while the pool is still extracting features."""
         if info.state == PoolState.FEATURIZING:
-            info = self.store.pool_info(info.key) or info
+            now = await self.store.call(self.store.pool_info, info.key)
+            info = now or info
             total = info.item_count + info.heldout_count
             raise errors.FailedPrecondition(
                 f"pool {info.pool_id!r} is still extracting features ({info.featurized_count}/{total} items); "
@@ -128,9 +128,9 @@ class Pools:
         )
         exists = errors.AlreadyExists(f"pool {pool_id!r} already exists", field="pool_id", reason="POOL_EXISTS")
         # Early answers; the insert below re-checks both atomically (calls race across the await).
-        if self.store.pool_count(tenant) >= self.settings.max_pools_per_tenant:
+        if await self.store.call(self.store.pool_count, tenant) >= self.settings.max_pools_per_tenant:
             raise too_many
-        if self.store.pool_key(tenant, pool_id) is not None:
+        if await self.store.call(self.store.pool_key, tenant, pool_id) is not None:
             raise exists
         extractor_name = ""
         if s.feature_source == FeatureSource.CLIENT:
@@ -146,14 +146,15 @@ class Pools:
             s = dataclasses.replace(s, feature_dim=dim)
             extractor_name = self.extractor.name
         key = f"{pool_id}+{uuid.uuid4().hex[:12]}"
-        outcome = self.store.insert_pool(
-            key, tenant, pool_id, s, extractor_name, max_pools=self.settings.max_pools_per_tenant
+        outcome = await self.store.call(
+            self.store.insert_pool, key, tenant, pool_id, s, extractor_name,
+            max_pools=self.settings.max_pools_per_tenant,
         )
         if outcome is PoolInsert.NAME_TAKEN:
             raise exists
         if outcome is PoolInsert.AT_LIMIT:
             raise too_many
-        info = self.store.pool_info(key)
+        info = await self.store.call(self.store.pool_info, key)
         assert info is not None
         return info
 
@@ -163,14 +164,14 @@ class Pools:
             raise errors.InvalidArgument(f"page_size must be in [0, {MAX_LIST_PAGE_SIZE}]", field="page_size")
         size = page_size or DEFAULT_LIST_PAGE_SIZE
         offset = parse_page_token(page_token_in)
-        pools = self.store.pools_of(tenant)
+        pools = await self.store.call(self.store.pools_of, tenant)
         page = pools[offset : offset + size]
-        infos = [info for ref in page if (info := self.store.pool_info(ref.key)) is not None]
+        infos = [info for ref in page if (info := await self.store.call(self.store.pool_info, ref.key)) is not None]
         nxt = page_token(offset + size) if offset + size < len(pools) else ""
         return infos, nxt
 
-    def delete(self, info: PoolInfo) -> None:
+    async def delete(self, info: PoolInfo) -> None:
         """Delete a pool's records, runtime and files (its background work is stopped by the caller)."""
-        self.store.delete_pool(info.key)
+        await self.store.call(self.store.delete_pool, info.key)
         self.cache.forget(info.key)
         shutil.rmtree(self.cache.pool_dir(info.key), ignore_errors=True)

@@ -32,12 +32,12 @@ from balpm_server.acquisition import (
     descending_order,
     extend_knn_graph,
 )
-from balpm_server.domain.models import PoolInfo, PoolState, Split
+from balpm_server.domain.models import ItemIndex, PoolInfo, PoolState, Split
 from balpm_server.domain.occupancy import Occupancy
 from balpm_server.domain.pool_runtime import PoolRuntime
 from balpm_server.posterior import PosteriorStore, predict_probs
 from balpm_server.settings import Settings
-from balpm_server.storage import FeatureStore, SqliteStore
+from balpm_server.storage import FeatureStore, SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class RuntimeCache:
         store: The metadata store.
     """
 
-    def __init__(self, settings: Settings, store: SqliteStore) -> None:
+    def __init__(self, settings: Settings, store: SqlStore) -> None:
         self.settings = settings
         self.store = store
         self.root = settings.data_path
@@ -94,10 +94,27 @@ class RuntimeCache:
 
     # ---- loading -----------------------------------------------------------------------
 
-    def load_items(self, info: PoolInfo, rt: PoolRuntime) -> None:
-        """Fill the runtime's item index, occupancy and features (no-op when loaded)."""
+    async def load_items(self, info: PoolInfo, rt: PoolRuntime) -> None:
+        """Fill the runtime's item index, occupancy and features (no-op when loaded).
+
+        Read off the event loop when the store is a network database; installed only if no
+        other caller installed them meanwhile (their occupancy may already hold new leases).
+        """
         if rt.item_ids is not None:
             return
+        loaded = await self.store.call(self._read_items, info)
+        if rt.item_ids is not None:
+            return
+        index, occupancy, prompt_N_D, a_N_D, b_N_D = loaded
+        rt.item_ids = index.item_ids
+        rt.row_of = {iid: i for i, iid in enumerate(index.item_ids)}
+        rt.split_N = index.split_N
+        rt.heldout_target_N = index.heldout_target_N
+        rt.occupancy = occupancy
+        rt.prompt_N_D, rt.a_N_D, rt.b_N_D = prompt_N_D, a_N_D, b_N_D
+
+    def _read_items(self, info: PoolInfo) -> tuple[ItemIndex, Occupancy, np.ndarray, np.ndarray, np.ndarray]:
+        """What `load_items` installs: item index, occupancy, and the prompt / A / B feature arrays."""
         index = self.store.item_index(info.key)
         rows_N = index.rows_N
         if len(rows_N) and not np.array_equal(rows_N, np.arange(len(rows_N))):
@@ -106,17 +123,11 @@ class RuntimeCache:
             )
         fs = self.features(info)
         n = len(index.item_ids)
-        rt.item_ids = index.item_ids
-        rt.row_of = {iid: i for i, iid in enumerate(index.item_ids)}
-        rt.split_N = index.split_N
-        rt.heldout_target_N = index.heldout_target_N
-        rt.occupancy = Occupancy.from_records(
+        occupancy = Occupancy.from_records(
             n, info.settings.labels_per_item, self.store.label_annotators(info.key),
             self.store.active_leases(info.key, time.time()), self.store.excluded_rows(info.key),
         )
-        rt.prompt_N_D = fs.read("prompt", n)
-        rt.a_N_D = fs.read("a", n)
-        rt.b_N_D = fs.read("b", n)
+        return index, occupancy, fs.read("prompt", n), fs.read("a", n), fs.read("b", n)
 
     def load_posterior(self, info: PoolInfo, rt: PoolRuntime) -> None:
         """Load the pool's latest posterior into the runtime (no-op when it is loaded)."""
@@ -250,12 +261,12 @@ class RuntimeCache:
 
     async def _prebuild_graph(self, key: str) -> None:
         """Build the kNN graph in the background after an upload, so the first BAL-PM call is fast."""
-        info = self.store.pool_info(key, counts=False)
+        info = await self.store.call(self.store.pool_info, key, counts=False)
         if info is None or info.state != PoolState.READY:
             return
         rt = self.runtime(key)
         async with rt.lock:
-            self.load_items(info, rt)
+            await self.load_items(info, rt)
             prompt_N_D, split_N = rt.prompt_N_D, rt.split_N
         if prompt_N_D is None or split_N is None or rt.graph is not None:
             return

@@ -55,7 +55,7 @@ from balpm_server.domain.training import Training
 from balpm_server.domain.uploads import Featurizer, Uploads
 from balpm_server.features import FeatureExtractor
 from balpm_server.settings import Settings
-from balpm_server.storage import SqliteStore
+from balpm_server.storage import open_store
 
 __all__ = ["DEFAULT_TENANT", "PoolService"]
 
@@ -73,7 +73,7 @@ class PoolService:
         self.extractor = extractor
         self.root = settings.data_path
         self.root.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore(self.root / "balpm.sqlite3")
+        self.store = open_store(settings.database_url, self.root, connect_timeout_s=settings.database_connect_timeout_s)
         self._cache = RuntimeCache(settings, self.store)
         self._pools = Pools(settings, self.store, self._cache, extractor)
         self._featurizer = Featurizer(settings, self.store, self._cache, extractor)
@@ -121,8 +121,8 @@ class PoolService:
 
     async def start(self) -> None:
         """Restore state: fail interrupted operations, resume featurisation."""
-        self._training.fail_interrupted()
-        self._featurizer.resume()
+        await self._training.fail_interrupted()
+        await self._featurizer.resume()
         self.ready = True
 
     async def close(self) -> None:
@@ -144,7 +144,7 @@ class PoolService:
 
     async def get_pool(self, tenant: str, pool_id: str) -> PoolInfo:
         """Return one pool (with why its featurisation is paused, if it is)."""
-        return self._with_pause(self._pools.require(tenant, pool_id, counts=True))
+        return self._with_pause(await self._pools.require(tenant, pool_id, counts=True))
 
     async def list_pools(self, tenant: str, page_size: int, page_token: str) -> tuple[list[PoolInfo], str]:
         """Return a page of pools in id order and the next page token."""
@@ -157,10 +157,10 @@ class PoolService:
 
     async def delete_pool(self, tenant: str, pool_id: str) -> None:
         """Delete a pool and all its data (its featurisation and training stop first)."""
-        info = self._pools.require(tenant, pool_id)
+        info = await self._pools.require(tenant, pool_id)
         self._featurizer.cancel(info.key)
         self._training.cancel_pool(info.key)
-        self._pools.delete(info)
+        await self._pools.delete(info)
 
     # ---- items and labels --------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from balpm_server.domain.pools import Pools
 from balpm_server.domain.runtime import RuntimeCache
 from balpm_server.posterior import EnsembleConfig, TrainProgress, TrainResult, train_ensemble
 from balpm_server.settings import Settings
-from balpm_server.storage import SqliteStore
+from balpm_server.storage import SqlStore
 from balpm_server.storage.faults import storage_error
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Training:
         cache: The pools' runtimes and posterior stores.
     """
 
-    def __init__(self, settings: Settings, store: SqliteStore, pools: Pools, cache: RuntimeCache) -> None:
+    def __init__(self, settings: Settings, store: SqlStore, pools: Pools, cache: RuntimeCache) -> None:
         self.settings = settings
         self.store = store
         self.pools = pools
@@ -68,9 +68,9 @@ class Training:
 
     # ---- lifecycle ---------------------------------------------------------------------
 
-    def fail_interrupted(self) -> None:
+    async def fail_interrupted(self) -> None:
         """Mark operations a previous process left running as failed."""
-        failed = self.store.fail_unfinished_operations(RESTART_REASON)
+        failed = await self.store.call(self.store.fail_unfinished_operations, RESTART_REASON)
         if failed:
             log.warning("marked %d interrupted operations as failed", failed)
 
@@ -102,8 +102,8 @@ class Training:
 
     async def start(self, tenant: str, pool_id: str, *, seed: int, warm_start: bool, epochs: int) -> Operation:
         """Start retraining the posterior; ABORTED if one is already running for the pool."""
-        info = self.pools.require(tenant, pool_id)
-        self.pools.ensure_ready(info)
+        info = await self.pools.require(tenant, pool_id)
+        await self.pools.ensure_ready(info)
         running = self._running.get(info.key)
         if running is not None:
             raise errors.Aborted(
@@ -118,7 +118,7 @@ class Training:
                 f"tenant already runs max_training_jobs_per_tenant={self.settings.max_training_jobs_per_tenant}",
                 reason="MAX_TRAINING_JOBS",
             )
-        label_count = self.store.label_count(info.key)
+        label_count = await self.store.call(self.store.label_count, info.key)
         if label_count < MIN_LABELS_TO_TRAIN:
             raise errors.FailedPrecondition(
                 f"pool {pool_id!r} has {label_count} labels; training needs at least {MIN_LABELS_TO_TRAIN}",
@@ -138,7 +138,7 @@ class Training:
             update_time_s=now,
             epochs=epochs or info.settings.epochs,
         )
-        self.store.save_operation(op)
+        await self.store.call(self.store.save_operation, op)
         self.operations[op.operation_id] = op
         self.op_events[op.operation_id] = asyncio.Event()
         self.cancel_flags[op.operation_id] = threading.Event()
@@ -176,13 +176,13 @@ class Training:
         Returns:
             The started operation's id, "" when none was started.
         """
-        info = self.pools.require(tenant, pool_id)
+        info = await self.pools.require(tenant, pool_id)
         s = info.settings
         policy = s.auto_update_min_labels or s.auto_update_interval_s
         if self._stopping or self.closed or not policy or info.key in self._running:
             return ""
         trained, made_s = self._trained_upto(info)
-        new_labels = self.store.label_count(info.key) - trained
+        new_labels = await self.store.call(self.store.label_count, info.key) - trained
         if new_labels <= 0:
             return ""
         trigger = ""
@@ -241,12 +241,12 @@ class Training:
         rt = self.cache.runtime(info.key)
         started = time.perf_counter()
         async with rt.lock:
-            self.cache.load_items(info, rt)
-            labels = self.store.label_targets(info.key)
+            await self.cache.load_items(info, rt)
+            labels = await self.store.call(self.store.label_targets, info.key)
             rows_L, targets_L = labels.rows_L, labels.targets_L
             assert rt.a_N_D is not None and rt.b_N_D is not None
             feats_a, feats_b = rt.a_N_D[rows_L], rt.b_N_D[rows_L]
-            all_a, all_b = self.cache.texts(info, rt)
+            all_a, all_b = await self.store.call(self.cache.texts, info, rt)
             pair_a = [all_a[r] for r in rows_L] if all_a else []
             pair_b = [all_b[r] for r in rows_L] if all_b else []
         s = info.settings
@@ -319,7 +319,7 @@ class Training:
             "created_s": made_s,
         }
         version = await asyncio.to_thread(posteriors.save, result.state, manifest)
-        self.store.set_posterior_version(info.key, version)
+        await self.store.call(self.store.set_posterior_version, info.key, version)
         self._trained[info.key] = (len(rows_L), made_s)
         rt.posterior_state, rt.posterior_version, rt.lora = result.state, version, lora
         rt.epistemic_version = -1
@@ -359,8 +359,8 @@ class Training:
                 self._check_later(op.tenant, op.pool_id, info.key, 0.0)  # labels that came in meanwhile
             saved = False
             try:
-                if not self.closed and self.store.pool_exists(info.key):
-                    self.store.save_operation(op)
+                if not self.closed and await self.store.call(self.store.pool_exists, info.key):
+                    await self.store.call(self.store.save_operation, op)
                 saved = True
             except Exception:  # e.g. a full disk: keep the outcome in memory rather than lose it
                 log.exception("could not record the outcome of operation %s; kept in memory", op.operation_id)
@@ -373,21 +373,21 @@ class Training:
 
     # ---- GetOperation, WatchOperation, CancelOperation ---------------------------------
 
-    def _require(self, tenant: str, operation_id: str) -> Operation:
+    async def _require(self, tenant: str, operation_id: str) -> Operation:
         if not operation_id:
             raise errors.InvalidArgument("operation_id is required", field="operation_id")
-        op = self.operations.get(operation_id) or self.store.load_operation(operation_id)
+        op = self.operations.get(operation_id) or await self.store.call(self.store.load_operation, operation_id)
         if op is None or op.tenant != tenant:
             raise errors.NotFound(f"operation {operation_id!r} does not exist", field="operation_id")
         return op
 
     async def get(self, tenant: str, operation_id: str) -> Operation:
         """Return an operation's current state."""
-        return self._require(tenant, operation_id)
+        return await self._require(tenant, operation_id)
 
     async def watch(self, tenant: str, operation_id: str) -> AsyncIterator[Operation]:
         """Yield the operation now and after each change, until it is done."""
-        op = self._require(tenant, operation_id)
+        op = await self._require(tenant, operation_id)
         while True:
             yield op
             if op.state.done:
@@ -400,7 +400,7 @@ class Training:
 
     async def cancel(self, tenant: str, operation_id: str) -> Operation:
         """Request cancellation (takes effect at the next epoch boundary)."""
-        op = self._require(tenant, operation_id)
+        op = await self._require(tenant, operation_id)
         flag = self.cancel_flags.get(operation_id)
         if flag is not None and not op.state.done:
             flag.set()

@@ -38,7 +38,7 @@ from balpm_server.domain.pools import Pools
 from balpm_server.domain.runtime import RuntimeCache
 from balpm_server.features import FeatureExtractor
 from balpm_server.settings import Settings
-from balpm_server.storage import SqliteStore
+from balpm_server.storage import SqlStore
 from balpm_server.storage.faults import storage_error
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Featurizer:
     """
 
     def __init__(
-        self, settings: Settings, store: SqliteStore, cache: RuntimeCache, extractor: FeatureExtractor | None
+        self, settings: Settings, store: SqlStore, cache: RuntimeCache, extractor: FeatureExtractor | None
     ) -> None:
         self.settings = settings
         self.store = store
@@ -106,10 +106,10 @@ class Featurizer:
         )
         return delay_s
 
-    def resume(self) -> None:
+    async def resume(self) -> None:
         """Restart featurisation of every pool a previous process left FEATURIZING."""
-        for key in self.store.pool_keys():
-            info = self.store.pool_info(key, counts=False)
+        for key in await self.store.call(self.store.pool_keys):
+            info = await self.store.call(self.store.pool_info, key, counts=False)
             if info is not None and info.state == PoolState.FEATURIZING:
                 self.schedule(key)
 
@@ -138,7 +138,7 @@ class Featurizer:
         """Compute missing APL log-probabilities with the pool's policy and reference models."""
         from balpm_server.features.logprobs import apl_logprobs
 
-        todo = self.store.items_missing_apl(info.key)
+        todo = await self.store.call(self.store.items_missing_apl, info.key)
         if not todo:
             return
         s = info.settings
@@ -147,10 +147,8 @@ class Featurizer:
             [t.prompt for t in todo], [t.completion_a for t in todo], [t.completion_b for t in todo],
             device=self.settings.device,
         )
-        self.store.update_apl_scores(
-            info.key,
-            [ItemAplScores(t.item_id, AplScores(*(float(x) for x in logp_N_4[i]))) for i, t in enumerate(todo)],
-        )
+        scores = [ItemAplScores(t.item_id, AplScores(*(float(x) for x in logp_N_4[i]))) for i, t in enumerate(todo)]
+        await self.store.call(self.store.update_apl_scores, info.key, scores)
 
     async def _featurize(self, key: str) -> None:
         """Extract features (and server-side APL scores) for new rows; resumable after a crash."""
@@ -159,10 +157,10 @@ class Featurizer:
         batch = max(1, self.settings.extract_batch_size)
         try:
             while True:
-                todo = self.store.unfeaturized(key)
+                todo = await self.store.call(self.store.unfeaturized, key)
                 if not todo:
                     break
-                info = self.store.pool_info(key)
+                info = await self.store.call(self.store.pool_info, key)
                 if info is None:
                     return
                 assert self.extractor is not None
@@ -176,12 +174,12 @@ class Featurizer:
                     feats = await self.extractor.embed(prompts + texts_a + texts_b)
                     n = len(part)
                     fs.write_rows(rows_R, {"prompt": feats[:n], "a": feats[n : 2 * n], "b": feats[2 * n :]})
-                    self.store.mark_featurized(key, rows_R.tolist())
+                    await self.store.call(self.store.mark_featurized, key, rows_R.tolist())
                     self._pauses.pop(key, None)  # progress: no longer paused
-            info = self.store.pool_info(key, counts=False)
+            info = await self.store.call(self.store.pool_info, key, counts=False)
             if info is not None and server_apl(info):
                 await self._score_apl(info)
-            self.store.set_pool_state(key, PoolState.READY)
+            await self.store.call(self.store.set_pool_state, key, PoolState.READY)
             self.cache.runtime(key).invalidate_items()
             self.cache.schedule_graph(key)
         except asyncio.CancelledError:
@@ -206,7 +204,7 @@ class Featurizer:
     async def _retry_later(self, key: str, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         self._tasks.pop(key, None)
-        if self.store.pool_exists(key):
+        if await self.store.call(self.store.pool_exists, key):
             self.schedule(key)
 
 
@@ -222,7 +220,7 @@ class Uploads:
     """
 
     def __init__(
-        self, settings: Settings, store: SqliteStore, pools: Pools, cache: RuntimeCache, featurizer: Featurizer
+        self, settings: Settings, store: SqlStore, pools: Pools, cache: RuntimeCache, featurizer: Featurizer
     ) -> None:
         self.settings = settings
         self.store = store
@@ -262,8 +260,8 @@ class Uploads:
         Each chunk is committed (features fsynced, then SQLite) before the next is read,
         so everything acknowledged survives a crash.
         """
-        info = self.pools.require(tenant, pool_id)
-        key = info.key  # the stream is bound to this pool instance (see SqliteStore.reserve_rows)
+        info = await self.pools.require(tenant, pool_id)
+        key = info.key  # the stream is bound to this pool instance (see SqlStore.reserve_rows)
         client_features = info.settings.feature_source == FeatureSource.CLIENT
         dim = info.settings.feature_dim
         fs = self.cache.features(info)
@@ -282,7 +280,7 @@ class Uploads:
                     field="chunk.items",
                     reason="MAX_ITEMS_PER_CHUNK",
                 )
-            if not self.store.pool_exists(key):
+            if not await self.store.call(self.store.pool_exists, key):
                 raise gone
             good: list[tuple[int, ItemIn, dict[str, np.ndarray], str]] = []
             seen: set[str] = set()
@@ -318,7 +316,7 @@ class Uploads:
             if not good:
                 continue
             async with rt.lock:
-                stored = self.store.item_digests(key, [g[1].item_id for g in good])
+                stored = await self.store.call(self.store.item_digests, key, [g[1].item_id for g in good])
                 new: list[tuple[ItemIn, dict[str, np.ndarray], str]] = []
                 for at, item, feats, item_digest in good:
                     old = stored.get(item.item_id)
@@ -339,17 +337,22 @@ class Uploads:
                 if not new:
                     continue
                 try:
-                    with self.store.transaction() as conn:
-                        first = self.store.reserve_rows(conn, key, len(new))
+                    def prepare(
+                        first: int, new: list[tuple[ItemIn, dict[str, np.ndarray], str]] = new
+                    ) -> list[ItemRecord]:
+                        # Inside the items' transaction: the feature rows are durable before it commits.
                         rows_R = np.arange(first, first + len(new), dtype=np.int64)
                         if client_features:
                             fs.write_rows(
                                 rows_R, {k: np.stack([f[k] for _, f, _ in new]) for k in ("prompt", "a", "b")}
                             )
-                        self.store.insert_items(conn, key, [item_record(item, int(r), d, client_features)
-                                                            for (item, _, d), r in zip(new, rows_R, strict=True)])
-                        if not client_features or server_apl(info):
-                            self.store.set_pool_state_in(conn, key, PoolState.FEATURIZING)
+                        return [item_record(item, int(r), d, client_features)
+                                for (item, _, d), r in zip(new, rows_R, strict=True)]
+
+                    await self.store.call(
+                        self.store.add_items, key, len(new), prepare,
+                        featurizing=not client_features or server_apl(info),
+                    )
                 except errors.NotFound:
                     raise gone from None
                 accepted += len(new)
@@ -358,7 +361,7 @@ class Uploads:
             self.featurizer.schedule(key)
         elif accepted:
             self.cache.schedule_graph(key)
-        final = self.store.pool_info(key, counts=True)
+        final = await self.store.call(self.store.pool_info, key, counts=True)
         if final is None:
             raise gone
         return UploadResult(accepted, duplicates, tuple(rejections)), final

@@ -10,7 +10,10 @@ returns the error callers see:
 - full disk or quota (`ENOSPC`, `EDQUOT`, `SQLITE_FULL`): `RESOURCE_EXHAUSTED`, reason `DISK_FULL`;
 - read-only or not writable (`EROFS`, `EACCES`, `SQLITE_READONLY`): `UNAVAILABLE`, reason `STORAGE_READ_ONLY`;
 - an I/O error or a file that cannot be opened (`EIO`, `SQLITE_IOERR`, `SQLITE_CANTOPEN`):
-  `UNAVAILABLE`, reason `STORAGE_UNAVAILABLE`.
+  `UNAVAILABLE`, reason `STORAGE_UNAVAILABLE`;
+- PostgreSQL down, restarting or unreachable (a lost connection, no connection from the
+  pool in time, ``57P0x``): `UNAVAILABLE`, reason `DATABASE_UNAVAILABLE`; its disk full
+  (``53100``): `DISK_FULL`; a read-only standby (``25006``): `STORAGE_READ_ONLY`.
 
 Messages are fixed sentences: the server's paths stay in its log. Nothing is
 acknowledged before its commit, so after the operator frees space (or remounts the
@@ -22,6 +25,7 @@ from __future__ import annotations
 import errno
 import re
 import sqlite3
+import sys
 from collections.abc import Iterator
 
 from balpm_server import errors
@@ -29,11 +33,13 @@ from balpm_server import errors
 DISK_FULL = "DISK_FULL"
 STORAGE_READ_ONLY = "STORAGE_READ_ONLY"
 STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
+DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
 
 MESSAGES = {
     DISK_FULL: "the server's storage is full; free space or grow the volume, then retry",
     STORAGE_READ_ONLY: "the server's storage is read-only or not writable; make the data volume writable, then retry",
     STORAGE_UNAVAILABLE: "the server's storage failed to read, write or open a file; check the data volume, then retry",
+    DATABASE_UNAVAILABLE: "the server's database is unreachable or restarting; retry shortly",
 }
 
 _ERRNO_REASON: dict[int, str] = {
@@ -58,6 +64,9 @@ _SQLITE_NAME_REASON = {
     "SQLITE_IOERR": STORAGE_UNAVAILABLE,
     "SQLITE_CANTOPEN": STORAGE_UNAVAILABLE,
 }
+
+# PostgreSQL SQLSTATEs that are storage faults (the rest of class 08 / 57P0x: DATABASE_UNAVAILABLE).
+_PG_SQLSTATE_REASON = {"53100": DISK_FULL, "25006": STORAGE_READ_ONLY}
 
 # How Rust's std::io::Error prints an OS error (safetensors, tokenizers): "... (os error 28)".
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
@@ -98,11 +107,29 @@ def _reason_of(exc: BaseException) -> tuple[str, str] | None:
             if text.startswith(message):
                 return reason, name or message
         return None
+    pg = _postgres_reason(exc)
+    if pg is not None:
+        return pg
     m = _RUST_OS_ERROR.search(str(exc))
     if m:
         code = int(m.group(1))
         reason = _ERRNO_REASON.get(code)
         return (reason, errno.errorcode.get(code, "")) if reason else None
+    return None
+
+
+def _postgres_reason(exc: BaseException) -> tuple[str, str] | None:
+    """(reason, cause) of a psycopg error that is a storage fault (psycopg is imported only if in use)."""
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None or not isinstance(exc, psycopg.Error):
+        return None
+    sqlstate = str(getattr(exc, "sqlstate", "") or "")
+    if sqlstate in _PG_SQLSTATE_REASON:
+        return _PG_SQLSTATE_REASON[sqlstate], sqlstate
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)) and (
+        not sqlstate or sqlstate.startswith(("08", "57P"))
+    ):
+        return DATABASE_UNAVAILABLE, sqlstate or type(exc).__name__
     return None
 
 
@@ -132,4 +159,5 @@ def storage_error(exc: BaseException) -> errors.BalpmError | None:
 
 def is_database_error(exc: BaseException) -> bool:
     """Whether `exc` is an error of the metadata database itself (e.g. a corrupt file), fault or not."""
-    return isinstance(exc, sqlite3.Error)
+    psycopg = sys.modules.get("psycopg")
+    return isinstance(exc, sqlite3.Error) or (psycopg is not None and isinstance(exc, psycopg.Error))
