@@ -55,6 +55,8 @@ def _writable(folder: Path) -> bool:
 def _data_dir_error(settings: Settings, exc: BaseException) -> StartupError | None:
     """A StartupError for a data dir the stores cannot be opened in (full, read-only, broken), else None."""
     fault = storage_error(exc)
+    if fault is not None and fault.reason == faults.DATABASE_UNAVAILABLE:
+        return StartupError(f"cannot reach the database {_database_shown(settings)}: {fault.message}")
     if fault is not None and fault.reason == faults.STORAGE_UNAVAILABLE and not _writable(settings.data_path):
         fault = errors.Unavailable(faults.MESSAGES[faults.STORAGE_READ_ONLY], reason=faults.STORAGE_READ_ONLY)
     if fault is not None:
@@ -260,6 +262,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--insecure", action="store_true", default=None, help="allow plaintext on non-loopback hosts (BALPM_INSECURE)"
     )
     p.add_argument("--shutdown-grace-s", type=float, help="SIGTERM drain time in seconds (BALPM_SHUTDOWN_GRACE_S)")
+    p.add_argument(
+        "--check-storage", action="store_true", default=False,
+        help="connect to the database (migrating its schema) and write, read and delete a probe object in the "
+        "artifact store, print one line per store, then exit: 0 when both work, 2 with an error: line otherwise",
+    )
     _add_setting_flags(p)
     return p
 
@@ -297,11 +304,71 @@ def _add_setting_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=kinds[str(f.type)], default=None, help=text)
 
 
+def _database_shown(settings: Settings) -> str:
+    """The configured database, as it may be printed (no password)."""
+    url = settings.database_url.strip()
+    if url.startswith(("postgresql://", "postgres://")):
+        from balpm_server.storage.postgres_store import redact
+
+        return redact(url)
+    return url or str(settings.data_path / "balpm.sqlite3")
+
+
+def check_storage(settings: Settings) -> list[str]:
+    """Open the metadata store (migrating it) and probe the artifact store; one line about each.
+
+    Raises:
+        StartupError: A store is unreachable or misconfigured (the message says which and why).
+    """
+    from balpm_server.storage import open_store
+    from balpm_server.storage.artifacts import ArtifactStoreError, open_artifact_store
+
+    try:
+        store = open_store(
+            settings.database_url, settings.data_path, connect_timeout_s=settings.database_connect_timeout_s
+        )
+    except errors.BalpmError as e:
+        raise StartupError(f"database {_database_shown(settings)}: {e.message} [{e.reason}]") from e
+    except Exception as e:
+        fault = storage_error(e)
+        shown = f"{fault.message} [{fault.reason}]" if fault is not None else str(e).strip().splitlines()[0]
+        raise StartupError(f"database {_database_shown(settings)}: cannot open it: {shown}") from e
+    try:
+        where = store.describe()
+        counts = store.counts()
+    finally:
+        store.close()
+    pools = sum(counts.pools_by_state.values()) if counts else 0
+    lines = [f"database ok: {where} (schema up to date, {pools} pools)"]
+    try:
+        artifacts = open_artifact_store(
+            settings.artifact_url, cache_dir=settings.data_path / "artifact-cache",
+            cache_max_bytes=settings.artifact_cache_bytes,
+        )
+        if artifacts is None:
+            lines.append(f"artifact store ok: the data dir {settings.data_path} (no BALPM_ARTIFACT_URL)")
+        else:
+            artifacts.check()
+            lines.append(f"artifact store ok: {artifacts.url} (probe object written, read and deleted)")
+    except ArtifactStoreError as e:
+        raise StartupError(f"artifact store: {e}") from e
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `balpm-server`."""
     args = build_arg_parser().parse_args(argv)
-    settings = Settings.from_env(**{k: v for k, v in vars(args).items() if v is not None})
+    check_only = bool(args.check_storage)
+    settings = Settings.from_env(**{k: v for k, v in vars(args).items() if v is not None and k != "check_storage"})
     setup_logging(settings.log_level, json_lines=settings.log_json)
+    if check_only:
+        try:
+            for line in check_storage(settings):
+                print(line, flush=True)
+        except (ValueError, OSError, StartupError) as e:
+            print(f"balpm-server: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        return
     try:
         asyncio.run(serve(settings))
     # Bad TLS/auth configuration, or a data dir on a full or read-only disk: a clear message, not a traceback.

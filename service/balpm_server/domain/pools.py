@@ -7,6 +7,7 @@ calls first.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
 import uuid
@@ -173,5 +174,6 @@ class Pools:
     async def delete(self, info: PoolInfo) -> None:
         """Delete a pool's records, runtime and files (its background work is stopped by the caller)."""
         await self.store.call(self.store.delete_pool, info.key)
+        await asyncio.to_thread(self.cache.artifacts.delete_pool, info.key)
         self.cache.forget(info.key)
         shutil.rmtree(self.cache.pool_dir(info.key), ignore_errors=True)

@@ -17,8 +17,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 
@@ -38,8 +39,13 @@ from balpm_server.domain.pool_runtime import PoolRuntime
 from balpm_server.posterior import PosteriorStore, predict_probs
 from balpm_server.settings import Settings
 from balpm_server.storage import FeatureStore, SqlStore
+from balpm_server.storage.artifacts import ArtifactStore
+from balpm_server.storage.pool_artifacts import PoolArtifacts
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class RuntimeCache:
@@ -48,11 +54,13 @@ class RuntimeCache:
     Args:
         settings: Server settings.
         store: The metadata store.
+        artifacts: The artifact store holding the durable copy of the pools' files (None: the data dir).
     """
 
-    def __init__(self, settings: Settings, store: SqlStore) -> None:
+    def __init__(self, settings: Settings, store: SqlStore, artifacts: ArtifactStore | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.artifacts = PoolArtifacts(artifacts, store)
         self.root = settings.data_path
         self.runtimes: dict[str, PoolRuntime] = {}
         self._graph_locks: dict[str, threading.Lock] = {}
@@ -85,6 +93,12 @@ class RuntimeCache:
         """The pool's posterior versions."""
         return PosteriorStore(self.pool_dir(key) / "posterior")
 
+    async def io(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run store or artifact I/O from the event loop: in a worker thread when either goes over the network."""
+        if self.store.blocking or self.artifacts.enabled:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
     async def stop(self) -> None:
         """Cancel background graph builds."""
         tasks = list(self._background)
@@ -102,7 +116,7 @@ class RuntimeCache:
         """
         if rt.item_ids is not None:
             return
-        loaded = await self.store.call(self._read_items, info)
+        loaded = await self.io(self._read_items, info)
         if rt.item_ids is not None:
             return
         index, occupancy, prompt_N_D, a_N_D, b_N_D = loaded
@@ -123,6 +137,7 @@ class RuntimeCache:
             )
         fs = self.features(info)
         n = len(index.item_ids)
+        self.artifacts.restore_features(info.key, fs, n)  # a replica whose data dir lacks them
         occupancy = Occupancy.from_records(
             n, info.settings.labels_per_item, self.store.label_annotators(info.key),
             self.store.active_leases(info.key, time.time()), self.store.excluded_rows(info.key),
@@ -134,7 +149,10 @@ class RuntimeCache:
         version = info.posterior_version
         if version == 0 or (rt.posterior_version == version and rt.posterior_state is not None):
             return
-        state, _manifest = self.posterior_store(rt.pool_id).load(version)
+        posteriors = self.posterior_store(rt.pool_id)
+        name = posteriors.folder_name(version)
+        self.artifacts.restore_folder(f"pools/{rt.pool_id}/posterior/{name}/", posteriors.folder(version))
+        state, _manifest = posteriors.load(version)
         rt.lora = None
         if state.config.posterior == "lora_ensemble":
             from balpm_server.posterior.lora import lora_ensemble_from_state
@@ -228,6 +246,7 @@ class RuntimeCache:
     def _load_or_build_graph(self, info: PoolInfo, prompt_N_D: np.ndarray, pool_N: np.ndarray, path: Path) -> KnnGraph:
         s = info.settings
         stored: KnnGraph | None = None
+        self.artifacts.restore_graph(info.key, path)
         if path.exists():
             try:
                 stored = KnnGraph.load(path)
@@ -253,6 +272,7 @@ class RuntimeCache:
         try:
             graph.save(tmp)
             tmp.replace(path)
+            self.artifacts.put_graph(info.key, path)
         except OSError as e:  # a full or read-only disk: the graph is a cache, use it unsaved
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

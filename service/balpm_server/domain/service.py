@@ -56,6 +56,7 @@ from balpm_server.domain.uploads import Featurizer, Uploads
 from balpm_server.features import FeatureExtractor
 from balpm_server.settings import Settings
 from balpm_server.storage import open_store
+from balpm_server.storage.artifacts import open_artifact_store
 
 __all__ = ["DEFAULT_TENANT", "PoolService"]
 
@@ -74,7 +75,15 @@ class PoolService:
         self.root = settings.data_path
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = open_store(settings.database_url, self.root, connect_timeout_s=settings.database_connect_timeout_s)
-        self._cache = RuntimeCache(settings, self.store)
+        try:
+            artifacts = open_artifact_store(
+                settings.artifact_url, cache_dir=self.root / "artifact-cache",
+                cache_max_bytes=settings.artifact_cache_bytes,
+            )
+        except BaseException:
+            self.store.close()
+            raise
+        self._cache = RuntimeCache(settings, self.store, artifacts)
         self._pools = Pools(settings, self.store, self._cache, extractor)
         self._featurizer = Featurizer(settings, self.store, self._cache, extractor)
         self._uploads = Uploads(settings, self.store, self._pools, self._cache, self._featurizer)

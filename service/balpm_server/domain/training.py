@@ -318,8 +318,15 @@ class Training:
             },
             "created_s": made_s,
         }
-        version = await asyncio.to_thread(posteriors.save, result.state, manifest)
-        await self.store.call(self.store.set_posterior_version, info.key, version)
+        now = await self.store.call(self.store.pool_info, info.key, counts=False)
+        published = now.posterior_version if now is not None else info.posterior_version
+        version = await asyncio.to_thread(posteriors.save, result.state, manifest, min_version=published + 1)
+        # The version's files reach the artifact store before the version is published.
+        prefix = await asyncio.to_thread(
+            self.cache.artifacts.put_folder, info.key, "posterior/" + posteriors.folder_name(version),
+            posteriors.folder(version),
+        )
+        await self.store.call(self.store.set_posterior_version, info.key, version, prefix)
         self._trained[info.key] = (len(rows_L), made_s)
         rt.posterior_state, rt.posterior_version, rt.lora = result.state, version, lora
         rt.epistemic_version = -1

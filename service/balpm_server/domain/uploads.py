@@ -38,7 +38,7 @@ from balpm_server.domain.pools import Pools
 from balpm_server.domain.runtime import RuntimeCache
 from balpm_server.features import FeatureExtractor
 from balpm_server.settings import Settings
-from balpm_server.storage import SqlStore
+from balpm_server.storage import FeatureStore, SqlStore
 from balpm_server.storage.faults import storage_error
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,8 @@ class Featurizer:
                     texts_b = [t.prompt + t.completion_b for t in part]
                     feats = await self.extractor.embed(prompts + texts_a + texts_b)
                     n = len(part)
-                    fs.write_rows(rows_R, {"prompt": feats[:n], "a": feats[n : 2 * n], "b": feats[2 * n :]})
-                    await self.store.call(self.store.mark_featurized, key, rows_R.tolist())
+                    block = {"prompt": feats[:n], "a": feats[n : 2 * n], "b": feats[2 * n :]}
+                    await self.cache.io(self._store_group, key, fs, rows_R, block)
                     self._pauses.pop(key, None)  # progress: no longer paused
             info = await self.store.call(self.store.pool_info, key, counts=False)
             if info is not None and server_apl(info):
@@ -200,6 +200,12 @@ class Featurizer:
             await self._retry_later(key, delay_s)
         else:
             self._pauses.pop(key, None)
+
+    def _store_group(self, key: str, fs: FeatureStore, rows_R: np.ndarray, block: dict[str, np.ndarray]) -> None:
+        """Make one featurisation group durable (file, then artifact object), then mark it featurised."""
+        fs.write_rows(rows_R, block)
+        chunk = self.cache.artifacts.put_features(key, rows_R, block)
+        self.store.mark_featurized(key, rows_R.tolist(), chunk)
 
     async def _retry_later(self, key: str, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
@@ -339,17 +345,20 @@ class Uploads:
                 try:
                     def prepare(
                         first: int, new: list[tuple[ItemIn, dict[str, np.ndarray], str]] = new
-                    ) -> list[ItemRecord]:
-                        # Inside the items' transaction: the feature rows are durable before it commits.
+                    ) -> tuple[list[ItemRecord], str | None]:
+                        # Inside the items' transaction: the feature rows (local file, then the
+                        # artifact store's object) are durable before it commits.
                         rows_R = np.arange(first, first + len(new), dtype=np.int64)
+                        chunk = None
                         if client_features:
-                            fs.write_rows(
-                                rows_R, {k: np.stack([f[k] for _, f, _ in new]) for k in ("prompt", "a", "b")}
-                            )
-                        return [item_record(item, int(r), d, client_features)
-                                for (item, _, d), r in zip(new, rows_R, strict=True)]
+                            block = {k: np.stack([f[k] for _, f, _ in new]) for k in ("prompt", "a", "b")}
+                            fs.write_rows(rows_R, block)
+                            chunk = self.cache.artifacts.put_features(key, rows_R, block)
+                        records = [item_record(item, int(r), d, client_features)
+                                   for (item, _, d), r in zip(new, rows_R, strict=True)]
+                        return records, chunk
 
-                    await self.store.call(
+                    await self.cache.io(
                         self.store.add_items, key, len(new), prepare,
                         featurizing=not client_features or server_apl(info),
                     )

@@ -70,6 +70,15 @@ class PosteriorStore:
     def _dir(self, version: int) -> Path:
         return self.root / f"v{version:06d}"
 
+    def folder(self, version: int) -> Path:
+        """The folder of one version (it may not exist)."""
+        return self._dir(version)
+
+    @staticmethod
+    def folder_name(version: int) -> str:
+        """The folder name of one version (``v000001``), also its name in the artifact store."""
+        return f"v{version:06d}"
+
     def versions(self) -> list[int]:
         """Complete versions, ascending."""
         if not self.root.is_dir():
@@ -86,12 +95,14 @@ class PosteriorStore:
         versions = self.versions()
         return versions[-1] if versions else None
 
-    def save(self, state: EnsembleState, manifest: dict[str, Any]) -> int:
+    def save(self, state: EnsembleState, manifest: dict[str, Any], *, min_version: int = 1) -> int:
         """Write a new version atomically.
 
         Args:
             state: The posterior to save.
             manifest: JSON-serialisable facts about it (seed, label count, metrics...).
+            min_version: The lowest number it may take (one past the pool's published
+                version: a replica whose folder lacks older versions never reuses a number).
 
         Returns:
             The new version number (1, 2, ...).
@@ -115,7 +126,7 @@ class PosteriorStore:
                 "input_dim": str(state.input_dim),
             })
             _fsync_path(tmp / MODEL_FILE)
-            version = (self.latest_version() or 0) + 1
+            version = max((self.latest_version() or 0) + 1, min_version)
             while True:
                 full = json.loads(manifest_text)
                 full["version"] = version

@@ -63,6 +63,11 @@ class FeatureStore:
             finally:
                 os.close(fd)
 
+    def rows_stored(self, kind: str) -> int:
+        """How many rows the local file of a kind holds (0 when it is missing)."""
+        path = self._path(kind)
+        return path.stat().st_size // (self.dim * 4) if path.exists() else 0
+
     def read(self, kind: str, n_rows: int) -> np.ndarray:
         """Read the first `n_rows` rows of a kind (missing rows read as zeros).
 

@@ -112,7 +112,20 @@ CREATE TABLE requests (
 )
 """
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1,)
+# v2: artifacts published in the artifact store (feature chunks, kNN graphs, posterior
+# versions), one row per object, written after the object is durable.
+SCHEMA_V2 = """
+CREATE TABLE artifacts (
+  seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  pool_id TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  object_key TEXT NOT NULL,
+  create_time DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX artifacts_pool ON artifacts (pool_id, kind, seq)
+"""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

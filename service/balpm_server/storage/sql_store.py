@@ -69,6 +69,11 @@ from balpm_server.domain.models import (
 
 log = logging.getLogger(__name__)
 
+# Kinds of published artifacts (`artifacts.kind`).
+ARTIFACT_FEATURES = "features"
+ARTIFACT_KNN = "knn"
+ARTIFACT_POSTERIOR = "posterior"
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -174,17 +179,24 @@ class SqlStore:
         return StoreCounts(by_state, int(pool_n), int(heldout_n), int(feat_n), int(labels_n), int(active), int(expired))
 
     def add_items(
-        self, pool_key: str, count: int, prepare: Callable[[int], Sequence[ItemRecord]], *, featurizing: bool
+        self,
+        pool_key: str,
+        count: int,
+        prepare: Callable[[int], tuple[Sequence[ItemRecord], str | None]],
+        *,
+        featurizing: bool,
     ) -> int:
         """Reserve `count` feature rows and insert the items `prepare(first_row)` returns, in one transaction.
 
         `prepare` runs inside the transaction, before the commit: it writes the items'
-        feature rows (and any artifact), so nothing is committed before its bytes are durable.
+        feature rows (and their artifact-store object, whose key it returns and which is
+        published here), so nothing is committed before its bytes are durable.
 
         Args:
             pool_key: The pool instance.
             count: How many rows to reserve.
-            prepare: Given the first reserved row, makes the feature rows durable and returns the records.
+            prepare: Given the first reserved row, makes the feature rows durable; returns the records
+                and the key of the feature chunk's object (None without an artifact store).
             featurizing: Also set the pool FEATURIZING (its new rows still need features).
 
         Returns:
@@ -195,7 +207,10 @@ class SqlStore:
         """
         with self.transaction() as tx:
             first = self.reserve_rows(tx, pool_key, count)
-            self.insert_items(tx, pool_key, prepare(first))
+            records, chunk_key = prepare(first)
+            self.insert_items(tx, pool_key, records)
+            if chunk_key is not None:
+                self.publish_artifact_in(tx, pool_key, ARTIFACT_FEATURES, chunk_key)
             if featurizing:
                 self.set_pool_state_in(tx, pool_key, PoolState.FEATURIZING)
         return first
@@ -239,7 +254,7 @@ class SqlStore:
     def delete_pool(self, pool_key: str) -> None:
         """Delete a pool and everything that belongs to it."""
         with self.transaction() as c:
-            for table in ("items", "labels", "leases", "operations", "requests", "pools"):
+            for table in ("items", "labels", "leases", "operations", "requests", "artifacts", "pools"):
                 c.run(f"DELETE FROM {table} WHERE pool_id = ?", (pool_key,))
 
     def pool_key(self, tenant: str, name: str) -> str | None:
@@ -274,9 +289,11 @@ class SqlStore:
         """Set a pool's lifecycle state inside the caller's transaction."""
         tx.run("UPDATE pools SET state = ? WHERE pool_id = ?", (state.value, pool_key))
 
-    def set_posterior_version(self, pool_key: str, version: int) -> None:
-        """Record the pool's latest posterior version."""
+    def set_posterior_version(self, pool_key: str, version: int, object_prefix: str | None = None) -> None:
+        """Record the pool's latest posterior version (and publish its objects' prefix in the artifact store)."""
         with self.transaction() as c:
+            if object_prefix is not None:
+                self.publish_artifact_in(c, pool_key, ARTIFACT_POSTERIOR, object_prefix)
             c.run("UPDATE pools SET posterior_version = ? WHERE pool_id = ?", (version, pool_key))
 
     def pool_info(self, pool_key: str, *, counts: bool = True) -> PoolInfo | None:
@@ -324,6 +341,29 @@ class SqlStore:
             featurized_count=int(featurized),
             excluded_count=int(excluded),
         )
+
+    # ---- artifacts ---------------------------------------------------------------------
+
+    def publish_artifact_in(self, tx: Tx, pool_key: str, kind: str, object_key: str) -> None:
+        """Publish an artifact-store object (already durable) of a pool, inside the caller's transaction."""
+        tx.run(
+            "INSERT INTO artifacts (pool_id, kind, object_key, create_time) VALUES (?, ?, ?, ?)",
+            (pool_key, kind, object_key, time.time()),
+        )
+
+    def publish_artifact(self, pool_key: str, kind: str, object_key: str) -> None:
+        """Publish an artifact-store object (already durable) of a pool."""
+        with self.transaction() as c:
+            self.publish_artifact_in(c, pool_key, kind, object_key)
+
+    def artifacts_of(self, pool_key: str, kind: str) -> list[str]:
+        """Object keys of a pool's published artifacts of one kind, oldest first."""
+        return [
+            str(k)
+            for (k,) in self._query(
+                "SELECT object_key FROM artifacts WHERE pool_id = ? AND kind = ? ORDER BY seq", (pool_key, kind)
+            )
+        ]
 
     # ---- items -------------------------------------------------------------------------
 
@@ -378,9 +418,11 @@ class SqlStore:
             ],
         )
 
-    def mark_featurized(self, pool_id: str, rows: Sequence[int]) -> None:
-        """Mark feature rows as written (after the feature files are fsynced)."""
+    def mark_featurized(self, pool_id: str, rows: Sequence[int], chunk_key: str | None = None) -> None:
+        """Mark feature rows as written (after the feature files are fsynced), publishing their chunk's object."""
         with self.transaction() as c:
+            if chunk_key is not None:
+                self.publish_artifact_in(c, pool_id, ARTIFACT_FEATURES, chunk_key)
             c.run_many(
                 "UPDATE items SET featurized = 1 WHERE pool_id = ? AND row = ?",
                 [(pool_id, int(r)) for r in rows],

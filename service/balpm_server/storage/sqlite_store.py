@@ -107,7 +107,20 @@ SCHEMA_V3 = """
 ALTER TABLE items ADD COLUMN excluded INTEGER NOT NULL DEFAULT 0;
 """
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3)
+# v4: artifacts published in the artifact store (feature chunks, kNN graphs, posterior
+# versions), one row per object, written after the object is durable.
+SCHEMA_V4 = """
+CREATE TABLE artifacts (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  pool_id TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  object_key TEXT NOT NULL,
+  create_time REAL NOT NULL
+);
+CREATE INDEX artifacts_pool ON artifacts (pool_id, kind, seq);
+"""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
