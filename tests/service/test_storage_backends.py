@@ -5,6 +5,7 @@ Real components only: a PostgreSQL server and `moto_server` on loopback (tests/b
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -120,7 +121,7 @@ def _check(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[s
     return subprocess.run(
         [sys.executable, "-m", "balpm_server.server", "--check-storage", "--data-dir", str(tmp_path / "d"),
          "--log-level", "ERROR", "--database-connect-timeout-s", "1"],
-        capture_output=True, text=True, timeout=60, env={**__import__("os").environ, **env},
+        capture_output=True, text=True, timeout=60, env={**os.environ, **env},
     )
 
 
@@ -174,3 +175,35 @@ def test_postgres_schema_migrates_from_empty_and_from_the_previous_version(pg_se
         conn.execute("UPDATE balpm_schema SET version = %s", (SCHEMA_VERSION + 1,))
     with pytest.raises(errors.FailedPrecondition, match="newer than this server"):
         PostgresStore(url)
+
+
+def test_bucket_outage_fails_uploads_unavailable_and_stores_nothing(tmp_path: Path, pg_server: Any) -> None:
+    from tests.backends import MotoServer
+
+    moto = MotoServer(tmp_path / "moto.log")  # its own server: this test stops it
+    env = moto.env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        srv = ServerThread(make_settings(tmp_path / "data", extractor="", database_url=pg_server.new_database(),
+                                         artifact_url=f"s3://{moto.new_bucket()}/p"))
+        try:
+            items, _ = synthetic_items(30, 8, seed=9)
+            with Client(srv.target, timeout_s=60, retry=False) as c:
+                c.create_pool("p", feature_source="CLIENT", feature_dim=8, **SMALL)
+                c.upload_items("p", items[:20])
+                moto.close()  # the bucket goes away
+                with pytest.raises(BalpmError) as info:
+                    c.upload_items("p", items[20:])
+                assert info.value.code.name == "UNAVAILABLE" and info.value.reason == "ARTIFACT_STORE_UNAVAILABLE"
+                assert c.get_pool("p").item_count == 20  # nothing of the failed chunk was committed
+                assert len(c.acquire("p", batch_size=4, strategy="RANDOM", seed=0).items) == 4  # still serving
+        finally:
+            srv.stop()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        moto.close()

@@ -13,7 +13,9 @@ returns the error callers see:
   `UNAVAILABLE`, reason `STORAGE_UNAVAILABLE`;
 - PostgreSQL down, restarting or unreachable (a lost connection, no connection from the
   pool in time, ``57P0x``): `UNAVAILABLE`, reason `DATABASE_UNAVAILABLE`; its disk full
-  (``53100``): `DISK_FULL`; a read-only standby (``25006``): `STORAGE_READ_ONLY`.
+  (``53100``): `DISK_FULL`; a read-only standby (``25006``): `STORAGE_READ_ONLY`;
+- the artifact store (bucket) unreachable or refusing: `UNAVAILABLE`, reason
+  `ARTIFACT_STORE_UNAVAILABLE`.
 
 Messages are fixed sentences: the server's paths stay in its log. Nothing is
 acknowledged before its commit, so after the operator frees space (or remounts the
@@ -29,17 +31,20 @@ import sys
 from collections.abc import Iterator
 
 from balpm_server import errors
+from balpm_server.storage.artifacts import ArtifactStoreError
 
 DISK_FULL = "DISK_FULL"
 STORAGE_READ_ONLY = "STORAGE_READ_ONLY"
 STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
 DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+ARTIFACT_STORE_UNAVAILABLE = "ARTIFACT_STORE_UNAVAILABLE"
 
 MESSAGES = {
     DISK_FULL: "the server's storage is full; free space or grow the volume, then retry",
     STORAGE_READ_ONLY: "the server's storage is read-only or not writable; make the data volume writable, then retry",
     STORAGE_UNAVAILABLE: "the server's storage failed to read, write or open a file; check the data volume, then retry",
     DATABASE_UNAVAILABLE: "the server's database is unreachable or restarting; retry shortly",
+    ARTIFACT_STORE_UNAVAILABLE: "the server's artifact store (bucket) failed or is unreachable; retry shortly",
 }
 
 _ERRNO_REASON: dict[int, str] = {
@@ -110,6 +115,8 @@ def _reason_of(exc: BaseException) -> tuple[str, str] | None:
     pg = _postgres_reason(exc)
     if pg is not None:
         return pg
+    if isinstance(exc, ArtifactStoreError):  # the bucket: unreachable, denied, missing (details in the log)
+        return ARTIFACT_STORE_UNAVAILABLE, type(exc).__name__
     m = _RUST_OS_ERROR.search(str(exc))
     if m:
         code = int(m.group(1))
