@@ -263,7 +263,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shutdown-grace-s", type=float, help="SIGTERM drain time in seconds (BALPM_SHUTDOWN_GRACE_S)")
     p.add_argument(
-        "--check-storage", action="store_true", default=False,
+        "--check-storage", action="store_true", default=None,
         help="connect to the database (migrating its schema) and write, read and delete a probe object in the "
         "artifact store, print one line per store, then exit: 0 when both work, 2 with an error: line otherwise",
     )

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from balpm import Client
 from balpm.data import demo_rows, hide_preferences
+from balpm.errors import BalpmError
 from balpm.v1 import balpm_pb2 as pb
 from tests.conftest import ServerThread, synthetic_items
 
@@ -254,3 +255,17 @@ def test_training_is_exclusive_cancellable_and_can_warm_start(server: ServerThre
     warm = client.update_posterior("ops", seed=3, epochs=2, warm_start=True)
     assert (first.result.posterior_version, warm.result.posterior_version) == (1, 2)
     assert client.predict("ops", item_ids=["it-0"]).posterior_version == 2
+
+
+def test_nul_characters_are_refused_with_the_field_named(server: ServerThread, client: Client) -> None:
+    """No database stores U+0000 in text (PostgreSQL refuses it): every backend answers INVALID_ARGUMENT."""
+    client.create_pool("nul", feature_source="CLIENT", feature_dim=4)
+    with pytest.raises(BalpmError) as info:
+        client.ingest_labels("nul", [{"label_id": "ok", "item_id": "a", "preference": "A"},
+                                     {"label_id": "bad\x00id", "item_id": "a", "preference": "A"}])
+    assert info.value.code.name == "INVALID_ARGUMENT" and info.value.reason == "NUL_CHARACTER"
+    assert [v.field for v in info.value.field_violations] == ["labels[1].label_id"]
+    with pytest.raises(BalpmError) as info:
+        client.get_operation("op\x00")
+    assert info.value.reason == "NUL_CHARACTER"
+    assert client.get_pool("nul").label_count == 0  # the server keeps serving

@@ -49,17 +49,71 @@ class _Malformed:
 MALFORMED = _Malformed()
 
 
+class _NulIn:
+    """Stands for a request with a NUL character in a string field (no database stores those)."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+
+def _repeated(fd: Any) -> bool:
+    is_repeated = getattr(fd, "is_repeated", None)
+    return bool(is_repeated) if is_repeated is not None else fd.label == fd.LABEL_REPEATED
+
+
+def nul_field(msg: Any, prefix: str = "") -> str | None:
+    """The path of the first string field (at any depth, map keys included) holding a NUL character, or None."""
+    for fd, value in msg.ListFields():
+        name = prefix + fd.name
+        if fd.type == fd.TYPE_STRING:
+            values = enumerate(value) if _repeated(fd) else [(None, value)]
+            for i, text in values:
+                if "\x00" in text:
+                    return name if i is None else f"{name}[{i}]"
+        elif fd.type == fd.TYPE_MESSAGE:
+            if fd.message_type.GetOptions().map_entry:
+                for key, item in value.items():
+                    if isinstance(key, str) and "\x00" in key:
+                        return f"{name}[{key!r}]"
+                    found = nul_field(item, f"{name}[{key!r}].") if hasattr(item, "ListFields") else None
+                    if found is None and isinstance(item, str) and "\x00" in item:
+                        found = f"{name}[{key!r}]"
+                    if found:
+                        return found
+            elif _repeated(fd):
+                for i, item in enumerate(value):
+                    if (found := nul_field(item, f"{name}[{i}].")) is not None:
+                        return found
+            elif (found := nul_field(value, name + ".")) is not None:
+                return found
+    return None
+
+
 def _safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
 
     def deserialize(raw: bytes) -> Any:
         try:
-            return deserializer(raw)
+            msg = deserializer(raw)
         except Exception:
             return MALFORMED
+        found = nul_field(msg)
+        return _NulIn(found) if found is not None else msg
 
     return deserialize
+
+
+def _refused(msg: Any) -> errors.InvalidArgument | None:
+    """The error for a request message that cannot be served as decoded, else None."""
+    if msg is MALFORMED:
+        return _malformed_error()
+    if isinstance(msg, _NulIn):
+        return errors.InvalidArgument(
+            f"{msg.field} contains a NUL character (U+0000), which no text field may hold",
+            field=msg.field, reason="NUL_CHARACTER",
+        )
+    return None
 
 
 def _malformed_error() -> errors.InvalidArgument:
@@ -70,8 +124,8 @@ def _malformed_error() -> errors.InvalidArgument:
 
 async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for msg in requests:
-        if msg is MALFORMED:
-            raise _malformed_error()
+        if (refused := _refused(msg)) is not None:
+            raise refused
         yield msg
 
 
@@ -178,8 +232,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             principal = authenticate(self.keys, metadata, call.method)
             CURRENT_TENANT.set(principal.tenant)
         call.tenant = CURRENT_TENANT.get()
-        if request is MALFORMED:
-            raise _malformed_error()
+        if (refused := _refused(request)) is not None:
+            raise refused
         return request
 
     async def _admit(
