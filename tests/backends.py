@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ class PostgresServer:
     """
 
     def __init__(self, root: Path) -> None:
-        import pgserver._commands as pg
+        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR at import; not ours to fix
+            warnings.simplefilter("ignore")
+            import pgserver._commands as pg
 
         self.bin = Path(pg.POSTGRES_BIN_PATH)
         self.root = root
@@ -53,7 +56,9 @@ class PostgresServer:
         self.user: str | None = None
         root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:  # PostgreSQL will not run as root
-            from pgserver.utils import ensure_user_exists
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from pgserver.utils import ensure_user_exists
 
             self.user = "pgserver"
             ensure_user_exists(self.user)
