@@ -28,6 +28,13 @@ so every label commit pays a real fsync; `--fsync-delay-ms` makes each server fs
 slower (an LD_PRELOAD shim, built with `cc`), as on a disk slower than this one:
 
     python bench/load.py --compare-src before=/tmp/base after=. --duration-s 12
+
+Storage backends: `--compare-backends sqlite,postgres` builds the same pool on each backend
+in turn (postgres: a PostgreSQL 16 from the `pgserver` wheel and `moto_server` as the S3
+artifact store, started on loopback and stopped after) and prints the AcquireBatch rows
+and the IngestLabels row per backend:
+
+    python bench/load.py --compare-backends sqlite,postgres --items 20000 --clients 16 --requests 320
 """
 
 from __future__ import annotations
@@ -183,18 +190,23 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 
 def start_server(
-    data_dir: Path, log_path: Path, src: Path | None = None, fsync_shim: Path | None = None, fsync_delay_ms: float = 0
+    data_dir: Path,
+    log_path: Path,
+    src: Path | None = None,
+    fsync_shim: Path | None = None,
+    fsync_delay_ms: float = 0,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
     """Start `balpm-server` on a free loopback port; returns the process and its target.
 
     With `src`, the server runs that source tree's code (PYTHONPATH=<src>/service:<src>/client
     ahead of the editable install), and the check that it really imports from there is
     printed and enforced. With `fsync_shim`, every fsync of the server first sleeps
-    `fsync_delay_ms` (see `FSYNC_SHIM_C`).
+    `fsync_delay_ms` (see `FSYNC_SHIM_C`). `extra_env` adds variables (e.g. a storage backend).
     """
     exe = Path(sys.executable).parent / "balpm-server"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "balpm_server.server"]
-    env = {**os.environ, "BALPM_EXTRACTOR": "", "BALPM_LOG_JSON": "true"}
+    env = {**os.environ, "BALPM_EXTRACTOR": "", "BALPM_LOG_JSON": "true", **(extra_env or {})}
     if src is not None:
         cmd = [sys.executable, "-c", SERVER_LAUNCHER]
         env["PYTHONPATH"] = f"{src.resolve() / 'service'}:{src.resolve() / 'client'}"
@@ -704,6 +716,82 @@ def run_acquire_compare(args: argparse.Namespace) -> None:
         ))
 
 
+def run_backend_compare(args: argparse.Namespace) -> None:
+    """`--compare-backends`: the AcquireBatch rows and the IngestLabels row per storage backend, in one run.
+
+    "sqlite" is the embedded default (data dir on this disk); "postgres" is a PostgreSQL 16
+    server (the `pgserver` wheel's binaries, on loopback) for the records plus an S3-compatible
+    server (`moto_server`, on loopback) for the artifacts, both started here and stopped after.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.backends import MotoServer, PostgresServer
+
+    names = [n.strip() for n in args.compare_backends.split(",") if n.strip()]
+    unknown = set(names) - {"sqlite", "postgres"}
+    if unknown:
+        raise SystemExit(f"--compare-backends: unknown backend(s) {sorted(unknown)}; use sqlite,postgres")
+    strategies = [s.strip().upper() for s in args.strategies.split(",") if s.strip()]
+    tmp = Path(tempfile.mkdtemp(prefix="balpm-load-", dir=args.data_parent or None))
+    pg: PostgresServer | None = None
+    moto: MotoServer | None = None
+    tables: list[tuple[str, str, list[Row]]] = []
+    try:
+        for name in names:
+            env: dict[str, str] = {}
+            described = "SQLite + data dir"
+            if name == "postgres":
+                pg = pg or PostgresServer(tmp / "pg")
+                moto = moto or MotoServer(tmp / "moto.log")
+                import psycopg
+
+                url = pg.new_database()
+                with psycopg.connect(url) as conn:
+                    row = conn.execute("SELECT version()").fetchone()
+                described = f"{str(row[0]).split(',')[0] if row else 'PostgreSQL'} + S3 (moto_server)"
+                env = {**moto.env(), "BALPM_DATABASE_URL": url, "BALPM_ARTIFACT_URL": f"s3://{moto.new_bucket()}/balpm"}
+            proc, target = start_server(tmp / f"data-{name}", tmp / f"server-{name}.log", extra_env=env)
+            try:
+                with Client(target, timeout_s=600) as client:
+                    make_pool(client, args.items, args.dim, args.labels, args.seed)
+                rows = []
+                for strategy in strategies:
+                    rows.append(asyncio.run(run_load(
+                        target, proc.pid, "AcquireBatch", strategy, args.clients, args.requests, args.batch_size, 0
+                    )))
+                    print(f"# done {name} AcquireBatch {strategy}", flush=True)
+                rows.append(asyncio.run(run_load(
+                    target, proc.pid, "IngestLabels", "", args.clients, args.requests, args.batch_size, args.labels
+                )))
+                print(f"# done {name} IngestLabels", flush=True)
+                errors_seen = [ln for ln in log_tail(tmp / f"server-{name}.log", 2000).splitlines()
+                               if '"level": "ERROR"' in ln or "Traceback" in ln]
+                if errors_seen:
+                    print(f"# {name}: {len(errors_seen)} error lines in the server log, first: {errors_seen[0][:300]}")
+                tables.append((name, described, rows))
+            finally:
+                stop_server(proc)
+    finally:
+        if moto is not None:
+            moto.close()
+        if pg is not None:
+            pg.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"\n{args.items} items, dim {args.dim}, {args.labels} seed labels and one training, {args.clients} "
+        f"concurrent clients, batch {args.batch_size}, {args.requests} requests per row, {os.cpu_count()} CPUs, "
+        f"Python {sys.version.split()[0]}"
+    )
+    for name, described, rows in tables:
+        print(f"\n### {name}: {described}\n")
+        print_table(rows, args.target_p99_ms)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+             "backends": [{"backend": n, "stores": d, "rows": [asdict(r) for r in rows]} for n, d, rows in tables]},
+            indent=2,
+        ))
+
+
 def run_compare(args: argparse.Namespace) -> None:
     """`--compare-src`: the IngestLabels row and Health.Check during it, per source tree, in one table."""
     trees = source_trees(args.compare_src, "--compare-src")
@@ -771,6 +859,12 @@ def main() -> None:
     p.add_argument("--health-interval-ms", type=float, default=5.0, help="--compare-src: Health.Check poll period")
     p.add_argument("--health-idle-s", type=float, default=3.0, help="--compare-src: idle Health.Check seconds")
     p.add_argument(
+        "--compare-backends", default="",
+        help="instead of the rows above: e.g. sqlite,postgres: the AcquireBatch rows of --strategies and the "
+        "IngestLabels row per storage backend in one run (postgres = a PostgreSQL 16 and an S3-compatible server, "
+        "both started on loopback by the bench)",
+    )
+    p.add_argument(
         "--data-parent", default="", help="--compare-src: where the on-disk data dirs go (default: the temp dir)"
     )
     p.add_argument(
@@ -789,6 +883,9 @@ def main() -> None:
         return
     if args.acquire_src:
         run_acquire_compare(args)
+        return
+    if args.compare_backends:
+        run_backend_compare(args)
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="balpm-load-"))
