@@ -115,6 +115,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
     return _s3()
 
 
+@pytest.fixture(scope="module")
+def shared_s3(moto_endpoint: str) -> S3ArtifactStore:
+    """One S3 store for tests that never write (client creation is the slow part)."""
+    return _s3()
+
+
 class Counting:
     """An `ArtifactStore` proxy that counts the calls to its inner store."""
 
@@ -174,7 +180,7 @@ def test_put_get_roundtrip_small_and_5mb(store: ArtifactStore) -> None:
 
 
 def test_get_missing_raises_artifact_not_found(store: ArtifactStore) -> None:
-    with pytest.raises(ArtifactNotFound, match="nope/missing.bin") as info:
+    with pytest.raises(ArtifactNotFound, match=r"nope/missing\.bin") as info:
         store.get("nope/missing.bin")
     assert isinstance(info.value, KeyError) and isinstance(info.value, ArtifactStoreError)
     assert str(info.value).startswith(store.url)
@@ -204,7 +210,10 @@ def test_list_and_delete_prefix_cover_folders_not_string_prefixes(store: Artifac
     ["", "/a", "a//b", "a/", "../a", "a/../b", "./a", "a/.", "a b", "a\\b", "é", "a/b?c", "a\x00b", "a~b",
      "x" * 256, "/".join(["abcdefgh"] * 100)],
 )
-def test_invalid_keys_are_rejected(store: ArtifactStore, key: str) -> None:
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_invalid_keys_are_rejected(request: pytest.FixtureRequest, tmp_path: Path, kind: str, key: str) -> None:
+    # Keys are checked before any I/O; one S3 store for all cases keeps this fast (a boto3 client costs ~0.3 s).
+    store: ArtifactStore = FileArtifactStore(tmp_path) if kind == "file" else request.getfixturevalue("shared_s3")
     with pytest.raises(ValueError):
         store.put(key, b"x")
     with pytest.raises(ValueError):
