@@ -94,6 +94,19 @@ class Settings:
         insecure: Allow plaintext on a non-loopback host.
         log_level: Python logging level name.
         log_json: Emit JSON log lines.
+        cluster: Cluster mode: several replicas share one PostgreSQL database and one artifact
+            store; each pool has one owner replica (a lease with a fencing epoch in the database)
+            and the other replicas forward its pool-scoped calls to it (docs/cluster.md).
+        replica_id: This replica's name in the cluster ("" = host name + process id); unique.
+        advertise_address: host:port the other replicas dial to reach this one ("" = host:port
+            as bound; in Kubernetes the pod IP and the gRPC port).
+        ownership_ttl_s: How long a pool's ownership lasts without renewal: an owner that dies
+            or stalls loses its pools after this, and another replica takes them over. Renewed
+            every third of it.
+        cluster_tls_ca_file: CA (PEM) that signs the other replicas' certificates, for forwarding
+            over TLS ("" = tls_cert_file itself when TLS is on; plaintext when it is off).
+        otlp_endpoint: OpenTelemetry OTLP/gRPC collector (host:port or http://host:port) that
+            receives traces; "" disables tracing.
     """
 
     host: str = "127.0.0.1"
@@ -135,6 +148,12 @@ class Settings:
     insecure: bool = False
     log_level: str = "INFO"
     log_json: bool = True
+    cluster: bool = False
+    replica_id: str = ""
+    advertise_address: str = ""
+    ownership_ttl_s: float = 6.0
+    cluster_tls_ca_file: str = ""
+    otlp_endpoint: str = ""
     _extra: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
