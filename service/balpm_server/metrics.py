@@ -104,6 +104,25 @@ TRITON_ERRORS_TOTAL = Counter(
     ["kind"],
 )
 
+# ---- cluster mode ----------------------------------------------------------------------
+POOLS_OWNED = Gauge("balpm_pools_owned", "Pools this replica owns (cluster mode).")
+CLUSTER_REPLICAS = Gauge("balpm_cluster_replicas", "Live replicas this replica sees (cluster mode).")
+OWNERSHIP_TAKEOVERS_TOTAL = Counter(
+    "balpm_ownership_takeovers_total", "Pools this replica took up at a new epoch (claimed, handed over, failed over)."
+)
+OWNERSHIP_HANDOVERS_TOTAL = Counter(
+    "balpm_ownership_handovers_total", "Pools this replica handed to another (rebalancing, draining)."
+)
+FORWARDED_CALLS_TOTAL = Counter(
+    "balpm_forwarded_calls_total", "Calls forwarded to a pool's owner replica, by method and code.", ["method", "code"]
+)
+FORWARD_DURATION_SECONDS = Histogram(
+    "balpm_forward_duration_seconds",
+    "Duration of calls forwarded to a pool's owner (round trip to the owner), by method.",
+    ["method"],
+    buckets=LATENCY_BUCKETS_S,
+)
+
 
 def observe_rpc(service: str, method: str, code: str, seconds: float) -> None:
     """Count one finished RPC and record its latency.

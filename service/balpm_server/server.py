@@ -34,6 +34,7 @@ from balpm_server.logs import setup_logging
 from balpm_server.settings import ENV_PREFIX, Settings
 from balpm_server.storage import SqlStore, faults
 from balpm_server.storage.faults import storage_error
+from balpm_server.transport.forwarding import Forwarder
 from balpm_server.transport.interceptors import ServerInterceptor
 from balpm_server.transport.servicer import BalpmServicer
 
@@ -78,12 +79,16 @@ class RunningServer:
     metrics_port: int | None = None
     _metrics_http: Any = field(default=None, repr=False)
     _counted: SqlStore | None = field(default=None, repr=False)  # registered with the metrics collector
+    _forwarder: Forwarder | None = field(default=None, repr=False)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Flip health to NOT_SERVING, drain in-flight RPCs for `grace_s`, then stop."""
+        """Flip health to NOT_SERVING, hand the pools over (cluster mode), drain in-flight RPCs for `grace_s`, stop."""
         await self.health.enter_graceful_shutdown()
+        await self.service.drain()  # calls arriving meanwhile are forwarded to the pools' new owners
         await self.server.stop(grace_s)
         await self.service.close()
+        if self._forwarder is not None:
+            await self._forwarder.close()
         if self._counted is not None:
             metrics.STORE_COLLECTOR.remove(self._counted)
         if self._metrics_http is not None:
@@ -157,7 +162,8 @@ async def create_server(settings: Settings) -> RunningServer:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    server = grpc.aio.server(options=options, interceptors=[ServerInterceptor(keys, SERVICE_NAME)])
+    interceptor = ServerInterceptor(keys, SERVICE_NAME)
+    server = grpc.aio.server(options=options, interceptors=[interceptor])
     extractor: FeatureExtractor | None = None
     try:  # opens (creates) the stores in the data dir
         if settings.extractor:
@@ -170,6 +176,8 @@ async def create_server(settings: Settings) -> RunningServer:
         if (err := _data_dir_error(settings, e)) is not None:
             raise err from e
         raise
+    if service.cluster is not None:  # pool-scoped calls go to the pool's owner replica
+        interceptor.forwarder = Forwarder(service.cluster, settings, SERVICE_NAME)
     balpm_pb2_grpc.add_BalpmServiceServicer_to_server(BalpmServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -182,7 +190,8 @@ async def create_server(settings: Settings) -> RunningServer:
         raise RuntimeError(f"could not bind {address}")
     await server.start()
     try:
-        await service.start()  # writes to the store (interrupted operations)
+        # Writes to the store (interrupted operations); in cluster mode, joins at the advertised address.
+        await service.start(settings.advertise_address or f"{settings.host}:{port}")
     except Exception as e:
         await server.stop(None)
         await service.close()
@@ -203,7 +212,9 @@ async def create_server(settings: Settings) -> RunningServer:
             "metrics_port": metrics_port,
         },
     )
-    return RunningServer(server, port, service, health_servicer, keys, metrics_port, http_server, service.store)
+    return RunningServer(
+        server, port, service, health_servicer, keys, metrics_port, http_server, service.store, interceptor.forwarder
+    )
 
 
 async def check_extractor(extractor: FeatureExtractor | None, settings: Settings, timeout_s: float = 60.0) -> bool:

@@ -146,6 +146,9 @@ class Acquisition:
         async with rt.lock:
             started = time.perf_counter()
             await self.cache.load_items(info, rt)
+            if self.settings.cluster:  # labels ingested through other replicas
+                await self.cache.sync_labels(info, rt)
+                await self.cache.load_items(info, rt)
             assert rt.item_ids is not None and rt.occupancy is not None
             now = time.time()
             rt.occupancy.purge_expired(now)

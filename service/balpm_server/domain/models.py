@@ -473,3 +473,50 @@ class StoreCounts:
     labels: int
     active_leases: int
     expired_leases: int
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """A cluster replica as the database knows it.
+
+    Attributes:
+        replica_id: Its name.
+        address: host:port the other replicas dial.
+        heartbeat_s: Its last heartbeat (epoch seconds).
+    """
+
+    replica_id: str
+    address: str
+    heartbeat_s: float
+
+
+@dataclass(frozen=True)
+class OwnerRecord:
+    """Who owns a pool in cluster mode.
+
+    Attributes:
+        pool_key: The pool's storage key.
+        replica_id: The owner replica.
+        epoch: Fencing epoch: grows by one at every change of owner.
+        expire_s: When the ownership ends unless renewed (epoch seconds).
+    """
+
+    pool_key: str
+    replica_id: str
+    epoch: int
+    expire_s: float
+
+
+@dataclass(frozen=True)
+class LabelEvent:
+    """One stored label as the owner's occupancy needs it (label ingest on another replica).
+
+    Attributes:
+        seq: Its storage sequence number.
+        row: Its item's feature row.
+        annotator_id: Who labelled it.
+    """
+
+    seq: int
+    row: int
+    annotator_id: str

@@ -40,6 +40,7 @@ class PoolRuntime:
     epistemic_version: int = -1
     epistemic_N: np.ndarray | None = None
     bald_order_R: np.ndarray | None = None  # pool rows by descending epistemic_N (ties: lowest row)
+    label_seq: int = 0  # the occupancy holds every label up to this storage sequence number
 
     def invalidate_items(self) -> None:
         """Forget everything derived from the item set (after an upload)."""
@@ -50,6 +51,7 @@ class PoolRuntime:
         self.graph = None
         self.knn_counts = None
         self.occupancy = None
+        self.label_seq = 0
         self.texts_a = self.texts_b = None
         self.epistemic_version = -1
         self.epistemic_N = None

@@ -119,7 +119,8 @@ class RuntimeCache:
         loaded = await self.io(self._read_items, info)
         if rt.item_ids is not None:
             return
-        index, occupancy, prompt_N_D, a_N_D, b_N_D = loaded
+        index, occupancy, label_seq, prompt_N_D, a_N_D, b_N_D = loaded
+        rt.label_seq = label_seq
         rt.item_ids = index.item_ids
         rt.row_of = {iid: i for i, iid in enumerate(index.item_ids)}
         rt.split_N = index.split_N
@@ -127,8 +128,8 @@ class RuntimeCache:
         rt.occupancy = occupancy
         rt.prompt_N_D, rt.a_N_D, rt.b_N_D = prompt_N_D, a_N_D, b_N_D
 
-    def _read_items(self, info: PoolInfo) -> tuple[ItemIndex, Occupancy, np.ndarray, np.ndarray, np.ndarray]:
-        """What `load_items` installs: item index, occupancy, and the prompt / A / B feature arrays."""
+    def _read_items(self, info: PoolInfo) -> tuple[ItemIndex, Occupancy, int, np.ndarray, np.ndarray, np.ndarray]:
+        """What `load_items` installs: item index, occupancy, the labels' sequence number it holds, features."""
         index = self.store.item_index(info.key)
         rows_N = index.rows_N
         if len(rows_N) and not np.array_equal(rows_N, np.arange(len(rows_N))):
@@ -138,11 +139,28 @@ class RuntimeCache:
         fs = self.features(info)
         n = len(index.item_ids)
         self.artifacts.restore_features(info.key, fs, n)  # a replica whose data dir lacks them
+        label_seq = self.store.last_label_seq(info.key)  # read first: later labels are synced again, harmlessly
         occupancy = Occupancy.from_records(
             n, info.settings.labels_per_item, self.store.label_annotators(info.key),
             self.store.active_leases(info.key, time.time()), self.store.excluded_rows(info.key),
         )
-        return index, occupancy, fs.read("prompt", n), fs.read("a", n), fs.read("b", n)
+        return index, occupancy, label_seq, fs.read("prompt", n), fs.read("a", n), fs.read("b", n)
+
+    async def sync_labels(self, info: PoolInfo, rt: PoolRuntime) -> None:
+        """Apply to the occupancy the labels stored since it was read (cluster mode: ingested by other replicas).
+
+        Call under the runtime's lock with its items loaded; an item newer than the loaded
+        index invalidates the runtime (the next load reads everything again).
+        """
+        if rt.occupancy is None or rt.item_ids is None:
+            return
+        events = await self.io(self.store.label_events, info.key, rt.label_seq)
+        for event in events:
+            if event.row >= len(rt.item_ids):
+                rt.invalidate_items()
+                return
+            rt.occupancy.add_label(event.row, event.annotator_id)
+            rt.label_seq = max(rt.label_seq, event.seq)
 
     def load_posterior(self, info: PoolInfo, rt: PoolRuntime) -> None:
         """Load the pool's latest posterior into the runtime (no-op when it is loaded)."""

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from balpm_server.acquisition import Strategy
 from balpm_server.domain.acquiring import Acquisition
+from balpm_server.domain.cluster import Cluster, check_cluster_settings
 from balpm_server.domain.common import DEFAULT_TENANT
 from balpm_server.domain.group_commit import GroupCommit
 from balpm_server.domain.inference import Inference
@@ -70,6 +71,7 @@ class PoolService:
     """
 
     def __init__(self, settings: Settings, extractor: FeatureExtractor | None) -> None:
+        check_cluster_settings(settings)
         self.settings = settings
         self.extractor = extractor
         self.root = settings.data_path
@@ -91,6 +93,12 @@ class PoolService:
         self._training = Training(settings, self.store, self._pools, self._cache)
         self._acquisition = Acquisition(settings, self.store, self._pools, self._cache)
         self._inference = Inference(settings, self._pools, self._cache, extractor)
+        self.cluster: Cluster | None = None
+        if settings.cluster:
+            self.cluster = Cluster(
+                settings, self.store, self._cache, self._training, self._featurizer, auto_update=self._auto_update
+            )
+            self._training.may_run = self.cluster.owns
         self.ready = False
 
     # ---- internals tests look at -------------------------------------------------------
@@ -128,15 +136,34 @@ class PoolService:
 
     # ---- lifecycle ---------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Restore state: fail interrupted operations, resume featurisation."""
-        await self._training.fail_interrupted()
-        await self._featurizer.resume()
+    async def start(self, address: str = "") -> None:
+        """Restore state: fail interrupted operations, resume featurisation.
+
+        In cluster mode that happens per pool, as this replica takes pools over: it joins
+        the cluster at `address` (host:port the other replicas dial) instead.
+        """
+        if self.cluster is not None:
+            await self.cluster.start(address)
+        else:
+            await self._training.fail_interrupted()
+            await self._featurizer.resume()
         self.ready = True
+
+    async def drain(self) -> None:
+        """Cluster mode: hand every owned pool to another replica (before the server stops serving)."""
+        if self.cluster is not None and not self.cluster.draining:
+            await self.cluster.drain()
+
+    async def _auto_update(self, key: str) -> None:
+        """The automatic update policy of an owned pool (labels may have come in through other replicas)."""
+        info = await self.store.call(self.store.pool_info, key, counts=False)
+        if info is not None and (info.settings.auto_update_min_labels or info.settings.auto_update_interval_s):
+            await self._training.maybe_auto_update(info.tenant, info.pool_id)
 
     async def close(self) -> None:
         """Stop background work and close storage."""
         self.ready = False
+        await self.drain()
         await self._training.stop()  # they stop at the next epoch boundary and record CANCELLED
         await self._featurizer.stop()
         await self._cache.stop()
@@ -170,6 +197,8 @@ class PoolService:
         self._featurizer.cancel(info.key)
         self._training.cancel_pool(info.key)
         await self._pools.delete(info)
+        if self.cluster is not None:
+            self.cluster.forget_pool(tenant, pool_id, info.key)
 
     # ---- items and labels --------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from balpm_server import errors, metrics
 from balpm_server.domain import validation as v
@@ -65,6 +65,8 @@ class Training:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._auto_checks: set[asyncio.Task[str]] = set()
         self._stopping = False
+        # Cluster mode: whether this replica owns a pool (automatic updates run on its owner only).
+        self.may_run: Callable[[str], bool] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -73,6 +75,10 @@ class Training:
         failed = await self.store.call(self.store.fail_unfinished_operations, RESTART_REASON)
         if failed:
             log.warning("marked %d interrupted operations as failed", failed)
+
+    def running_in(self, key: str) -> bool:
+        """Whether a training of the pool runs in this process."""
+        return key in self._running
 
     def cancel_pool(self, key: str) -> None:
         """Cancel the pool's running training (the pool is being deleted)."""
@@ -180,6 +186,8 @@ class Training:
         s = info.settings
         policy = s.auto_update_min_labels or s.auto_update_interval_s
         if self._stopping or self.closed or not policy or info.key in self._running:
+            return ""
+        if self.may_run is not None and not self.may_run(info.key):
             return ""
         trained, made_s = self._trained_upto(info)
         new_labels = await self.store.call(self.store.label_count, info.key) - trained

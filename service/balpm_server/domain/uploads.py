@@ -120,8 +120,13 @@ class Featurizer:
             return
         self._tasks[key] = asyncio.get_running_loop().create_task(self._featurize(key))
 
+    def running_in(self, key: str) -> bool:
+        """Whether the pool's featurisation runs (or waits to retry) in this process."""
+        task = self._tasks.get(key)
+        return task is not None and not task.done()
+
     def cancel(self, key: str) -> None:
-        """Stop featurising a pool (it is being deleted)."""
+        """Stop featurising a pool (it is being deleted, or its ownership moved)."""
         task = self._tasks.pop(key, None)
         self._pauses.pop(key, None)
         if task is not None:

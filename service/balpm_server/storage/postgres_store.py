@@ -125,7 +125,22 @@ CREATE TABLE artifacts (
 CREATE INDEX artifacts_pool ON artifacts (pool_id, kind, seq)
 """
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2)
+# v3: cluster mode: replicas (address + heartbeat) and pool ownership with a fencing epoch.
+SCHEMA_V3 = """
+CREATE TABLE replicas (
+  replica_id TEXT PRIMARY KEY,
+  address TEXT NOT NULL,
+  heartbeat_time DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE pool_owners (
+  pool_id TEXT PRIMARY KEY,
+  replica_id TEXT NOT NULL,
+  epoch BIGINT NOT NULL,
+  expire_time DOUBLE PRECISION NOT NULL
+)
+"""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -268,6 +283,10 @@ class PostgresStore(SqlStore):
                 f"{len(set(item_ids)) - len(locked)} of these items are being leased by another request; retry",
                 reason="LEASE_CONFLICT",
             )
+
+    # A fenced write holds the owner row in SHARE mode until it commits: a takeover's UPDATE
+    # waits for it, so no write of a former owner can commit after the takeover did.
+    _FENCE_LOCK = " FOR SHARE"
 
     def _order_labels(self, tx: Tx, pool_keys: Sequence[str]) -> None:
         for key in pool_keys:  # sorted by the caller: no two writers wait on each other in a cycle

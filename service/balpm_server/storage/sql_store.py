@@ -46,6 +46,7 @@ from balpm_server.domain.models import (
     ItemRecord,
     ItemText,
     LabelContent,
+    LabelEvent,
     LabelIn,
     LabelledBy,
     LabelTargets,
@@ -54,6 +55,7 @@ from balpm_server.domain.models import (
     LeaseRequest,
     Operation,
     OperationState,
+    OwnerRecord,
     PendingFeatures,
     PoolInfo,
     PoolInsert,
@@ -61,6 +63,7 @@ from balpm_server.domain.models import (
     PoolSettings,
     PoolState,
     Preference,
+    ReplicaRecord,
     RequestRecord,
     Split,
     StoreCounts,
@@ -112,6 +115,34 @@ class Tx(Protocol):
         ...
 
 
+NOT_POOL_OWNER = "NOT_POOL_OWNER"
+
+
+@dataclasses.dataclass
+class Fencing:
+    """The pools this replica owns in cluster mode and the epoch it owns each at.
+
+    Writes that depend on the owner's in-memory view (leases, posterior versions) check,
+    inside their transaction, that the database still names this replica at this epoch;
+    a replica that lost a pool (paused, partitioned) has its write refused.
+
+    Attributes:
+        replica_id: This replica.
+        epochs: Pool storage key -> the epoch this replica owns it at.
+    """
+
+    replica_id: str
+    epochs: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def not_owner(pool_key: str, replica_id: str) -> errors.Unavailable:
+    """The error of a pool-scoped write or call on a replica that does not own the pool (retryable)."""
+    return errors.Unavailable(
+        f"replica {replica_id!r} does not own pool {pool_key.split('+')[0]!r} (any more); retry",
+        reason=NOT_POOL_OWNER,
+    )
+
+
 class SqlStore:
     """The service's metadata store, over a backend's connections.
 
@@ -122,6 +153,10 @@ class SqlStore:
 
     unique_violation: tuple[type[BaseException], ...] = ()
     blocking: bool = False
+    # Cluster mode: the pools this replica owns (None: one replica, no fencing).
+    fencing: Fencing | None = None
+    # What a fenced write appends to its owner-row SELECT (PostgreSQL: a row lock).
+    _FENCE_LOCK = ""
     # Statements that keep the schema's counters (items by split, featurised, ...).
     _COUNTS_SQL = (
         "SELECT COALESCE(SUM(CASE WHEN split = 1 THEN 1 ELSE 0 END), 0),"
@@ -254,7 +289,7 @@ class SqlStore:
     def delete_pool(self, pool_key: str) -> None:
         """Delete a pool and everything that belongs to it."""
         with self.transaction() as c:
-            for table in ("items", "labels", "leases", "operations", "requests", "artifacts", "pools"):
+            for table in ("items", "labels", "leases", "operations", "requests", "artifacts", "pool_owners", "pools"):
                 c.run(f"DELETE FROM {table} WHERE pool_id = ?", (pool_key,))
 
     def pool_key(self, tenant: str, name: str) -> str | None:
@@ -292,6 +327,7 @@ class SqlStore:
     def set_posterior_version(self, pool_key: str, version: int, object_prefix: str | None = None) -> None:
         """Record the pool's latest posterior version (and publish its objects' prefix in the artifact store)."""
         with self.transaction() as c:
+            self._fence(c, pool_key)
             if object_prefix is not None:
                 self.publish_artifact_in(c, pool_key, ARTIFACT_POSTERIOR, object_prefix)
             c.run("UPDATE pools SET posterior_version = ? WHERE pool_id = ?", (version, pool_key))
@@ -660,6 +696,7 @@ class SqlStore:
         with self.transaction(durable=False) as c:
             now_s = time.time()
             for pool_id in sorted({r.pool_key for r in requests}):
+                self._fence(c, pool_id)
                 c.run("DELETE FROM leases WHERE pool_id = ? AND expire_time <= ?", (pool_id, now_s))
             for r in requests:
                 self._lock_items(c, r.pool_key, r.item_ids)
@@ -756,7 +793,9 @@ class SqlStore:
                 "INSERT INTO operations (operation_id, pool_id, tenant, state, body_json, create_time, update_time)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (operation_id) DO UPDATE SET pool_id = excluded.pool_id,"
                 " tenant = excluded.tenant, state = excluded.state, body_json = excluded.body_json,"
-                " create_time = excluded.create_time, update_time = excluded.update_time",
+                " create_time = excluded.create_time, update_time = excluded.update_time"
+                # A finished operation stays finished (a former owner's late progress write is dropped).
+                " WHERE operations.state IN (?, ?)",
                 (
                     op.operation_id,
                     op.pool_key or op.pool_id,
@@ -765,6 +804,8 @@ class SqlStore:
                     json.dumps(body),
                     op.create_time_s,
                     op.update_time_s,
+                    OperationState.PENDING.value,
+                    OperationState.RUNNING.value,
                 ),
             )
 
@@ -797,12 +838,17 @@ class SqlStore:
             error_message=body["error_message"],
         )
 
-    def fail_unfinished_operations(self, reason: str) -> int:
-        """Mark operations left PENDING/RUNNING by a previous process as FAILED."""
-        rows = self._query(
-            "SELECT operation_id FROM operations WHERE state IN (?, ?)",
-            (OperationState.PENDING.value, OperationState.RUNNING.value),
-        )
+    def fail_unfinished_operations(self, reason: str, pool_key: str | None = None) -> int:
+        """Mark operations left PENDING/RUNNING by a previous process (or owner) as FAILED.
+
+        Args:
+            reason: The error message they get.
+            pool_key: Only this pool's (a pool taken over in cluster mode); None: every pool's.
+        """
+        where, params = "state IN (?, ?)", [OperationState.PENDING.value, OperationState.RUNNING.value]
+        if pool_key is not None:
+            where, params = where + " AND pool_id = ?", [*params, pool_key]
+        rows = self._query(f"SELECT operation_id FROM operations WHERE {where}", params)
         for (oid,) in rows:
             op = self.load_operation(oid)
             if op is None:
@@ -813,6 +859,122 @@ class SqlStore:
             op.update_time_s = time.time()
             self.save_operation(op)
         return len(rows)
+
+    def operation_pool(self, operation_id: str) -> str | None:
+        """The storage key of an operation's pool, or None when there is no such operation."""
+        rows = self._query("SELECT pool_id FROM operations WHERE operation_id = ?", (operation_id,))
+        return str(rows[0][0]) if rows else None
+
+    # ---- cluster mode: replicas and pool ownership -------------------------------------
+
+    def _fence(self, tx: Tx, pool_key: str) -> None:
+        """Refuse the transaction unless this replica still owns the pool at its epoch (cluster mode only)."""
+        fencing = self.fencing
+        if fencing is None:
+            return
+        epoch = fencing.epochs.get(pool_key)
+        if epoch is None or not tx.rows(
+            "SELECT epoch FROM pool_owners WHERE pool_id = ? AND replica_id = ? AND epoch = ?" + self._FENCE_LOCK,
+            (pool_key, fencing.replica_id, epoch),
+        ):
+            raise not_owner(pool_key, fencing.replica_id)
+
+    def heartbeat(self, replica_id: str, address: str, now_s: float) -> None:
+        """Record that a replica is alive at `address` (inserted on its first beat)."""
+        with self.transaction(durable=False) as c:
+            c.run(
+                "INSERT INTO replicas (replica_id, address, heartbeat_time) VALUES (?, ?, ?)"
+                " ON CONFLICT (replica_id) DO UPDATE SET address = excluded.address,"
+                " heartbeat_time = excluded.heartbeat_time",
+                (replica_id, address, now_s),
+            )
+
+    def remove_replica(self, replica_id: str) -> None:
+        """Forget a replica (it drained and stops)."""
+        with self.transaction() as c:
+            c.run("DELETE FROM replicas WHERE replica_id = ?", (replica_id,))
+
+    def replicas(self) -> list[ReplicaRecord]:
+        """Every replica with its address and last heartbeat, by id."""
+        return [
+            ReplicaRecord(str(r), str(a), float(h))
+            for r, a, h in self._query("SELECT replica_id, address, heartbeat_time FROM replicas ORDER BY replica_id")
+        ]
+
+    def pool_owner(self, pool_key: str) -> OwnerRecord | None:
+        """The pool's ownership row (expired or not), or None when it never had an owner."""
+        rows = self._query("SELECT replica_id, epoch, expire_time FROM pool_owners WHERE pool_id = ?", (pool_key,))
+        return OwnerRecord(pool_key, str(rows[0][0]), int(rows[0][1]), float(rows[0][2])) if rows else None
+
+    def owners(self) -> list[OwnerRecord]:
+        """Every pool's ownership row."""
+        return [
+            OwnerRecord(str(k), str(r), int(e), float(x))
+            for k, r, e, x in self._query("SELECT pool_id, replica_id, epoch, expire_time FROM pool_owners")
+        ]
+
+    def assign_pool(
+        self, pool_key: str, replica_id: str, now_s: float, ttl_s: float, *, from_replica: str = ""
+    ) -> OwnerRecord | None:
+        """Give the pool to `replica_id` at the next epoch, if it is free or held by `from_replica`.
+
+        Free means never owned or expired; with `from_replica` (a hand-over by the current
+        owner) its live ownership moves too. Giving a pool to the replica that holds it
+        already only renews it. One conditional statement: of concurrent claims, one wins.
+
+        Returns:
+            The new ownership, or None when another replica holds the pool.
+        """
+        with self.transaction() as c:
+            if not c.rows("SELECT 1 FROM pools WHERE pool_id = ?", (pool_key,)):
+                return None
+            c.run(
+                "INSERT INTO pool_owners (pool_id, replica_id, epoch, expire_time) VALUES (?, ?, 1, ?)"
+                " ON CONFLICT (pool_id) DO UPDATE SET replica_id = excluded.replica_id,"
+                " epoch = CASE WHEN pool_owners.replica_id = excluded.replica_id AND pool_owners.expire_time > ?"
+                " THEN pool_owners.epoch ELSE pool_owners.epoch + 1 END, expire_time = excluded.expire_time"
+                " WHERE pool_owners.expire_time <= ? OR pool_owners.replica_id = ? OR pool_owners.replica_id = ?",
+                (pool_key, replica_id, now_s + ttl_s, now_s, now_s, replica_id, from_replica or replica_id),
+            )
+            rows = c.rows("SELECT replica_id, epoch, expire_time FROM pool_owners WHERE pool_id = ?", (pool_key,))
+        if not rows or rows[0][0] != replica_id:
+            return None
+        return OwnerRecord(pool_key, replica_id, int(rows[0][1]), float(rows[0][2]))
+
+    def renew_pools(self, replica_id: str, now_s: float, ttl_s: float) -> list[OwnerRecord]:
+        """Extend every ownership of a replica by `ttl_s`; returns them (those taken over are gone)."""
+        with self.transaction(durable=False) as c:
+            rows = c.rows(
+                "UPDATE pool_owners SET expire_time = ? WHERE replica_id = ? RETURNING pool_id, epoch, expire_time",
+                (now_s + ttl_s, replica_id),
+            )
+        return [OwnerRecord(str(k), replica_id, int(e), float(x)) for k, e, x in rows]
+
+    def release_pools(self, replica_id: str, epochs: dict[str, int] | None = None) -> int:
+        """End a replica's ownerships now (all, or those at the given epochs); returns how many ended."""
+        with self.transaction() as c:
+            if epochs is None:
+                return c.run("UPDATE pool_owners SET expire_time = 0 WHERE replica_id = ?", (replica_id,))
+            return c.run_many(
+                "UPDATE pool_owners SET expire_time = 0 WHERE pool_id = ? AND replica_id = ? AND epoch = ?",
+                [(k, replica_id, e) for k, e in epochs.items()],
+            )
+
+    def label_events(self, pool_key: str, after_seq: int) -> list[LabelEvent]:
+        """The pool's labels stored after `after_seq`, with their rows, in storage order."""
+        return [
+            LabelEvent(int(s), int(r), str(a))
+            for s, r, a in self._query(
+                "SELECT l.seq, i.row, l.annotator_id FROM labels l JOIN items i"
+                " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ? AND l.seq > ? ORDER BY l.seq",
+                (pool_key, after_seq),
+            )
+        ]
+
+    def last_label_seq(self, pool_key: str) -> int:
+        """The highest label sequence number of the pool (0 without labels)."""
+        ((seq,),) = self._query("SELECT COALESCE(MAX(seq), 0) FROM labels WHERE pool_id = ?", (pool_key,))
+        return int(seq)
 
 
 def _apl_columns(apl: AplScores | None) -> tuple[float | None, ...]:

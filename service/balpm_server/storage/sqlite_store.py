@@ -120,7 +120,22 @@ CREATE TABLE artifacts (
 CREATE INDEX artifacts_pool ON artifacts (pool_id, kind, seq);
 """
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4)
+# v5: cluster mode: replicas (address + heartbeat) and pool ownership with a fencing epoch.
+SCHEMA_V5 = """
+CREATE TABLE replicas (
+  replica_id TEXT PRIMARY KEY,
+  address TEXT NOT NULL,
+  heartbeat_time REAL NOT NULL
+);
+CREATE TABLE pool_owners (
+  pool_id TEXT PRIMARY KEY,
+  replica_id TEXT NOT NULL,
+  epoch INTEGER NOT NULL,
+  expire_time REAL NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

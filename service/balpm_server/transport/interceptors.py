@@ -34,6 +34,7 @@ from balpm_server import errors, metrics
 from balpm_server.auth import KeyStore, authenticate
 from balpm_server.logs import ACCESS_LOG, REQUEST_ID, request_id_from
 from balpm_server.transport import status
+from balpm_server.transport.forwarding import FORWARDED_FROM, Forwarder, prepend
 from balpm_server.transport.servicer import CURRENT_TENANT
 
 QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
@@ -150,7 +151,7 @@ def _code_name(context: grpc.aio.ServicerContext, exc: BaseException | None) -> 
 class _Call:
     """Book-keeping of one RPC."""
 
-    __slots__ = ("code", "method", "peer", "request_id", "service", "started", "tenant")
+    __slots__ = ("code", "deadline_s", "forwarded_from", "method", "peer", "request_id", "service", "started", "tenant")
 
     def __init__(self, service: str, method: str) -> None:
         self.service = service
@@ -160,6 +161,8 @@ class _Call:
         self.tenant = ""
         self.code = "OK"
         self.peer = ""
+        self.forwarded_from = ""  # the replica that relayed the call here (cluster mode)
+        self.deadline_s: float | None = None  # the time the caller's deadline left at arrival
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -168,11 +171,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     Args:
         keys: API keys; None disables authentication (every call gets the default tenant).
         protected_service: Full name of the service that needs authentication.
+        forwarder: Cluster mode: relays pool-scoped calls to the pool's owner replica (after
+            authentication, so a call with a bad key never leaves this replica).
     """
 
-    def __init__(self, keys: KeyStore | None, protected_service: str) -> None:
+    def __init__(self, keys: KeyStore | None, protected_service: str, forwarder: Forwarder | None = None) -> None:
         self.keys = keys
         self.protected_service = protected_service
+        self.forwarder = forwarder
 
     async def intercept_service(
         self,
@@ -220,6 +226,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         call.peer = context.peer()
         metadata = context.invocation_metadata() or ()
         incoming = next((v for k, v in metadata if k == "x-request-id"), None)
+        call.forwarded_from = str(next((v for k, v in metadata if k == FORWARDED_FROM), ""))
+        call.deadline_s = context.time_remaining()
         call.request_id = request_id_from(incoming)
         REQUEST_ID.set(call.request_id)
         metrics.RPC_IN_FLIGHT.labels(call.service, call.method).inc()
@@ -268,6 +276,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     "tenant": call.tenant,
                     "request_id": call.request_id,
                     "peer": call.peer,
+                    "forwarded_from": call.forwarded_from,
+                    "deadline_s": None if call.deadline_s is None else round(call.deadline_s, 3),
                 },
             )
 
@@ -281,6 +291,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async with status.failures_as_status(context, method):
                     request = await self._admit(call, context, request, ours, stream_in)
+                    if ours and self.forwarder is not None:
+                        probe = request
+                        if stream_in:  # the pool is named in the stream's first message
+                            stream = request.__aiter__()
+                            probe = await anext(stream, None)
+                            request = stream if probe is None else prepend(probe, stream)
+                        address = None
+                        if probe is not None:
+                            address = await self.forwarder.target(method, call.tenant, probe, context)
+                        if address is not None:
+                            return await self.forwarder.unary(address, method, request, context, call.request_id)
                     return await inner(request, context)
             except BaseException as e:
                 exc = e
@@ -300,7 +321,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async with status.failures_as_status(context, method):
                     request = await self._admit(call, context, request, ours, stream_in)
-                    async for response in inner(request, context):
+                    responses = inner(request, context)
+                    forwarder = self.forwarder if ours and not stream_in else None
+                    if forwarder is not None:
+                        address = await forwarder.target(method, call.tenant, request, context)
+                        if address is not None:
+                            responses = forwarder.unary_stream(address, method, request, context, call.request_id)
+                    async for response in responses:
                         yield response
             except BaseException as e:
                 exc = e

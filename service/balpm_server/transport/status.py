@@ -111,6 +111,11 @@ def _with_request_id(status: grpc.Status) -> grpc.Status:
     return _Status(status.code, status.details, trailing)  # type: ignore[attr-defined]
 
 
+def relayed_status(code: grpc.StatusCode, details: str, trailing_metadata: Any) -> grpc.Status:
+    """A status another replica answered a forwarded call with, passed on as is (with this call's request id)."""
+    return _with_request_id(_Status(code, details, tuple(trailing_metadata)))
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     """End the call with the status of `exc` (never returns: raises `grpc.aio.AbortError`).
 

@@ -1,0 +1,181 @@
+"""Cluster mode: replicas sharing one PostgreSQL and one bucket, pool owners, forwarding, hand-overs.
+
+Real components only: a PostgreSQL server and `moto_server` on loopback (tests/backends.py),
+replicas as in-process servers (`ServerThread`); the crash tests (SIGKILL, SIGSTOP) use
+server processes and live in tests/service/test_cluster_failover.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from balpm import Client
+from balpm.errors import BalpmError
+from balpm.v1 import balpm_pb2 as pb
+from balpm.v1 import balpm_pb2_grpc as pb_grpc
+from balpm_server.domain.cluster import assign
+from tests.conftest import ServerThread, backend_overrides, make_settings, synthetic_items
+
+SMALL = {"ensemble_size": 2, "hidden_sizes": [16], "epochs": 10}
+TTL_S = 3.0
+
+
+@dataclasses.dataclass
+class Replicas:
+    servers: list[ServerThread]
+
+    def owner_of(self, pool_id: str, tenant: str = "default") -> int:
+        """Index of the replica owning the pool (by the database)."""
+        store = self.servers[0].running.service.store
+        key = store.pool_key(tenant, pool_id)
+        assert key is not None
+        rec = store.pool_owner(key)
+        assert rec is not None and rec.expire_s > time.time()
+        ids = [s.running.service.cluster.replica_id for s in self.servers]  # type: ignore[union-attr]
+        return ids.index(rec.replica_id)
+
+
+def _start(tmp_path: Path, shared: dict[str, str], n: int) -> list[ServerThread]:
+    return [
+        ServerThread(make_settings(
+            tmp_path / f"r{i}", extractor="", cluster=True, replica_id=f"r{i}", ownership_ttl_s=TTL_S, **shared
+        ))
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Replicas]:
+    shared = backend_overrides(request, "postgres")
+    servers = _start(tmp_path, shared, 3)
+    try:
+        yield Replicas(servers)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_assignment_is_balanced_and_the_same_everywhere() -> None:
+    keys = [f"pool-{i}" for i in range(10)]
+    plan = assign(keys, ["r0", "r1", "r2"])
+    assert set(plan) == set(keys)
+    loads = [list(plan.values()).count(r) for r in ("r0", "r1", "r2")]
+    assert max(loads) <= 4 and sum(loads) == 10  # bounded by ceil(10 / 3)
+    assert assign(list(reversed(keys)), ["r2", "r0", "r1"]) == plan  # order of the inputs does not matter
+    assert assign(keys[:6], ["r0", "r1", "r2"]).values().__len__() == 6
+    assert sorted(list(assign(keys[:6], ["r0", "r1", "r2"]).values()).count(r) for r in ("r0", "r1", "r2")) == [2, 2, 2]
+
+
+def test_any_replica_serves_any_pool_with_the_owners_answers(replicas: Replicas) -> None:
+    items, truth = synthetic_items(80, 8, seed=5)
+    clients = [Client(s.target, timeout_s=60) for s in replicas.servers]
+    try:
+        clients[0].create_pool("p", feature_source="CLIENT", feature_dim=8, **SMALL)
+        clients[1].upload_items("p", items)  # forwarded to the owner when r1 is not it
+        owner = replicas.owner_of("p")
+        other = (owner + 1) % 3
+        clients[2].ingest_labels("p", [
+            {"label_id": f"l{i}", "item_id": f"it-{i}", "preference": truth[f"it-{i}"]} for i in range(20)
+        ])
+        op = clients[other].update_posterior("p", seed=0)
+        assert op.result.posterior_version == 1
+        assert replicas.owner_of("p") == owner  # training ran on the owner, which kept the pool
+
+        # The same batch through a non-owner as through the owner (same state, same seed).
+        direct = clients[owner].acquire("p", batch_size=6, strategy="BALPM", seed=3, annotator_id="ann")
+        ids = [it.item.item_id for it in direct.items]
+        clients[owner].release_items("p", ids, annotator_id="ann")
+        relayed = clients[other].acquire("p", batch_size=6, strategy="BALPM", seed=3, annotator_id="ann")
+        assert [it.item.item_id for it in relayed.items] == ids
+        assert [it.scores for it in relayed.items] == [it.scores for it in direct.items]
+
+        # Labels ingested anywhere reach the owner's occupancy: those items are not offered again.
+        clients[other].ingest_labels("p", [
+            {"label_id": f"x{i}", "item_id": iid, "preference": "A", "annotator_id": "ann"} for i, iid in enumerate(ids)
+        ])
+        clients[owner].release_items("p", ids, annotator_id="ann")
+        again = clients[owner].acquire("p", batch_size=10, strategy="BALD", seed=3, annotator_id="bob")
+        assert not set(ids) & {it.item.item_id for it in again.items}
+
+        # Errors come back with the owner's code, reason and field.
+        for c in (clients[owner], clients[other]):
+            with pytest.raises(BalpmError) as err:
+                c.acquire("p", batch_size=0, annotator_id="ann")
+            assert (err.value.code, err.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "batch_size")
+        with pytest.raises(BalpmError) as missing:
+            clients[other].get_pool("nope")
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND
+
+        # GetOperation / WatchOperation through any replica
+        for c in clients:
+            assert c.get_operation(op.operation_id).state == op.state
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_request_id_and_deadline_reach_the_owner(replicas: Replicas, caplog: pytest.LogCaptureFixture) -> None:
+    items, _truth = synthetic_items(30, 4, seed=1)
+    with Client(replicas.servers[0].target, timeout_s=60) as c:
+        c.create_pool("q", feature_source="CLIENT", feature_dim=4, **SMALL)
+        c.upload_items("q", items)
+    owner = replicas.owner_of("q")
+    other = (owner + 1) % 3
+    caplog.set_level("INFO", logger="balpm.access")
+    with grpc.insecure_channel(replicas.servers[other].target) as ch:
+        stub = pb_grpc.BalpmServiceStub(ch)
+        _resp, call = stub.AcquireBatch.with_call(
+            pb.AcquireBatchRequest(pool_id="q", batch_size=2, annotator_id="ann"),
+            metadata=[("x-request-id", "rid-cluster-1")], timeout=7.0,
+        )
+        assert dict(call.trailing_metadata())["x-request-id"] == "rid-cluster-1"
+    at_owner = [
+        r for r in caplog.records
+        if getattr(r, "request_id", "") == "rid-cluster-1" and getattr(r, "forwarded_from", "") == f"r{other}"
+    ]
+    assert len(at_owner) == 1, [(r.getMessage(), getattr(r, "forwarded_from", None)) for r in caplog.records]
+    assert at_owner[0].method == "AcquireBatch" and at_owner[0].code == "OK"  # type: ignore[attr-defined]
+    assert 0 < at_owner[0].deadline_s <= 7.0  # type: ignore[attr-defined]
+
+
+def test_pools_spread_and_move_to_a_new_replica_and_off_a_draining_one(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    shared = backend_overrides(request, "postgres")
+    servers = _start(tmp_path, shared, 2)
+    try:
+        items, _truth = synthetic_items(20, 4, seed=2)
+        with Client(servers[0].target, timeout_s=60) as c:
+            for i in range(6):
+                c.create_pool(f"p{i}", feature_source="CLIENT", feature_dim=4, **SMALL)
+                c.upload_items(f"p{i}", items)
+        reps = Replicas(servers)
+        _wait(lambda: sorted(reps.owner_of(f"p{i}") for i in range(6)) == [0, 0, 0, 1, 1, 1], 4 * TTL_S)
+        servers.append(_start(tmp_path / "late", shared, 3)[2])  # r2 joins
+        _wait(lambda: sorted(reps.owner_of(f"p{i}") for i in range(6)) == [0, 0, 1, 1, 2, 2], 4 * TTL_S)
+        leaving = servers.pop(0)
+        leaving.stop()  # drains: its pools move at once, not after the TTL
+        store = servers[0].running.service.store
+        owners = {o.replica_id for o in store.owners() if o.expire_s > time.time()}
+        assert owners == {"r1", "r2"}
+        with Client(servers[0].target, timeout_s=60) as c:
+            for i in range(6):
+                c.acquire(f"p{i}", batch_size=1, annotator_id="a")
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _wait(predicate: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout_s} s")
+        time.sleep(0.2)
