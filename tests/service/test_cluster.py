@@ -179,3 +179,57 @@ def _wait(predicate: Any, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout_s} s")
         time.sleep(0.2)
+
+
+def test_the_database_refuses_a_former_owners_leases_and_posterior_versions(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from balpm_server import errors
+    from balpm_server.domain.models import LeaseRequest
+    from balpm_server.storage import open_store
+    from balpm_server.storage.sql_store import NOT_POOL_OWNER, Fencing
+
+    shared = backend_overrides(request, "postgres")
+    single = ServerThread(make_settings(tmp_path / "setup", extractor="", **shared))
+    try:
+        with Client(single.target, timeout_s=60) as c:
+            c.create_pool("f", feature_source="CLIENT", feature_dim=4, **SMALL)
+            c.upload_items("f", synthetic_items(10, 4, seed=0)[0])
+    finally:
+        single.stop()
+    a = open_store(shared["database_url"], tmp_path / "a")
+    b = open_store(shared["database_url"], tmp_path / "b")
+    try:
+        key = a.pool_key("default", "f")
+        assert key is not None
+        now = time.time()
+        a.fencing, b.fencing = Fencing("A"), Fencing("B")
+        held = a.assign_pool(key, "A", now, 5.0)
+        assert held is not None and held.epoch == 1
+        assert b.assign_pool(key, "B", now, 5.0) is None  # A's ownership is live
+        a.fencing.epochs[key] = held.epoch
+        a.lease_and_read([LeaseRequest(key, ("it-1",), "x", now + 60)])  # the owner writes
+        with pytest.raises(errors.Unavailable) as not_yet:  # B holds no ownership: refused
+            b.lease_and_read([LeaseRequest(key, ("it-2",), "y", now + 60)])
+        assert not_yet.value.reason == NOT_POOL_OWNER
+
+        taken = b.assign_pool(key, "B", now + 6.0, 5.0)  # after A's expiry (A paused)
+        assert taken is not None and taken.epoch == 2
+        b.fencing.epochs[key] = taken.epoch
+        for late in (
+            lambda: a.lease_and_read([LeaseRequest(key, ("it-3",), "x", now + 60)]),
+            lambda: a.set_posterior_version(key, 7),
+        ):
+            with pytest.raises(errors.Unavailable) as refused:
+                late()
+            assert refused.value.reason == NOT_POOL_OWNER
+        b.lease_and_read([LeaseRequest(key, ("it-3",), "y", now + 60)])
+        assert {lease.annotator_id for lease in b.active_leases(key, now)} == {"x", "y"}
+        info = b.pool_info(key, counts=False)
+        assert info is not None and info.posterior_version == 0
+        assert [r.pool_key for r in a.renew_pools("A", now, 5.0)] == []  # A learns it lost the pool
+        handed = b.assign_pool(key, "A", now + 1.0, 5.0, from_replica="B")  # a hand-over back: next epoch
+        assert handed is not None and handed.epoch == 3
+    finally:
+        a.close()
+        b.close()

@@ -14,7 +14,8 @@ renewal of its pools (a pool missing from the answer was taken over: its state i
 dropped), then the pools' placement: the live replicas (heartbeat within the TTL) and
 the pool keys give every replica the same assignment (rendezvous hashing with bounded
 load: no replica gets more than ceil(pools / replicas)); a replica claims the free pools
-assigned to it and hands the idle pools it holds but is not assigned to their assignee.
+assigned to it and hands the idle pools it holds but is not assigned to their assignee
+(once the assignee has stayed live for two TTLs).
 A call for a pool with no live owner assigns it on the spot. A replica that stops
 drains: it hands every pool to its assignee among the others first.
 
@@ -120,6 +121,7 @@ class Cluster:
         self._expire_s: dict[str, float] = {}  # when this replica's ownership of each pool ends
         self._adopting: dict[str, asyncio.Lock] = {}
         self._replicas: dict[str, ReplicaRecord] = {}
+        self._live_since: dict[str, float] = {}  # live replica -> when this replica first saw it live
         self._names: dict[tuple[str, str], tuple[str | None, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self.draining = False
@@ -186,8 +188,17 @@ class Cluster:
         now = time.time()
         self._replicas = {r.replica_id: r for r in await self.store.call(self.store.replicas)}
         live = [r.replica_id for r in self._replicas.values() if r.heartbeat_s > now - self.ttl_s]
+        self._live_since = {r: self._live_since.get(r, now) for r in live}
         metrics.CLUSTER_REPLICAS.set(len(live))
         return live
+
+    def _settled(self, replica_id: str) -> bool:
+        """Whether a replica has been live long enough (two TTLs, as seen here) to be handed pools.
+
+        A replica that just (re)started gets pools only once it has stayed up: one that
+        restarts in a loop never makes the others hand their pools back and forth.
+        """
+        return time.time() - self._live_since.get(replica_id, time.time()) >= 2 * self.ttl_s
 
     async def tick(self) -> None:
         """Heartbeat, renew owned pools (dropping those taken over), then claim and hand over by the assignment."""
@@ -217,7 +228,8 @@ class Cluster:
                 if claimed is not None:
                     await self._adopt(claimed)
             elif (
-                key in self.fencing.epochs and want is not None and want != self.replica_id and not self._busy(key)
+                key in self.fencing.epochs and want is not None and want != self.replica_id
+                and self._settled(want) and not self._busy(key)
             ):
                 moved = await self.store.call(
                     self.store.assign_pool, key, want, now, self.ttl_s, from_replica=self.replica_id
