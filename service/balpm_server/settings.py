@@ -105,6 +105,9 @@ class Settings:
             every third of it.
         cluster_tls_ca_file: CA (PEM) that signs the other replicas' certificates, for forwarding
             over TLS ("" = tls_cert_file itself when TLS is on; plaintext when it is off).
+        cluster_tls_server_name: Name the replicas' certificate is checked against when one replica
+            dials another by IP ("" = the address itself); one shared certificate with this DNS name
+            then serves every pod.
         otlp_endpoint: OpenTelemetry OTLP/gRPC collector (host:port or http://host:port) that
             receives traces; "" disables tracing.
     """
@@ -153,6 +156,7 @@ class Settings:
     advertise_address: str = ""
     ownership_ttl_s: float = 6.0
     cluster_tls_ca_file: str = ""
+    cluster_tls_server_name: str = ""
     otlp_endpoint: str = ""
     _extra: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

@@ -8,6 +8,10 @@ Two layers:
     when kubectl exists, else taken from .cache/deploy-rendered/ (written by
     .ci/deploy_checks.sh) when newer than deploy/k8s, else skipped.
 The HEALTHCHECK script baked into the image is also run against a real gRPC health server.
+
+balpm runs in cluster mode (issue 21): a Deployment of interchangeable replicas sharing one
+PostgreSQL database and one S3 bucket; cpu-dev brings its own PostgreSQL StatefulSet and MinIO,
+gpu a CloudNativePG Cluster.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ SERVICE_NAME = "balpm.v1.BalpmService"
 GRPC_PORT_NAME = "grpc"
 METRICS_PORT_NAME = "metrics"
 HEALTHCHECK_BIN = "balpm-healthcheck"
+# Secrets the balpm Deployment reads (the first one has the CloudNativePG app-secret layout).
+DATABASE_SECRET, DATABASE_SECRET_KEY = "balpm-pg-app", "uri"
+BUCKET_SECRET = "balpm-s3"
+AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+CNPG_API = "postgresql.cnpg.io/v1"
+CNPG_CLUSTER = "balpm-pg"
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -90,6 +100,37 @@ def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A container's `env` entries by name."""
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def generated(name: str, base_name: str) -> bool:
+    """Whether `name` is `base_name` or kustomize's hash-suffixed version of it."""
+    return name == base_name or re.fullmatch(re.escape(base_name) + r"-[a-z0-9]{10}", name) is not None
+
+
+def secret_data(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
+    """The decoded data of the (generated) Secret a workload references by `name`."""
+    import base64
+
+    (secret,) = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == name]
+    out = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+    out.update(secret.get("stringData", {}))
+    return out
+
+
+def pods_selected(docs: list[dict[str, Any]], match: dict[str, str]) -> list[dict[str, Any]]:
+    """Workloads (Deployment/StatefulSet/Job) whose pod template carries all of `match`'s labels."""
+    return [
+        w for w in workloads_of(docs) if match.items() <= w["spec"]["template"]["metadata"].get("labels", {}).items()
+    ]
+
+
+def workloads_of(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet") + by_kind(docs, "Job")
 
 
 def base_docs() -> list[dict[str, Any]]:
@@ -150,6 +191,15 @@ def pbtxt_param(text: str, key: str) -> str:
     return m.group(1)
 
 
+def quantity_bytes(q: str) -> int:
+    """A Kubernetes binary/decimal quantity (e.g. "12Gi", "500M") in bytes."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(q))
+    assert m, f"unsupported quantity {q!r}"
+    mult: dict[str | None, int] = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    mult.update({"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12})
+    return int(m.group(1)) * mult[m.group(2)]
+
+
 def dockerfile_stage(text: str, stage: str) -> str:
     """The instructions of one `FROM ... AS stage` block."""
     m = re.search(r"(?ms)^FROM \S+ AS " + stage + r"\n(.*?)(?=^FROM |\Z)", text)
@@ -203,8 +253,8 @@ def test_configmap_values_parse_as_settings(overlay: str) -> None:
 
 
 def test_container_args_are_real_server_flags() -> None:
-    sts = one(base_docs(), "StatefulSet", "balpm")
-    args = container(sts, "balpm")["args"]
+    dep = one(base_docs(), "Deployment", "balpm")
+    args = container(dep, "balpm")["args"]
     parsed = parse_args(args)
     assert set(parsed) <= FIELDS, set(parsed) - FIELDS
     flags = server_flags()
@@ -212,14 +262,14 @@ def test_container_args_are_real_server_flags() -> None:
         for arg in args:
             assert arg.split("=", 1)[0] in flags, f"{arg} is not a balpm-server flag"
     # No `command`: the image's ENTRYPOINT is balpm-server.
-    assert "command" not in container(sts, "balpm")
+    assert "command" not in container(dep, "balpm")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ports_probes_and_paths_match_settings(overlay: str) -> None:
     docs = base_docs()
-    sts = one(docs, "StatefulSet", "balpm")
-    c = container(sts, "balpm")
+    dep = one(docs, "Deployment", "balpm")
+    c = container(dep, "balpm")
     s = settings_for(config_env(overlay), c["args"])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {GRPC_PORT_NAME: s.port, METRICS_PORT_NAME: s.metrics_port}
@@ -230,13 +280,18 @@ def test_ports_probes_and_paths_match_settings(overlay: str) -> None:
     for probe in ("livenessProbe", "startupProbe"):
         assert c[probe]["grpc"] == {"port": s.port, "service": ""}
 
-    # Data dir on the PVC of the volumeClaimTemplate; writable /tmp (HF_HOME=/tmp/hf).
+    # Cluster mode: the data dir is only a cache (emptyDir, bounded above the artifact cache);
+    # no PVC of its own. Writable /tmp (HF_HOME=/tmp/hf).
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    vct = [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]]
     assert s.data_dir == "/var/lib/balpm"
-    assert mounts[s.data_dir] in vct
-    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert "volumeClaimTemplates" not in dep["spec"]
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert "emptyDir" in volumes[mounts[s.data_dir]]
+    assert (
+        quantity_bytes(volumes[mounts[s.data_dir]]["emptyDir"]["sizeLimit"])
+        > Settings.from_env(environ=generator_literals(BASE)).artifact_cache_bytes
+    )
 
     # API keys file inside the Secret mount, under the key the Secret item projects.
     keys_dir, keys_name = os.path.split(s.api_keys_file)
@@ -245,16 +300,19 @@ def test_ports_probes_and_paths_match_settings(overlay: str) -> None:
     assert keys_name in [i["path"] for i in secret["items"]]
 
     # Drain fits in the grace period.
-    assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > s.shutdown_grace_s + 5
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > s.shutdown_grace_s + 5
 
 
 def test_gpu_overlay_tls_files_and_exec_probes() -> None:
     s = Settings.from_env(environ=config_env("gpu"))
     patch = load_docs(K8S / "overlays" / "gpu" / "balpm-gpu.yaml")[0]
+    assert patch["kind"] == "Deployment"
     c = container(patch, "balpm")
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in patch["spec"]["template"]["spec"]["volumes"]}
-    for path in (s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file):
+    # Forwarding between replicas is TLS too; its CA file is in the same Secret.
+    assert s.cluster and s.cluster_tls_ca_file
+    for path in (s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file, s.cluster_tls_ca_file):
         dir_, name = os.path.split(path)
         secret = volumes[mounts[dir_]]["secret"]
         assert secret["secretName"] == "balpm-tls"
@@ -304,20 +362,27 @@ def test_triton_settings_match_triton_deployment_and_model_config() -> None:
 def test_network_policies_open_exactly_the_server_ports() -> None:
     docs = base_docs()
     s = Settings.from_env(environ=config_env("cpu-dev"))
+    dep = one(docs, "Deployment", "balpm")
+    balpm_pods = {"podSelector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]}}
     pol = one(docs, "NetworkPolicy", "balpm")
-    ports = sorted(p["port"] for rule in pol["spec"]["ingress"] for p in rule["ports"])
+    assert pol["spec"]["podSelector"] == balpm_pods["podSelector"]
+    ports = sorted({p["port"] for rule in pol["spec"]["ingress"] for p in rule["ports"]})
     assert ports == sorted([s.port, s.metrics_port])
-    grpc_rule = next(r for r in pol["spec"]["ingress"] if r["ports"][0]["port"] == s.port)
-    for peer in grpc_rule["from"]:
-        assert peer["podSelector"]["matchLabels"] == {"balpm.io/labelling-client": "true"}
+    grpc_rules = [r for r in pol["spec"]["ingress"] if [p["port"] for p in r["ports"]] == [s.port]]
+    peers = [peer for r in grpc_rules for peer in r["from"]]
+    # Labelling clients (here or in labelled namespaces) and the other replicas (forwarding), nothing else.
+    clients = [p for p in peers if p != balpm_pods]
+    assert clients and all(p["podSelector"]["matchLabels"] == {"balpm.io/labelling-client": "true"} for p in clients)
+    assert balpm_pods in peers
     metrics_rule = next(r for r in pol["spec"]["ingress"] if r["ports"][0]["port"] == s.metrics_port)
     assert metrics_rule["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     ]
+    # Egress to the other replicas' gRPC port (the owner of a pool).
+    assert any(balpm_pods in r["to"] and [p["port"] for p in r["ports"]] == [s.port] for r in pol["spec"]["egress"])
     triton = one(docs, "NetworkPolicy", "triton")
-    sts = one(docs, "StatefulSet", "balpm")
     grpc_in = next(r for r in triton["spec"]["ingress"] if r["ports"][0]["port"] == 8001)
-    assert grpc_in["from"] == [{"podSelector": {"matchLabels": sts["spec"]["selector"]["matchLabels"]}}]
+    assert grpc_in["from"] == [balpm_pods]
 
 
 def test_dockerfile_matches_server() -> None:
@@ -364,16 +429,17 @@ def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]
     return request.param, docs
 
 
-def test_rendered_configmap_is_the_one_the_statefulset_reads(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+def test_rendered_configmap_is_the_one_the_deployment_reads(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     overlay, docs = rendered
-    sts = one(docs, "StatefulSet", "balpm")
-    c = container(sts, "balpm")
+    dep = one(docs, "Deployment", "balpm")
+    c = container(dep, "balpm")
     (ref,) = [e["configMapRef"]["name"] for e in c["envFrom"]]
     cm = one(docs, "ConfigMap", ref)  # hash-suffixed name rewritten by kustomize
     assert set(cm["data"]) <= ENV_NAMES, set(cm["data"]) - ENV_NAMES
     assert cm["data"] == config_env(overlay)
     for e in c.get("env", []):
         assert not e["name"].startswith("BALPM_") or e["name"] in ENV_NAMES
+        assert e["name"] not in cm["data"], f"{e['name']} set twice (env wins over envFrom)"
     s = settings_for(cm["data"], c["args"])
     probe_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert probe_ports[GRPC_PORT_NAME] == s.port
@@ -387,17 +453,207 @@ def test_rendered_configmap_is_the_one_the_statefulset_reads(rendered: tuple[str
     got = c["readinessProbe"].get("grpc", {}).get("service") or c["readinessProbe"]["exec"]["command"][1]
     assert got == want
     assert {m["mountPath"] for m in c["volumeMounts"]} >= {s.data_dir, "/tmp", os.path.dirname(s.api_keys_file)}
-    assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > s.shutdown_grace_s
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > s.shutdown_grace_s
+    # The data dir's emptyDir holds the artifact cache.
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    data = volumes[next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == s.data_dir)]
+    assert quantity_bytes(data["emptyDir"]["sizeLimit"]) > s.artifact_cache_bytes
+
+
+def test_rendered_cluster_mode(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    """N interchangeable replicas: a Deployment, cluster settings, per-pod identity, shared storage."""
+    overlay, docs = rendered
+    assert not [w for w in by_kind(docs, "StatefulSet") if w["metadata"]["name"] == "balpm"]
+    dep = one(docs, "Deployment", "balpm")
+    spec = dep["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod = spec["template"]["spec"]
+    c = container(dep, "balpm")
+    cm = one(docs, "ConfigMap", c["envFrom"][0]["configMapRef"]["name"])["data"]
+    s = settings_for(cm, c["args"])
+    assert s.cluster is True and cm["BALPM_CLUSTER"] == "true"
+    assert 0 < s.ownership_ttl_s <= 30
+
+    env = env_of(c)
+    names = list(env)
+    # Per-pod identity from the downward API.
+    assert env["BALPM_REPLICA_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # $(POD_IP) only expands when POD_IP is defined earlier in the list.
+    assert env["BALPM_ADVERTISE_ADDRESS"]["value"] == f"$(POD_IP):{s.port}"
+    assert names.index("POD_IP") < names.index("BALPM_ADVERTISE_ADDRESS")
+
+    # Shared storage: the database URL and the bucket credentials from Secrets, never literals.
+    db = env["BALPM_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert db["key"] == DATABASE_SECRET_KEY and generated(db["name"], DATABASE_SECRET)
+    assert "BALPM_DATABASE_URL" not in cm
+    assert s.artifact_url.startswith("s3://") and len(s.artifact_url.split("/")) >= 4, s.artifact_url
+    for name in AWS_ENV:
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == name and generated(ref["name"], BUCKET_SECRET)
+    assert not any("value" in env[n] for n in ("BALPM_DATABASE_URL", *AWS_ENV))
+
+    # Spread over nodes; one replica at a time may be evicted (drains never blocked).
+    selector = spec["selector"]["matchLabels"]
+    spreads = pod["topologySpreadConstraints"]
+    assert {t["topologyKey"] for t in spreads} >= {"kubernetes.io/hostname"}
+    assert all(t["labelSelector"]["matchLabels"] == selector and t["maxSkew"] == 1 for t in spreads)
+    pdbs = [p for p in by_kind(docs, "PodDisruptionBudget") if p["spec"]["selector"]["matchLabels"] == selector]
+    (pdb,) = pdbs
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    assert selector.items() <= spec["template"]["metadata"]["labels"].items()
+
+    # The secrets exist in the overlay (cpu-dev generates them) or are documented (gpu).
+    if overlay == "cpu-dev":
+        data = secret_data(docs, db["name"])
+        assert data[DATABASE_SECRET_KEY].startswith("postgresql://")
+        s3 = secret_data(docs, env["AWS_REGION"]["valueFrom"]["secretKeyRef"]["name"])
+        assert set(AWS_ENV) <= set(s3)
+    else:
+        readme = (ROOT / "deploy" / "README.md").read_text()
+        assert f"{CNPG_CLUSTER}-app" in readme and BUCKET_SECRET in readme
+        assert db["name"] == f"{CNPG_CLUSTER}-app"
+
+
+def test_rendered_storage_network_policies(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    """balpm may reach PostgreSQL on 5432 (and the database pods accept it), and the bucket."""
+    overlay, docs = rendered
+    dep = one(docs, "Deployment", "balpm")
+    selector = dep["spec"]["selector"]["matchLabels"]
+    policies = by_kind(docs, "NetworkPolicy")
+    balpm_policies = [p for p in policies if p["spec"]["podSelector"] == {"matchLabels": selector}]
+    egress = [r for p in balpm_policies for r in p["spec"].get("egress", [])]
+    to_5432 = [peer for r in egress if 5432 in {p["port"] for p in r["ports"]} for peer in r["to"]]
+    assert to_5432, "no egress to PostgreSQL"
+    db_labels = {"cpu-dev": {"app.kubernetes.io/name": "postgres"}, "gpu": {"cnpg.io/cluster": CNPG_CLUSTER}}[overlay]
+    assert all(db_labels.items() <= peer["podSelector"]["matchLabels"].items() for peer in to_5432)
+    # The database pods admit balpm on 5432.
+    db_policies = [
+        p for p in by_kind(docs, "NetworkPolicy")
+        if p["spec"]["podSelector"].get("matchLabels", {}).items() >= db_labels.items() and p["spec"]["podSelector"]
+    ]  # fmt: skip
+    admitted = [
+        peer
+        for p in db_policies
+        for r in p["spec"].get("ingress", [])
+        if 5432 in {x["port"] for x in r["ports"]}
+        for peer in r["from"]
+    ]
+    assert {"podSelector": {"matchLabels": selector}} in admitted
+    if overlay == "cpu-dev":
+        (sts,) = pods_selected(docs, to_5432[0]["podSelector"]["matchLabels"])
+        assert sts["kind"] == "StatefulSet"
+        # The bucket (MinIO) on its S3 port.
+        minio_svc = one(docs, "Service", "minio")
+        s3_port = minio_svc["spec"]["ports"][0]["port"]
+        assert any(
+            s3_port in {p["port"] for p in r["ports"]}
+            and all(peer["podSelector"]["matchLabels"] == minio_svc["spec"]["selector"] for peer in r["to"])
+            for r in egress
+        )
+    else:
+        assert any(443 in {p["port"] for p in r["ports"]} for r in egress), "no egress to the bucket (HTTPS)"
+
+
+def test_rendered_cpu_dev_postgres_and_bucket() -> None:
+    docs = _render("cpu-dev")
+    if docs is None:
+        pytest.skip("no kustomize renderer and no fresh .cache/deploy-rendered (run .ci/deploy_checks.sh)")
+    sts = one(docs, "StatefulSet", "postgres")
+    assert sts["spec"]["replicas"] == 1
+    c = container(sts, "postgres")
+    image = c["image"]
+    assert re.fullmatch(r"docker\.io/library/postgres:16\.\d+(-\w+)?", image), image
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert "POSTGRES_PASSWORD" not in env, "the password comes as a file"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    pgdata = env["PGDATA"]
+    data_mount = next(path for path in mounts if pgdata.startswith(path + "/"))
+    assert mounts[data_mount] in [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]]
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+    # The URL balpm uses points at this database, with its user, password and database.
+    dep = one(docs, "Deployment", "balpm")
+    benv = env_of(container(dep, "balpm"))
+    ref = benv["BALPM_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    secret = secret_data(docs, ref["name"])
+    pw_dir, pw_file = os.path.split(env["POSTGRES_PASSWORD_FILE"])
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    pw_secret = volumes[mounts[pw_dir]]["secret"]
+    assert pw_secret["secretName"] == ref["name"]
+    pw_key = next(i["key"] for i in pw_secret["items"] if i["path"] == pw_file)
+    svc = one(docs, "Service", sts["spec"]["serviceName"])
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    port = svc["spec"]["ports"][0]["port"]
+    assert secret[ref["key"]] == (
+        f"postgresql://{env['POSTGRES_USER']}:{secret[pw_key]}@{svc['metadata']['name']}:{port}/{env['POSTGRES_DB']}"
+    )
+    # The bucket: balpm's endpoint is the MinIO Service, and the Job creates the bucket of BALPM_ARTIFACT_URL.
+    s = Settings.from_env(environ=config_env("cpu-dev"))
+    bucket = s.artifact_url.split("/")[2]
+    s3 = secret_data(docs, benv["AWS_ENDPOINT_URL_S3"]["valueFrom"]["secretKeyRef"]["name"])
+    minio = one(docs, "Service", "minio")
+    assert s3["AWS_ENDPOINT_URL_S3"] == f"http://{minio['metadata']['name']}:{minio['spec']['ports'][0]['port']}"
+    (minio_dep,) = pods_selected(docs, minio["spec"]["selector"])
+    assert minio_dep["kind"] == "Deployment" and minio_dep["spec"]["strategy"]["type"] == "Recreate"
+    job = one(docs, "Job", "minio-create-bucket")
+    script = container(job, "create-bucket")["command"][-1]
+    assert f"mb --ignore-existing dev/{bucket}" in script and f"version enable dev/{bucket}" in script
+    # balpm's bucket credentials are MinIO's root pair (dev only).
+    creds = secret_data(docs, volumes_secret(minio_dep, "credentials"))
+    assert (creds["access_key"], creds["secret_key"]) == (s3["AWS_ACCESS_KEY_ID"], s3["AWS_SECRET_ACCESS_KEY"])
+
+
+def volumes_secret(workload: dict[str, Any], volume: str) -> str:
+    volumes = workload["spec"]["template"]["spec"]["volumes"]
+    return next(v["secret"]["secretName"] for v in volumes if v["name"] == volume)
+
+
+def test_rendered_gpu_cloudnative_pg_cluster() -> None:
+    docs = _render("gpu")
+    if docs is None:
+        pytest.skip("no kustomize renderer and no fresh .cache/deploy-rendered (run .ci/deploy_checks.sh)")
+    assert not by_kind(docs, "StatefulSet"), "gpu runs PostgreSQL through CloudNativePG"
+    (cluster,) = [d for d in by_kind(docs, "Cluster") if d["apiVersion"] == CNPG_API]
+    assert cluster["metadata"]["name"] == CNPG_CLUSTER and cluster["metadata"]["namespace"] == "balpm"
+    spec = cluster["spec"]
+    assert spec["instances"] == 3
+    assert re.fullmatch(r"ghcr\.io/cloudnative-pg/postgresql:16\.\d+", spec["imageName"]), spec["imageName"]
+    assert quantity_bytes(spec["storage"]["size"]) >= 10 * 2**30
+    assert spec["affinity"]["enablePodAntiAffinity"] is True
+    initdb = spec["bootstrap"]["initdb"]
+    assert initdb["database"] and initdb["owner"]
+    # balpm reads the operator-generated app secret (<cluster>-app, key uri).
+    benv = env_of(container(one(docs, "Deployment", "balpm"), "balpm"))
+    ref = benv["BALPM_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": f"{CNPG_CLUSTER}-app", "key": "uri"}
+    assert not [s for s in by_kind(docs, "Secret") if s["metadata"]["name"] == ref["name"]], "the operator makes it"
+    # Backups to the object store, scheduled.
+    store = spec["backup"]["barmanObjectStore"]
+    assert store["destinationPath"].startswith("s3://")
+    assert {"accessKeyId", "secretAccessKey"} <= set(store["s3Credentials"])
+    (scheduled,) = by_kind(docs, "ScheduledBackup")
+    assert scheduled["apiVersion"] == CNPG_API and scheduled["spec"]["cluster"]["name"] == CNPG_CLUSTER
+    assert len(scheduled["spec"]["schedule"].split()) == 6, "CloudNativePG cron has a seconds field"
+    # Only CRD kinds the deploy checks know to skip (kubernetes-validate has no schema for them).
+    script = (ROOT / ".ci" / "deploy_checks.sh").read_text()
+    for d in docs:
+        group = d["apiVersion"].rpartition("/")[0]
+        if "." in group and not group.endswith(".k8s.io"):  # not a built-in API group
+            assert f'"{d["kind"]} {d["apiVersion"]}"' in script, f"{d['kind']} not in crd_kinds of deploy_checks.sh"
 
 
 def test_rendered_services_and_servicemonitors(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     _, docs = rendered
-    sts = one(docs, "StatefulSet", "balpm")
-    headless = one(docs, "Service", sts["spec"]["serviceName"])
-    assert headless["spec"]["clusterIP"] == "None"
-    sel = sts["spec"]["selector"]["matchLabels"]
-    assert headless["spec"]["selector"] == sel == one(docs, "Service", "balpm")["spec"]["selector"]
-    assert sel.items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    dep = one(docs, "Deployment", "balpm")
+    sel = dep["spec"]["selector"]["matchLabels"]
+    client = one(docs, "Service", "balpm")
+    assert client["spec"]["type"] == "ClusterIP" and client["spec"]["selector"] == sel
+    headless = one(docs, "Service", "balpm-headless")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["selector"] == sel
+    # Only ready replicas in DNS (no shard names to keep any more).
+    assert not headless["spec"].get("publishNotReadyAddresses", False)
+    assert sel.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     for sm in by_kind(docs, "ServiceMonitor"):
         assert sm["apiVersion"] == "monitoring.coreos.com/v1"
         match = sm["spec"]["selector"]["matchLabels"]
@@ -408,11 +664,7 @@ def test_rendered_services_and_servicemonitors(rendered: tuple[str, list[dict[st
             assert ep["path"] == "/metrics"
             (svc,) = exposing
             target = next(p["targetPort"] for p in svc["spec"]["ports"] if p["name"] == ep["port"])
-            pods = [
-                w
-                for w in by_kind(docs, "StatefulSet") + by_kind(docs, "Deployment")
-                if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
-            ]
+            pods = pods_selected(docs, svc["spec"]["selector"])
             assert pods and all(
                 target in {p["name"] for c in w["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
                 for w in pods
@@ -421,11 +673,13 @@ def test_rendered_services_and_servicemonitors(rendered: tuple[str, list[dict[st
 
 def test_rendered_security_and_images(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     overlay, docs = rendered
-    workloads = by_kind(docs, "StatefulSet") + by_kind(docs, "Deployment")
-    assert {w["metadata"]["name"] for w in workloads} == {"balpm", "triton"}
+    workloads = workloads_of(docs)
+    expected = {"balpm", "triton"} | ({"postgres", "minio", "minio-create-bucket"} if overlay == "cpu-dev" else set())
+    assert {w["metadata"]["name"] for w in workloads} == expected
     for w in workloads:
         pod = w["spec"]["template"]["spec"]
         assert pod["automountServiceAccountToken"] is False
+        assert pod.get("serviceAccountName"), "dedicated service account"
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
         for c in pod["containers"]:
@@ -451,6 +705,12 @@ def test_rendered_security_and_images(rendered: tuple[str, list[dict[str, Any]]]
         assert "app.kubernetes.io/instance" in labels
         if d["kind"] != "Namespace":
             assert d["metadata"].get("namespace") == ("balpm-dev" if overlay == "cpu-dev" else "balpm")
+    # Every pod is covered by a NetworkPolicy that names it (besides the default deny).
+    policies = by_kind(docs, "NetworkPolicy")
+    for w in workloads:
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        selectors = [p["spec"]["podSelector"].get("matchLabels") for p in policies]
+        assert any(sel and sel.items() <= labels.items() for sel in selectors), w["metadata"]["name"]
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
     if overlay == "gpu":
         (hpa,) = hpas

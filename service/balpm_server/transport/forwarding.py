@@ -69,10 +69,12 @@ class Forwarder:
         self.cluster = cluster
         self.service_name = service_name
         self._credentials = channel_credentials(settings)
-        self._options = [
+        self._options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ]
+        if self._credentials is not None and settings.cluster_tls_server_name:
+            self._options.append(("grpc.ssl_target_name_override", settings.cluster_tls_server_name))
         # With tracing on, the instrumented channel writes the trace context of the relayed call.
         self._drop = _OWN_KEYS | _TRACE_KEYS if settings.otlp_endpoint else _OWN_KEYS
         self._channels: dict[str, grpc.aio.Channel] = {}
