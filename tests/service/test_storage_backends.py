@@ -158,16 +158,19 @@ def test_postgres_schema_migrates_from_empty_and_from_the_previous_version(pg_se
     with psycopg.connect(url, autocommit=True) as conn:  # a database left by the previous release
         conn.execute("CREATE TABLE balpm_schema (version INTEGER NOT NULL)")
         conn.execute("INSERT INTO balpm_schema VALUES (%s)", (SCHEMA_VERSION - 1,))
-        for statement in MIGRATIONS[SCHEMA_VERSION - 2].split(";"):
-            if statement.strip():
-                conn.execute(statement)
+        for migration in MIGRATIONS[: SCHEMA_VERSION - 1]:
+            for statement in migration.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
         conn.execute("INSERT INTO pools (pool_id, name, tenant, settings_json, state, extractor, create_time)"
                      " VALUES ('k', 'p', 't', '{}', 'READY', '', 0)")
     upgraded = PostgresStore(url)
     try:
         assert upgraded.pool_key("t", "p") == "k"  # the old rows are still there
-        upgraded.publish_artifact("k", "features", "pools/k/features/x.npz")  # the new table is there
+        upgraded.publish_artifact("k", "features", "pools/k/features/x.npz")  # the tables of every version
         assert upgraded.artifacts_of("k", "features") == ["pools/k/features/x.npz"]
+        owner = upgraded.assign_pool("k", "r0", 0.0, 5.0)  # the newest version's (cluster ownership)
+        assert owner is not None and owner.epoch == 1
     finally:
         upgraded.close()
     with psycopg.connect(url, autocommit=True) as conn:
