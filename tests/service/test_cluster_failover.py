@@ -253,7 +253,8 @@ def test_a_stale_owner_commits_nothing_after_a_takeover(cluster: Cluster) -> Non
     time.sleep(3 * TTL_S)
     with Client(other.target, timeout_s=60) as c:
         done = c.get_operation(op.operation_id)
-        assert done.state != pb.Operation.STATE_SUCCEEDED, done
+        assert done.state == pb.Operation.STATE_FAILED, done  # failed by the new owner at the takeover
+        assert "stopped or lost the pool" in done.error.message, done
         pool = c.get_pool("slow")
         assert pool.posterior_version == 0, "a former owner published a posterior version"
         again = c.acquire("slow", batch_size=50, annotator_id="someone-else", lease_ttl_s=300)
