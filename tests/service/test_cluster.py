@@ -42,12 +42,12 @@ class Replicas:
         return ids.index(rec.replica_id)
 
 
-def _start(tmp_path: Path, shared: dict[str, str], n: int) -> list[ServerThread]:
+def _start(tmp_path: Path, shared: dict[str, str], n: int, first: int = 0) -> list[ServerThread]:
     return [
         ServerThread(make_settings(
             tmp_path / f"r{i}", extractor="", cluster=True, replica_id=f"r{i}", ownership_ttl_s=TTL_S, **shared
         ))
-        for i in range(n)
+        for i in range(first, first + n)
     ]
 
 
@@ -158,7 +158,7 @@ def test_pools_spread_and_move_to_a_new_replica_and_off_a_draining_one(
                 c.upload_items(f"p{i}", items)
         reps = Replicas(servers)
         _wait(lambda: sorted(reps.owner_of(f"p{i}") for i in range(6)) == [0, 0, 0, 1, 1, 1], 4 * TTL_S)
-        servers.append(_start(tmp_path / "late", shared, 3)[2])  # r2 joins
+        servers += _start(tmp_path, shared, 1, first=2)  # r2 joins
         _wait(lambda: sorted(reps.owner_of(f"p{i}") for i in range(6)) == [0, 0, 1, 1, 2, 2], 4 * TTL_S)
         leaving = servers.pop(0)
         leaving.stop()  # drains: its pools move at once, not after the TTL
@@ -233,3 +233,45 @@ def test_the_database_refuses_a_former_owners_leases_and_posterior_versions(
     finally:
         a.close()
         b.close()
+
+
+def test_tenants_stay_apart_through_forwarding(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The owner authenticates the caller's own key: a relayed call has exactly the caller's rights."""
+    from tests.service.test_security import write_keys
+
+    keys = tmp_path / "keys.json"
+    write_keys(keys, [("a", "key-a", "acme", "writer"), ("r", "key-r", "acme", "reader"),
+                      ("g", "key-g", "globex", "writer")])
+    shared = backend_overrides(request, "postgres")
+    servers = [
+        ServerThread(make_settings(
+            tmp_path / f"r{i}", extractor="", cluster=True, replica_id=f"r{i}", ownership_ttl_s=TTL_S,
+            api_keys_file=str(keys), **shared,
+        ))
+        for i in range(2)
+    ]
+    try:
+        items, _truth = synthetic_items(20, 4, seed=9)
+        with Client(servers[0].target, api_key="key-a", timeout_s=60) as c:
+            c.create_pool("secret", feature_source="CLIENT", feature_dim=4, **SMALL)
+            c.upload_items("secret", items)
+        owner = Replicas(servers).owner_of("secret", tenant="acme")
+        other = servers[1 - owner]
+        with Client(other.target, api_key="key-g", timeout_s=30) as g:  # another tenant, via the non-owner
+            with pytest.raises(BalpmError) as hidden:
+                g.acquire("secret", batch_size=2, annotator_id="x")
+            assert hidden.value.code == grpc.StatusCode.NOT_FOUND
+        with Client(other.target, api_key="key-r", timeout_s=30) as r:  # a reader cannot train, relayed or not
+            with pytest.raises(BalpmError) as denied:
+                r.update_posterior("secret", seed=0)
+            assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert r.get_pool("secret").item_count == 20
+        with Client(other.target, api_key="wrong", timeout_s=30) as w:
+            with pytest.raises(BalpmError) as unauth:
+                w.get_pool("secret")
+            assert unauth.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with Client(other.target, api_key="key-a", timeout_s=30) as a:
+            assert len(a.acquire("secret", batch_size=2, annotator_id="x").items) == 2
+    finally:
+        for s in servers:
+            s.stop()
