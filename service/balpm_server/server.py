@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from balpm.v1 import balpm_pb2, balpm_pb2_grpc
 from balpm_server import errors, metrics
 from balpm_server.auth import KeyStore
+from balpm_server.domain.cluster import default_replica_id
 from balpm_server.domain.service import PoolService
 from balpm_server.features import FeatureExtractor, build_extractor
 from balpm_server.features.cache import CachedExtractor
@@ -34,6 +35,7 @@ from balpm_server.logs import setup_logging
 from balpm_server.settings import ENV_PREFIX, Settings
 from balpm_server.storage import SqlStore, faults
 from balpm_server.storage.faults import storage_error
+from balpm_server.tracing import setup_tracing  # imports OpenTelemetry only when BALPM_OTLP_ENDPOINT is set
 from balpm_server.transport.forwarding import Forwarder
 from balpm_server.transport.interceptors import ServerInterceptor
 from balpm_server.transport.servicer import BalpmServicer
@@ -163,7 +165,11 @@ async def create_server(settings: Settings) -> RunningServer:
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
     interceptor = ServerInterceptor(keys, SERVICE_NAME)
-    server = grpc.aio.server(options=options, interceptors=[interceptor])
+    tracing = setup_tracing(settings, settings.replica_id or default_replica_id())
+    traced = tracing.server_interceptors() if tracing is not None else []  # first: their spans cover auth failures
+    server = grpc.aio.server(options=options, interceptors=[*traced, interceptor])
+    if tracing is not None:
+        tracing.stop_with(server)  # flushes the spans and uninstruments once the server has stopped
     extractor: FeatureExtractor | None = None
     try:  # opens (creates) the stores in the data dir
         if settings.extractor:

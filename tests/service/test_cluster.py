@@ -275,3 +275,52 @@ def test_tenants_stay_apart_through_forwarding(tmp_path: Path, request: pytest.F
     finally:
         for s in servers:
             s.stop()
+
+
+def test_one_trace_spans_the_forwarding_hop(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entry replica's server span -> its client span to the owner -> the owner's server span, one trace."""
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    from balpm_server import tracing
+    from tests.service.test_tracing import PARENT_SPAN_ID, TRACE_ID, TRACEPARENT, WAIT_S, Collector, _server_span
+    from tests.waiting import wait_until
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    collector = Collector()
+    shared = backend_overrides(request, "postgres")
+    servers = [
+        ServerThread(make_settings(
+            tmp_path / f"r{i}", extractor="", cluster=True, replica_id=f"r{i}", ownership_ttl_s=TTL_S,
+            otlp_endpoint=collector.endpoint, **shared,
+        ))
+        for i in range(2)
+    ]
+    try:
+        with Client(servers[0].target, timeout_s=60) as c:
+            c.create_pool("t", feature_source="CLIENT", feature_dim=4, **SMALL)
+            c.upload_items("t", synthetic_items(20, 4, seed=3)[0])
+        owner = Replicas(servers).owner_of("t")
+        entry = 1 - owner
+        with grpc.insecure_channel(servers[entry].target) as ch:
+            pb_grpc.BalpmServiceStub(ch).GetPool(
+                pb.GetPoolRequest(pool_id="t"), metadata=[("traceparent", TRACEPARENT)], timeout=10
+            )
+        server_spans = collector.wait_for(
+            lambda r: _server_span("GetPool")(r) and r.span.trace_id.hex() == TRACE_ID, "two GetPool server spans", 2
+        )
+        first = next(r for r in server_spans if r.resource["service.instance.id"] == f"r{entry}")
+        second = next(r for r in server_spans if r.resource["service.instance.id"] == f"r{owner}")
+        assert first.span.parent_span_id.hex() == PARENT_SPAN_ID  # continues the caller's trace
+        (hop,) = collector.wait_for(
+            lambda r: r.span.kind == Span.SPAN_KIND_CLIENT and r.span.name.endswith("/GetPool")
+            and r.span.trace_id.hex() == TRACE_ID, "the forwarding client span",
+        )
+        assert hop.span.parent_span_id == first.span.span_id
+        assert second.span.parent_span_id == hop.span.span_id
+    finally:
+        for s in servers:
+            s.stop()
+        wait_until(lambda: not tracing.active(), WAIT_S, "tracing to shut down with the servers")
+        collector.close()
