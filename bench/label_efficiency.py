@@ -206,6 +206,8 @@ def _pool_settings(args: argparse.Namespace, data: OracleData, knn_k: int) -> di
         "hidden_sizes": [int(h) for h in args.hidden_sizes.split(",")],
         "knn_k": knn_k,
         "standardize_features": args.standardize,
+        # Strategy against strategy: every pick by the strategy under test (no random control arm).
+        "control_fraction": 0.0,
     }
     if data.feature_source == "CLIENT":
         s["feature_dim"] = len(data.pool[0].item["prompt_features"])

@@ -68,7 +68,7 @@ def cmd_pools(args: argparse.Namespace) -> None:
                 settings["feature_dim"] = args.feature_dim
             for key in ("ensemble_size", "knn_k", "beta", "d_ent", "labels_per_item", "epochs",
                         "auto_update_min_labels", "auto_update_interval_s", "bootstrap", "patience", "val_fraction",
-                        "train_batch_size", "learning_rate", "weight_decay"):
+                        "train_batch_size", "learning_rate", "weight_decay", "control_fraction"):
                 if getattr(args, key) is not None:
                     settings[key] = getattr(args, key)
             if args.strategy:
@@ -462,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     pools.add_argument("--train-batch-size", type=int, help="create: label pairs per training minibatch (default 32)")
     pools.add_argument("--learning-rate", type=float, help="create: AdamW learning rate (default 0.001)")
     pools.add_argument("--weight-decay", type=float, help="create: AdamW weight decay (default 0.0001)")
+    pools.add_argument(
+        "--control-fraction", type=float,
+        help="create: share of every batch drawn uniformly at random, flagged control (0..0.5, default 0.1)",
+    )
     pools.add_argument(
         "--auto-update-min-labels",
         type=int,

@@ -54,7 +54,8 @@ def test_core_loop_with_client_features(server: ServerThread, client: Client) ->
 
     cold = client.acquire("client-pool", batch_size=40, strategy="BALPM", seed=3)
     assert cold.posterior_version == 0
-    assert all(a.scores.epistemic == 0.0 and math.isfinite(a.scores.entropy) for a in cold.items)
+    assert sum(a.control for a in cold.items) == 4  # control_fraction 0.1 of 40: drawn at random, not by BAL-PM
+    assert all(a.scores.epistemic == 0.0 and math.isfinite(a.scores.entropy) for a in cold.items if not a.control)
     _label(client, "client-pool", cold, truth, "r0")
 
     op = client.update_posterior("client-pool", seed=7)
@@ -65,8 +66,12 @@ def test_core_loop_with_client_features(server: ServerThread, client: Client) ->
     assert warm.posterior_version == 1
     assert {a.item.item_id for a in warm.items}.isdisjoint({a.item.item_id for a in cold.items})
     assert any(a.scores.epistemic > 0 for a in warm.items)
+    assert [a.control for a in warm.items] == [False] * 54 + [True] * 6  # the control draws come last
     for a in warm.items:
-        assert a.scores.total == pytest.approx(a.scores.epistemic + 0.01 * a.scores.entropy, abs=1e-9)
+        if a.control:  # no entropy term: their score is their BALD
+            assert math.isnan(a.scores.entropy) and a.scores.total == a.scores.epistemic
+        else:
+            assert a.scores.total == pytest.approx(a.scores.epistemic + 0.01 * a.scores.entropy, abs=1e-9)
     _label(client, "client-pool", warm, truth, "r1")
     client.update_posterior("client-pool", seed=8)
 

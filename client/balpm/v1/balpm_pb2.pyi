@@ -84,7 +84,7 @@ KNN_CONVENTION_STANDARD: KnnConvention
 KNN_CONVENTION_AUTHORS: KnnConvention
 
 class PoolSettings(_message.Message):
-    __slots__ = ("feature_source", "feature_dim", "ensemble_size", "hidden_sizes", "knn_k", "beta", "d_ent", "default_strategy", "standardize_features", "labels_per_item", "epochs", "posterior_kind", "lora_model_path", "temperature", "apl_beta_dpo", "apl_policy_model_path", "apl_reference_model_path", "knn_convention", "auto_update_min_labels", "auto_update_interval_s", "bootstrap", "patience", "val_fraction", "train_batch_size", "learning_rate", "weight_decay")
+    __slots__ = ("feature_source", "feature_dim", "ensemble_size", "hidden_sizes", "knn_k", "beta", "d_ent", "default_strategy", "standardize_features", "labels_per_item", "epochs", "posterior_kind", "lora_model_path", "temperature", "apl_beta_dpo", "apl_policy_model_path", "apl_reference_model_path", "knn_convention", "auto_update_min_labels", "auto_update_interval_s", "bootstrap", "patience", "val_fraction", "train_batch_size", "learning_rate", "weight_decay", "control_fraction")
     FEATURE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class PoolSettings(_message.Message):
     TRAIN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     feature_source: FeatureSource
     feature_dim: int
     ensemble_size: int
@@ -137,7 +138,8 @@ class PoolSettings(_message.Message):
     train_batch_size: int
     learning_rate: float
     weight_decay: float
-    def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ..., auto_update_min_labels: _Optional[int] = ..., auto_update_interval_s: _Optional[float] = ..., bootstrap: _Optional[bool] = ..., patience: _Optional[int] = ..., val_fraction: _Optional[float] = ..., train_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+    control_fraction: float
+    def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ..., auto_update_min_labels: _Optional[int] = ..., auto_update_interval_s: _Optional[float] = ..., bootstrap: _Optional[bool] = ..., patience: _Optional[int] = ..., val_fraction: _Optional[float] = ..., train_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., control_fraction: _Optional[float] = ...) -> None: ...
 
 class Pool(_message.Message):
     __slots__ = ("pool_id", "settings", "state", "item_count", "heldout_count", "label_count", "labelled_item_count", "leased_item_count", "posterior_version", "featurized_count", "extractor", "create_time", "featurization_pause", "excluded_count")
@@ -522,14 +524,16 @@ class ScoreComponents(_message.Message):
     def __init__(self, total: _Optional[float] = ..., epistemic: _Optional[float] = ..., entropy: _Optional[float] = ...) -> None: ...
 
 class AcquiredItem(_message.Message):
-    __slots__ = ("item", "scores", "rank")
+    __slots__ = ("item", "scores", "rank", "control")
     ITEM_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
     item: Item
     scores: ScoreComponents
     rank: int
-    def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ..., scores: _Optional[_Union[ScoreComponents, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
+    control: bool
+    def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ..., scores: _Optional[_Union[ScoreComponents, _Mapping]] = ..., rank: _Optional[int] = ..., control: _Optional[bool] = ...) -> None: ...
 
 class AcquireBatchResponse(_message.Message):
     __slots__ = ("items", "posterior_version", "strategy", "lease_expire_time", "acquire_s")
@@ -678,14 +682,16 @@ class ExportLabelsRequest(_message.Message):
     def __init__(self, pool_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ExportedLabel(_message.Message):
-    __slots__ = ("label", "item", "create_time")
+    __slots__ = ("label", "item", "create_time", "control")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
     label: Label
     item: Item
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, label: _Optional[_Union[Label, _Mapping]] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    control: bool
+    def __init__(self, label: _Optional[_Union[Label, _Mapping]] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., control: _Optional[bool] = ...) -> None: ...
 
 class ExportLabelsResponse(_message.Message):
     __slots__ = ("labels", "next_page_token")

@@ -51,6 +51,7 @@ from balpm_server.settings import Settings
 from balpm_server.storage import SqlStore
 
 MAX_RELEASE_IDS = 10_000
+CONTROL_STREAM = 0xC0A7  # the control arm's generator: SeedSequence([seed, CONTROL_STREAM])
 # Strategies that rank by the BALD scores of every pool row; the others score only their picks.
 SCORED_STRATEGIES = frozenset({Strategy.BALD, Strategy.BALPM, *STOCHASTIC_BALD})
 APL_STRATEGIES = frozenset({Strategy.APL_CERTAINTY, Strategy.APL_ENTROPY, Strategy.APL_HYBRID})
@@ -151,30 +152,47 @@ class Acquisition:
                 await self.cache.load_items(info, rt)
             assert rt.item_ids is not None and rt.occupancy is not None
             now = time.time()
+            expire_s = now + ttl_s
             rt.occupancy.purge_expired(now)
-            epistemic_N = self.cache.fresh_scores(info, rt)
-            if epistemic_N is None and strat in SCORED_STRATEGIES:
-                epistemic_N = await asyncio.to_thread(self.cache.scores, info, rt)
-            batch = None
-            if strat is Strategy.BALD and epistemic_N is not None and rt.bald_order_R is not None:
-                batch = self._bald_fast(rt, epistemic_N, batch_size, annotator)
-            if batch is None:
-                batch = await self._select(info, rt, strat, batch_size, annotator, now, seed, params, epistemic_N)
-            if info.posterior_version and strat not in SCORED_STRATEGIES:  # report the picks' BALD
-                epi_B = (
-                    epistemic_N[batch.indices_B]
-                    if epistemic_N is not None
-                    else await asyncio.to_thread(self.cache.epistemic_of_rows, info, rt, batch.indices_B)
+            # The control arm first, leased in memory at once: the strategy never picks those
+            # rows and counts them as acquired (BAL-PM's entropy term).
+            control_R = self._control_rows(info, rt, batch_size, annotator, now, seed)
+            for r in control_R.tolist():
+                rt.occupancy.add_lease(r, annotator, expire_s)
+            try:
+                epistemic_N = self.cache.fresh_scores(info, rt)
+                if epistemic_N is None and strat in SCORED_STRATEGIES:
+                    epistemic_N = await asyncio.to_thread(self.cache.scores, info, rt)
+                batch = await self._by_strategy(
+                    info, rt, strat, batch_size - control_R.size, annotator, now, seed, params, epistemic_N
                 )
-                batch = dataclasses.replace(batch, epistemic_B=np.asarray(epi_B, dtype=np.float64))
+            except BaseException:
+                for r in control_R.tolist():
+                    rt.occupancy.release(r, annotator)
+                raise
+            strategy_rows = batch.indices_B.tolist()
+            if control_R.size:
+                if epistemic_N is not None:
+                    epi_C = epistemic_N[control_R]
+                elif info.posterior_version:
+                    epi_C = await asyncio.to_thread(self.cache.epistemic_of_rows, info, rt, control_R)
+                else:
+                    epi_C = np.zeros(control_R.size)
+                batch = CandidateBatch(
+                    np.concatenate([batch.indices_B, control_R]), np.concatenate([batch.total_B, epi_C]),
+                    np.concatenate([batch.epistemic_B, epi_C]),
+                    np.concatenate([batch.entropy_B, np.full(control_R.size, np.nan)]),
+                )
             rows_B = batch.indices_B.tolist()
             chosen = [rt.item_ids[r] for r in rows_B]
-            expire_s = now + ttl_s
+            control_ids = frozenset(rt.item_ids[r] for r in control_R.tolist())
             # Leased in memory under the lock (so the next caller skips these rows), then
             # made durable before the reply; a failed write takes the leases back.
-            for r in rows_B:
+            for r in strategy_rows:
                 rt.occupancy.add_lease(r, annotator, expire_s)
-        write = asyncio.ensure_future(self.leases.submit(LeaseRequest(info.key, tuple(chosen), annotator, expire_s)))
+        write = asyncio.ensure_future(
+            self.leases.submit(LeaseRequest(info.key, tuple(chosen), annotator, expire_s, control_ids))
+        )
         try:
             texts = await asyncio.shield(write)
         except BaseException:
@@ -191,6 +209,7 @@ class Acquisition:
                 epistemic=float(batch.epistemic_B[i]),
                 entropy=float(batch.entropy_B[i]),
                 rank=i,
+                control=iid in control_ids,
             )
             for i, iid in enumerate(chosen)
         )
@@ -220,6 +239,60 @@ class Acquisition:
             if rt.occupancy is not None:
                 for r in rows_B:
                     rt.occupancy.release(r, annotator)
+
+    async def _by_strategy(
+        self,
+        info: PoolInfo,
+        rt: PoolRuntime,
+        strat: Strategy,
+        batch_size: int,
+        annotator: str,
+        now: float,
+        seed: int,
+        params: AcquisitionParams,
+        epistemic_N: np.ndarray | None,
+    ) -> CandidateBatch:
+        """The strategy's `batch_size` picks (none for a batch the control arm filled), with their BALD reported."""
+        if batch_size == 0:
+            empty = np.zeros(0)
+            return CandidateBatch(np.zeros(0, dtype=np.int64), empty, empty, empty)
+        batch = None
+        if strat is Strategy.BALD and epistemic_N is not None and rt.bald_order_R is not None:
+            batch = self._bald_fast(rt, epistemic_N, batch_size, annotator)
+        if batch is None:
+            batch = await self._select(info, rt, strat, batch_size, annotator, now, seed, params, epistemic_N)
+        if info.posterior_version and strat not in SCORED_STRATEGIES:  # report the picks' BALD
+            epi_B = (
+                epistemic_N[batch.indices_B]
+                if epistemic_N is not None
+                else await asyncio.to_thread(self.cache.epistemic_of_rows, info, rt, batch.indices_B)
+            )
+            batch = dataclasses.replace(batch, epistemic_B=np.asarray(epi_B, dtype=np.float64))
+        return batch
+
+    @staticmethod
+    def _control_rows(
+        info: PoolInfo, rt: PoolRuntime, batch_size: int, annotator: str, now: float, seed: int
+    ) -> np.ndarray:
+        """Rows the control arm draws for this batch: uniformly among the caller's acquirable pool rows.
+
+        floor(f * B) of them, plus one with probability frac(f * B), from a generator seeded by
+        the call's seed (apart from the strategy's own draws): the same call draws the same rows.
+        """
+        f = info.settings.control_fraction
+        if f <= 0.0:
+            return np.zeros(0, dtype=np.int64)
+        assert rt.split_N is not None and rt.occupancy is not None
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, CONTROL_STREAM])
+        expected = f * batch_size
+        want = int(np.floor(expected)) + int(rng.random() < expected - np.floor(expected))
+        if want == 0:
+            return np.zeros(0, dtype=np.int64)
+        candidate_N, _acquired_N = rt.occupancy.masks(rt.split_N == int(Split.POOL), annotator, now)
+        candidates_R = np.flatnonzero(candidate_N)
+        if candidates_R.size == 0:
+            return np.zeros(0, dtype=np.int64)  # the strategy raises the precise error
+        return rng.choice(candidates_R, size=min(want, candidates_R.size), replace=False).astype(np.int64)
 
     @staticmethod
     def _bald_fast(rt: PoolRuntime, epistemic_N: np.ndarray, batch_size: int, annotator: str) -> CandidateBatch | None:

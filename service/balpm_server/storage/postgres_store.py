@@ -140,7 +140,13 @@ CREATE TABLE pool_owners (
 )
 """
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3)
+# v4: the random control arm: leases and labels drawn by it are flagged.
+SCHEMA_V4 = """
+ALTER TABLE leases ADD COLUMN control SMALLINT NOT NULL DEFAULT 0;
+ALTER TABLE labels ADD COLUMN control SMALLINT NOT NULL DEFAULT 0
+"""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

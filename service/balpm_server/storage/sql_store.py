@@ -96,6 +96,7 @@ def settings_from_json(raw: str) -> PoolSettings:
     body["feature_source"] = FeatureSource(body["feature_source"])
     body["default_strategy"] = Strategy(body["default_strategy"])
     body["hidden_sizes"] = tuple(body["hidden_sizes"])
+    body.setdefault("control_fraction", 0.0)  # pools created before the control arm existed keep none
     return PoolSettings(**body)
 
 
@@ -589,10 +590,16 @@ class SqlStore:
         label from anyone ends the current holder's lease).
         """
         now = time.time()
+        # A label is a control label when the labeller's lease of the item came from the control arm.
         tx.run_many(
-            "INSERT INTO labels (pool_id, label_id, item_id, preference, annotator_id, create_time)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            [(pool_id, lb.label_id, lb.item_id, int(lb.preference), lb.annotator_id, now) for lb in labels],
+            "INSERT INTO labels (pool_id, label_id, item_id, preference, annotator_id, create_time, control)"
+            " VALUES (?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(control), 0) FROM leases"
+            " WHERE pool_id = ? AND item_id = ? AND annotator_id = ?))",
+            [
+                (pool_id, lb.label_id, lb.item_id, int(lb.preference), lb.annotator_id, now,
+                 pool_id, lb.item_id, lb.annotator_id)
+                for lb in labels
+            ],
         )
         tx.run_many(
             "DELETE FROM leases WHERE pool_id = ? AND item_id = ? AND annotator_id = ?",
@@ -634,9 +641,9 @@ class SqlStore:
     def labels_page(self, pool_id: str, after_seq: int, limit: int) -> list[StoredLabel]:
         """Labels with seq > after_seq in storage order."""
         return [
-            StoredLabel(int(s), lid, iid, Preference(p), ann, t)
-            for s, lid, iid, p, ann, t in self._query(
-                "SELECT seq, label_id, item_id, preference, annotator_id, create_time FROM labels"
+            StoredLabel(int(s), lid, iid, Preference(p), ann, t, bool(ctl))
+            for s, lid, iid, p, ann, t, ctl in self._query(
+                "SELECT seq, label_id, item_id, preference, annotator_id, create_time, control FROM labels"
                 " WHERE pool_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (pool_id, after_seq, limit),
             )
@@ -701,9 +708,13 @@ class SqlStore:
             for r in requests:
                 self._lock_items(c, r.pool_key, r.item_ids)
             c.run_many(
-                "INSERT INTO leases (pool_id, item_id, annotator_id, expire_time) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (pool_id, item_id, annotator_id) DO UPDATE SET expire_time = excluded.expire_time",
-                [(r.pool_key, iid, r.annotator_id, r.expire_s) for r in requests for iid in r.item_ids],
+                "INSERT INTO leases (pool_id, item_id, annotator_id, expire_time, control) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (pool_id, item_id, annotator_id) DO UPDATE SET expire_time = excluded.expire_time,"
+                " control = excluded.control",
+                [
+                    (r.pool_key, iid, r.annotator_id, r.expire_s, int(iid in r.control_ids))
+                    for r in requests for iid in r.item_ids
+                ],
             )
         return [self.item_texts(r.pool_key, r.item_ids) for r in requests]
 

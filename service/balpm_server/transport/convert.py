@@ -123,6 +123,7 @@ def pool_settings_from_pb(s: pb.PoolSettings) -> m.PoolSettings:
         train_batch_size=s.train_batch_size or d.train_batch_size,
         learning_rate=s.learning_rate if s.HasField("learning_rate") else d.learning_rate,
         weight_decay=s.weight_decay if s.HasField("weight_decay") else d.weight_decay,
+        control_fraction=s.control_fraction if s.HasField("control_fraction") else d.control_fraction,
     )
 
 
@@ -160,6 +161,7 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         train_batch_size=s.train_batch_size,
         learning_rate=s.learning_rate,
         weight_decay=s.weight_decay,
+        control_fraction=s.control_fraction,
     )
     msg = pb.Pool(
         pool_id=info.pool_id,

@@ -180,6 +180,7 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
                     item=c.item_text_to_pb(a.item),
                     scores=pb.ScoreComponents(total=a.total, epistemic=a.epistemic, entropy=a.entropy),
                     rank=a.rank,
+                    control=a.control,
                 )
                 for a in r.items
             ],
@@ -281,6 +282,7 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
                         ),
                         item=pb.Item(**cast(dict[str, Any], texts)),
                         create_time=c.timestamp(lb.create_time_s),
+                        control=lb.control,
                     )
                     for lb, texts in page
                 ],
