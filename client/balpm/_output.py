@@ -209,3 +209,37 @@ __all__ = [
     "table",
     "to_jsonable",
 ]
+
+
+def learning_curve(resp: pb.GetLearningCurveResponse) -> str:
+    """The `curve` view: the savings estimate, the stopping signal, then both curves."""
+    sv, st = resp.savings, resp.stopping
+    if sv.estimable:
+        saving = (f"{100 * sv.labels_saved_share:.0f}% fewer labels than random (95% interval "
+                  f"{100 * sv.labels_saved_share_low:.0f}% to {100 * sv.labels_saved_share_high:.0f}%): "
+                  f"{sv.active_label_count:.0f} vs {sv.random_label_count} labels for held-out LL "
+                  f"{sv.log_likelihood:.4f}")
+    else:
+        saving = sv.reason
+    if st.estimable:
+        advice = enum_name(pb.StoppingSignal.Recommendation, st.recommendation, "RECOMMENDATION_")
+        stop = (f"{advice}: held-out LL {st.slope_per_1k_labels:+.4f} per 1,000 labels (95% interval "
+                f"{st.slope_low:+.4f} to {st.slope_high:+.4f}; threshold {st.threshold_per_1k_labels:g})")
+    else:
+        stop = st.reason
+    state = f"computing ({resp.fits_done}/{resp.fits_total} fits)" if resp.computing else "up to date"
+    head = key_values([
+        ("savings", saving),
+        ("stopping", stop),
+        ("next batch information gain", f"{st.expected_information_gain:.3f} nats"),
+        ("labels", f"{resp.label_count} ({resp.control_label_count} control)"),
+        ("estimate", state + (f"; last computation failed: {resp.error}" if resp.error else "")),
+    ])
+    rows = [
+        ["active" if p.posterior_version else "random", p.posterior_version or "-", p.label_count, p.eval_count,
+         p.log_likelihood, p.log_likelihood_stderr, p.accuracy]
+        for p in [*resp.active, *resp.random]
+    ]
+    if not rows:
+        return head
+    return head + "\n\n" + table(("LEARNER", "VERSION", "LABELS", "EVAL", "HELD-OUT LL", "STDERR", "ACCURACY"), rows)

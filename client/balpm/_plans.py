@@ -430,6 +430,30 @@ def predict(
     return unary("Predict", m.predict_request(pool_id, item_ids, items), _same, "slow")
 
 
+def learning_curve(
+    pool_id: str, next_batch_size: int, wait: bool, timeout_s: float, poll_s: float
+) -> Plan[pb.GetLearningCurveResponse]:
+    """GetLearningCurve; with `wait`, poll until no newer estimate is being computed.
+
+    Raises:
+        WaitTimeoutError: Still computing after `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        request = pb.GetLearningCurveRequest(pool_id=pool_id, next_batch_size=next_batch_size)
+        resp: pb.GetLearningCurveResponse = yield Unary("GetLearningCurve", request)
+        if not wait or not resp.computing:
+            return resp
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WaitTimeoutError.local(
+                f"the learning curve of pool {pool_id} is still computing after {timeout_s:g} s "
+                f"({resp.fits_done}/{resp.fits_total} fits)",
+                reason="WAIT_TIMEOUT", metadata={"pool_id": pool_id},
+            )
+        yield Sleep(min(poll_s, left))
+
+
 def evaluate(
     pool_id: str, items: Iterable[tuple[Mapping[str, Any] | pb.Item, str]]
 ) -> Plan[pb.EvaluateResponse]:

@@ -220,6 +220,12 @@ class AsyncClient(ClientBase):
     ) -> pb.EvaluateResponse:
         return await self._run(plans.evaluate(pool_id, items))
 
+    async def learning_curve(
+        self, pool_id: str, *, next_batch_size: int = 0, wait: bool = False, timeout_s: float = 600.0,
+        poll_s: float = 1.0,
+    ) -> pb.GetLearningCurveResponse:
+        return await self._run(plans.learning_curve(pool_id, next_batch_size, wait, timeout_s, poll_s))
+
 
 def _share_docs() -> None:
     """Give every public AsyncClient method the docstring of its Client twin (written once, there)."""

@@ -68,7 +68,8 @@ def cmd_pools(args: argparse.Namespace) -> None:
                 settings["feature_dim"] = args.feature_dim
             for key in ("ensemble_size", "knn_k", "beta", "d_ent", "labels_per_item", "epochs",
                         "auto_update_min_labels", "auto_update_interval_s", "bootstrap", "patience", "val_fraction",
-                        "train_batch_size", "learning_rate", "weight_decay", "control_fraction"):
+                        "train_batch_size", "learning_rate", "weight_decay", "control_fraction",
+                        "stop_slope_per_1k"):
                 if getattr(args, key) is not None:
                     settings[key] = getattr(args, key)
             if args.strategy:
@@ -228,6 +229,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     with _client(args) as c:
         resp = c.evaluate(args.pool, items)
     out.emit(args.output, resp, lambda: out.message_details(resp))
+
+
+def cmd_curve(args: argparse.Namespace) -> None:
+    with _client(args) as c:
+        resp = c.learning_curve(args.pool, next_batch_size=args.next_batch_size, wait=args.wait,
+                                timeout_s=args.wait_timeout_s)
+    out.emit(args.output, resp, lambda: out.learning_curve(resp))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -467,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="create: share of every batch drawn uniformly at random, flagged control (0..0.5, default 0.1)",
     )
     pools.add_argument(
+        "--stop-slope-per-1k", type=float,
+        help="create: held-out LL gain per 1,000 labels below which the stopping signal says DIMINISHING/STOP "
+        "(default 0.005)",
+    )
+    pools.add_argument(
         "--auto-update-min-labels",
         type=int,
         help="create: retrain by itself once this many new labels arrived since the latest posterior (default 0: off)",
@@ -537,6 +550,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--file", help="labelled items in the upload format (default: the pool's held-out split)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the A/B order for chosen/rejected files")
     ev.set_defaults(func=cmd_evaluate)
+
+    cu = sub.add_parser(
+        "curve", parents=common,
+        help="what active learning saves on the pool (from its control labels) and whether to keep labelling",
+    )
+    cu.add_argument("pool", help="pool id")
+    cu.add_argument("--wait", action="store_true", help="wait until the background estimate is up to date")
+    cu.add_argument("--wait-timeout-s", type=float, default=600.0, help="how long --wait waits (default 600)")
+    cu.add_argument("--next-batch-size", type=int, default=0,
+                    help="batch size for the next batch's expected information gain (default 100)")
+    cu.set_defaults(func=cmd_curve)
 
     ex = sub.add_parser(
         "export", help="stream a pool's labels (or items) as JSON lines, whatever -o says", parents=common

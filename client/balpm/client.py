@@ -421,6 +421,13 @@ class Client(ClientBase):
         """Evaluate on (item, preference) pairs, or on the held-out split when none are given."""
         return self._run(plans.evaluate(pool_id, items))
 
+    def learning_curve(
+        self, pool_id: str, *, next_batch_size: int = 0, wait: bool = False, timeout_s: float = 600.0,
+        poll_s: float = 1.0,
+    ) -> pb.GetLearningCurveResponse:
+        """The savings estimate and stopping signal; with `wait`, until the background computation is done."""
+        return self._run(plans.learning_curve(pool_id, next_batch_size, wait, timeout_s, poll_s))
+
 
 __all__ = [
     "PREFERENCES",

@@ -39,6 +39,7 @@ READER_METHODS = frozenset(
         "ReleaseItems",
         "Predict",
         "Evaluate",
+        "GetLearningCurve",
         "ExportLabels",
         "ExportItems",
         "GetOperation",

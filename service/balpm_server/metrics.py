@@ -104,6 +104,24 @@ TRITON_ERRORS_TOTAL = Counter(
     ["kind"],
 )
 
+# ---- what active learning saves (GetLearningCurve; per pool) ---------------------------
+SAVINGS_SHARE = Gauge(
+    "balpm_savings_labels_share",
+    "Estimated share of labels saved against random at equal held-out LL (NaN: not estimable yet).",
+    ["tenant", "pool"],
+)
+LEARNING_SLOPE_PER_1K = Gauge(
+    "balpm_learning_slope_per_1k_labels", "Held-out LL gained per 1,000 labels (NaN: not estimable).",
+    ["tenant", "pool"],
+)
+NEXT_BATCH_INFORMATION_GAIN = Gauge(
+    "balpm_next_batch_information_gain", "Sum of the next batch's BALD scores (nats).", ["tenant", "pool"]
+)
+STOP_RECOMMENDATION = Gauge(
+    "balpm_stop_recommendation", "Stopping signal: 0 not estimable, 1 CONTINUE, 2 DIMINISHING, 3 STOP.",
+    ["tenant", "pool"],
+)
+
 # ---- cluster mode ----------------------------------------------------------------------
 POOLS_OWNED = Gauge("balpm_pools_owned", "Pools this replica owns (cluster mode).")
 CLUSTER_REPLICAS = Gauge("balpm_cluster_replicas", "Live replicas this replica sees (cluster mode).")

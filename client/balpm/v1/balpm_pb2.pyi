@@ -84,7 +84,7 @@ KNN_CONVENTION_STANDARD: KnnConvention
 KNN_CONVENTION_AUTHORS: KnnConvention
 
 class PoolSettings(_message.Message):
-    __slots__ = ("feature_source", "feature_dim", "ensemble_size", "hidden_sizes", "knn_k", "beta", "d_ent", "default_strategy", "standardize_features", "labels_per_item", "epochs", "posterior_kind", "lora_model_path", "temperature", "apl_beta_dpo", "apl_policy_model_path", "apl_reference_model_path", "knn_convention", "auto_update_min_labels", "auto_update_interval_s", "bootstrap", "patience", "val_fraction", "train_batch_size", "learning_rate", "weight_decay", "control_fraction")
+    __slots__ = ("feature_source", "feature_dim", "ensemble_size", "hidden_sizes", "knn_k", "beta", "d_ent", "default_strategy", "standardize_features", "labels_per_item", "epochs", "posterior_kind", "lora_model_path", "temperature", "apl_beta_dpo", "apl_policy_model_path", "apl_reference_model_path", "knn_convention", "auto_update_min_labels", "auto_update_interval_s", "bootstrap", "patience", "val_fraction", "train_batch_size", "learning_rate", "weight_decay", "control_fraction", "stop_slope_per_1k")
     FEATURE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class PoolSettings(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     CONTROL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    STOP_SLOPE_PER_1K_FIELD_NUMBER: _ClassVar[int]
     feature_source: FeatureSource
     feature_dim: int
     ensemble_size: int
@@ -139,7 +140,8 @@ class PoolSettings(_message.Message):
     learning_rate: float
     weight_decay: float
     control_fraction: float
-    def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ..., auto_update_min_labels: _Optional[int] = ..., auto_update_interval_s: _Optional[float] = ..., bootstrap: _Optional[bool] = ..., patience: _Optional[int] = ..., val_fraction: _Optional[float] = ..., train_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., control_fraction: _Optional[float] = ...) -> None: ...
+    stop_slope_per_1k: float
+    def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ..., auto_update_min_labels: _Optional[int] = ..., auto_update_interval_s: _Optional[float] = ..., bootstrap: _Optional[bool] = ..., patience: _Optional[int] = ..., val_fraction: _Optional[float] = ..., train_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., control_fraction: _Optional[float] = ..., stop_slope_per_1k: _Optional[float] = ...) -> None: ...
 
 class Pool(_message.Message):
     __slots__ = ("pool_id", "settings", "state", "item_count", "heldout_count", "label_count", "labelled_item_count", "leased_item_count", "posterior_version", "featurized_count", "extractor", "create_time", "featurization_pause", "excluded_count")
@@ -722,3 +724,105 @@ class ExportItemsResponse(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[Item]
     next_page_token: str
     def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetLearningCurveRequest(_message.Message):
+    __slots__ = ("pool_id", "next_batch_size")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    next_batch_size: int
+    def __init__(self, pool_id: _Optional[str] = ..., next_batch_size: _Optional[int] = ...) -> None: ...
+
+class LearningCurvePoint(_message.Message):
+    __slots__ = ("label_count", "posterior_version", "eval_count", "log_likelihood", "log_likelihood_stderr", "accuracy")
+    LABEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    POSTERIOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVAL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    LOG_LIKELIHOOD_STDERR_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    label_count: int
+    posterior_version: int
+    eval_count: int
+    log_likelihood: float
+    log_likelihood_stderr: float
+    accuracy: float
+    def __init__(self, label_count: _Optional[int] = ..., posterior_version: _Optional[int] = ..., eval_count: _Optional[int] = ..., log_likelihood: _Optional[float] = ..., log_likelihood_stderr: _Optional[float] = ..., accuracy: _Optional[float] = ...) -> None: ...
+
+class SavingsEstimate(_message.Message):
+    __slots__ = ("estimable", "reason", "control_labels_needed", "labels_saved_share", "labels_saved_share_low", "labels_saved_share_high", "random_label_count", "active_label_count", "log_likelihood")
+    ESTIMABLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_LABELS_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    LABELS_SAVED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_SAVED_SHARE_LOW_FIELD_NUMBER: _ClassVar[int]
+    LABELS_SAVED_SHARE_HIGH_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_LABEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_LABEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    estimable: bool
+    reason: str
+    control_labels_needed: int
+    labels_saved_share: float
+    labels_saved_share_low: float
+    labels_saved_share_high: float
+    random_label_count: int
+    active_label_count: float
+    log_likelihood: float
+    def __init__(self, estimable: _Optional[bool] = ..., reason: _Optional[str] = ..., control_labels_needed: _Optional[int] = ..., labels_saved_share: _Optional[float] = ..., labels_saved_share_low: _Optional[float] = ..., labels_saved_share_high: _Optional[float] = ..., random_label_count: _Optional[int] = ..., active_label_count: _Optional[float] = ..., log_likelihood: _Optional[float] = ...) -> None: ...
+
+class StoppingSignal(_message.Message):
+    __slots__ = ("estimable", "reason", "slope_per_1k_labels", "slope_low", "slope_high", "expected_information_gain", "recommendation", "threshold_per_1k_labels")
+    class Recommendation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        RECOMMENDATION_UNSPECIFIED: _ClassVar[StoppingSignal.Recommendation]
+        RECOMMENDATION_CONTINUE: _ClassVar[StoppingSignal.Recommendation]
+        RECOMMENDATION_DIMINISHING: _ClassVar[StoppingSignal.Recommendation]
+        RECOMMENDATION_STOP: _ClassVar[StoppingSignal.Recommendation]
+    RECOMMENDATION_UNSPECIFIED: StoppingSignal.Recommendation
+    RECOMMENDATION_CONTINUE: StoppingSignal.Recommendation
+    RECOMMENDATION_DIMINISHING: StoppingSignal.Recommendation
+    RECOMMENDATION_STOP: StoppingSignal.Recommendation
+    ESTIMABLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_PER_1K_LABELS_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_LOW_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_HIGH_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_INFORMATION_GAIN_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDATION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_PER_1K_LABELS_FIELD_NUMBER: _ClassVar[int]
+    estimable: bool
+    reason: str
+    slope_per_1k_labels: float
+    slope_low: float
+    slope_high: float
+    expected_information_gain: float
+    recommendation: StoppingSignal.Recommendation
+    threshold_per_1k_labels: float
+    def __init__(self, estimable: _Optional[bool] = ..., reason: _Optional[str] = ..., slope_per_1k_labels: _Optional[float] = ..., slope_low: _Optional[float] = ..., slope_high: _Optional[float] = ..., expected_information_gain: _Optional[float] = ..., recommendation: _Optional[_Union[StoppingSignal.Recommendation, str]] = ..., threshold_per_1k_labels: _Optional[float] = ...) -> None: ...
+
+class GetLearningCurveResponse(_message.Message):
+    __slots__ = ("active", "random", "savings", "stopping", "label_count", "control_label_count", "compute_time", "computing", "fits_done", "fits_total", "error")
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_FIELD_NUMBER: _ClassVar[int]
+    SAVINGS_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_LABEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_TIME_FIELD_NUMBER: _ClassVar[int]
+    COMPUTING_FIELD_NUMBER: _ClassVar[int]
+    FITS_DONE_FIELD_NUMBER: _ClassVar[int]
+    FITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    active: _containers.RepeatedCompositeFieldContainer[LearningCurvePoint]
+    random: _containers.RepeatedCompositeFieldContainer[LearningCurvePoint]
+    savings: SavingsEstimate
+    stopping: StoppingSignal
+    label_count: int
+    control_label_count: int
+    compute_time: _timestamp_pb2.Timestamp
+    computing: bool
+    fits_done: int
+    fits_total: int
+    error: str
+    def __init__(self, active: _Optional[_Iterable[_Union[LearningCurvePoint, _Mapping]]] = ..., random: _Optional[_Iterable[_Union[LearningCurvePoint, _Mapping]]] = ..., savings: _Optional[_Union[SavingsEstimate, _Mapping]] = ..., stopping: _Optional[_Union[StoppingSignal, _Mapping]] = ..., label_count: _Optional[int] = ..., control_label_count: _Optional[int] = ..., compute_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., computing: _Optional[bool] = ..., fits_done: _Optional[int] = ..., fits_total: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...

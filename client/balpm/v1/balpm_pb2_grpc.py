@@ -126,6 +126,11 @@ class BalpmServiceStub:
                 request_serializer=balpm_dot_v1_dot_balpm__pb2.ExportItemsRequest.SerializeToString,
                 response_deserializer=balpm_dot_v1_dot_balpm__pb2.ExportItemsResponse.FromString,
                 _registered_method=True)
+        self.GetLearningCurve = channel.unary_unary(
+                '/balpm.v1.BalpmService/GetLearningCurve',
+                request_serializer=balpm_dot_v1_dot_balpm__pb2.GetLearningCurveRequest.SerializeToString,
+                response_deserializer=balpm_dot_v1_dot_balpm__pb2.GetLearningCurveResponse.FromString,
+                _registered_method=True)
 
 
 class BalpmServiceServicer:
@@ -268,6 +273,17 @@ class BalpmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLearningCurve(self, request, context):
+        """What active learning saves on this pool, from its own control labels: the held-out
+        learning curves of its posterior versions and of a random-only learner, the share of
+        labels saved at equal log-likelihood with a 95% interval, and a stopping signal. The
+        estimate is computed in the background (it never blocks acquisition): a call returns
+        the latest one and starts a new computation when labels or versions changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BalpmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -360,6 +376,11 @@ def add_BalpmServiceServicer_to_server(servicer, server):
                     servicer.ExportItems,
                     request_deserializer=balpm_dot_v1_dot_balpm__pb2.ExportItemsRequest.FromString,
                     response_serializer=balpm_dot_v1_dot_balpm__pb2.ExportItemsResponse.SerializeToString,
+            ),
+            'GetLearningCurve': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLearningCurve,
+                    request_deserializer=balpm_dot_v1_dot_balpm__pb2.GetLearningCurveRequest.FromString,
+                    response_serializer=balpm_dot_v1_dot_balpm__pb2.GetLearningCurveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -850,6 +871,33 @@ class BalpmService:
             '/balpm.v1.BalpmService/ExportItems',
             balpm_dot_v1_dot_balpm__pb2.ExportItemsRequest.SerializeToString,
             balpm_dot_v1_dot_balpm__pb2.ExportItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLearningCurve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balpm.v1.BalpmService/GetLearningCurve',
+            balpm_dot_v1_dot_balpm__pb2.GetLearningCurveRequest.SerializeToString,
+            balpm_dot_v1_dot_balpm__pb2.GetLearningCurveResponse.FromString,
             options,
             channel_credentials,
             insecure,

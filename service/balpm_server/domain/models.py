@@ -100,6 +100,7 @@ class PoolSettings:
     # tenth of the batches' selection and gives an unbiased evaluation set that grows with
     # the labels (100 control labels per 1,000): what the savings estimate is measured on.
     control_fraction: float = 0.1
+    stop_slope_per_1k: float = 0.005  # stopping signal: held-out LL gain per 1,000 labels worth continuing for
 
     def __post_init__(self) -> None:
         """Coerce `knn_convention` given by value (e.g. from settings JSON) to the enum."""
@@ -404,10 +405,12 @@ class LabelTargets:
     Attributes:
         rows_L: int64 feature row of each label's item.
         targets_L: float32 target P(A preferred).
+        control_L: bool, the label came from the random control arm (empty when not read).
     """
 
     rows_L: np.ndarray
     targets_L: np.ndarray
+    control_L: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
 @dataclass(frozen=True)

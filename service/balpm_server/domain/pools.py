@@ -82,7 +82,7 @@ class Pools:
         v.int_range(s.train_batch_size, "settings.train_batch_size", 1, 4096)
         for name, low, high, low_open in (
             ("val_fraction", 0.0, 0.5, False), ("learning_rate", 0.0, 1.0, True), ("weight_decay", 0.0, 1.0, False),
-            ("control_fraction", 0.0, 0.5, False),
+            ("control_fraction", 0.0, 0.5, False), ("stop_slope_per_1k", 0.0, 1.0, False),
         ):
             value = float(getattr(s, name))
             v.finite(value, f"settings.{name}", low=low, low_open=low_open)

@@ -29,6 +29,7 @@ from balpm_server.domain.common import DEFAULT_TENANT
 from balpm_server.domain.group_commit import GroupCommit
 from balpm_server.domain.inference import Inference
 from balpm_server.domain.labels import Labels
+from balpm_server.domain.learning_curve import CurveReport, LearningCurves
 from balpm_server.domain.models import (
     AcquireResult,
     AplScores,
@@ -93,6 +94,7 @@ class PoolService:
         self._training = Training(settings, self.store, self._pools, self._cache)
         self._acquisition = Acquisition(settings, self.store, self._pools, self._cache)
         self._inference = Inference(settings, self._pools, self._cache, extractor)
+        self._curves = LearningCurves(settings, self.store, self._pools, self._cache)
         self.cluster: Cluster | None = None
         if settings.cluster:
             self.cluster = Cluster(
@@ -166,6 +168,7 @@ class PoolService:
         await self.drain()
         await self._training.stop()  # they stop at the next epoch boundary and record CANCELLED
         await self._featurizer.stop()
+        await self._curves.stop()
         await self._cache.stop()
         self._training.closed = True
         if self.extractor is not None:
@@ -196,6 +199,7 @@ class PoolService:
         info = await self._pools.require(tenant, pool_id)
         self._featurizer.cancel(info.key)
         self._training.cancel_pool(info.key)
+        self._curves.forget(info.key)
         await self._pools.delete(info)
         if self.cluster is not None:
             self.cluster.forget_pool(tenant, pool_id, info.key)
@@ -311,3 +315,7 @@ class PoolService:
     async def evaluate(self, tenant: str, pool_id: str, items: Sequence[tuple[ItemIn, Preference]]) -> EvaluationOut:
         """Evaluate on given labelled items, or on the held-out split when none are given."""
         return await self._inference.evaluate(tenant, pool_id, items)
+
+    async def learning_curve(self, tenant: str, pool_id: str, next_batch_size: int = 0) -> CurveReport:
+        """The pool's latest savings estimate and stopping signal (a newer one computes in the background)."""
+        return await self._curves.get(tenant, pool_id, next_batch_size)

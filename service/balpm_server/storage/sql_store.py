@@ -650,15 +650,16 @@ class SqlStore:
         ]
 
     def label_targets(self, pool_id: str) -> LabelTargets:
-        """Every label as its item's feature row and its target P(A preferred), in storage order."""
+        """Every label as its item's feature row, its target P(A preferred) and its control flag, in storage order."""
         rows = self._query(
-            "SELECT i.row, l.preference FROM labels l JOIN items i"
+            "SELECT i.row, l.preference, l.control FROM labels l JOIN items i"
             " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ? ORDER BY l.seq",
             (pool_id,),
         )
         rows_L = np.array([r[0] for r in rows], dtype=np.int64)
         targets_L = np.array([Preference(r[1]).target for r in rows], dtype=np.float32)
-        return LabelTargets(rows_L, targets_L)
+        control_L = np.array([bool(r[2]) for r in rows], dtype=bool)
+        return LabelTargets(rows_L, targets_L, control_L)
 
     # ---- leases ------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from balpm.v1 import balpm_pb2 as pb
 from balpm_server import errors
 from balpm_server.acquisition import KnnConvention, Strategy
 from balpm_server.domain import models as m
+from balpm_server.domain.learning_curve import CurveReport
+from balpm_server.posterior.savings import CurvePoint, Recommendation
 
 STRATEGY_FROM_PB: dict[int, Strategy] = {
     pb.STRATEGY_RANDOM: Strategy.RANDOM,
@@ -124,6 +126,7 @@ def pool_settings_from_pb(s: pb.PoolSettings) -> m.PoolSettings:
         learning_rate=s.learning_rate if s.HasField("learning_rate") else d.learning_rate,
         weight_decay=s.weight_decay if s.HasField("weight_decay") else d.weight_decay,
         control_fraction=s.control_fraction if s.HasField("control_fraction") else d.control_fraction,
+        stop_slope_per_1k=s.stop_slope_per_1k if s.HasField("stop_slope_per_1k") else d.stop_slope_per_1k,
     )
 
 
@@ -162,6 +165,7 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         learning_rate=s.learning_rate,
         weight_decay=s.weight_decay,
         control_fraction=s.control_fraction,
+        stop_slope_per_1k=s.stop_slope_per_1k,
     )
     msg = pb.Pool(
         pool_id=info.pool_id,
@@ -315,3 +319,47 @@ def options_from_pb(o: pb.StrategyOptions) -> dict[str, float]:
         out["apl_entropy_top_s"] = float(o.apl_entropy_top_s)
     return out
 
+
+
+def _curve_point_to_pb(p: CurvePoint) -> pb.LearningCurvePoint:
+    return pb.LearningCurvePoint(
+        label_count=p.label_count, posterior_version=p.version, eval_count=len(p.ll_I),
+        log_likelihood=p.log_likelihood, log_likelihood_stderr=p.stderr, accuracy=p.accuracy,
+    )
+
+
+RECOMMENDATION_TO_PB = {
+    None: pb.StoppingSignal.RECOMMENDATION_UNSPECIFIED,
+    Recommendation.CONTINUE: pb.StoppingSignal.RECOMMENDATION_CONTINUE,
+    Recommendation.DIMINISHING: pb.StoppingSignal.RECOMMENDATION_DIMINISHING,
+    Recommendation.STOP: pb.StoppingSignal.RECOMMENDATION_STOP,
+}
+
+
+def learning_curve_to_pb(report: CurveReport) -> pb.GetLearningCurveResponse:
+    """The GetLearningCurve reply of a report."""
+    curve, sv, sl = report.curve, report.curve.savings, report.curve.slope
+    msg = pb.GetLearningCurveResponse(
+        active=[_curve_point_to_pb(p) for p in curve.active],
+        random=[_curve_point_to_pb(p) for p in curve.random],
+        savings=pb.SavingsEstimate(
+            estimable=sv.estimable, reason=sv.reason, control_labels_needed=sv.control_labels_needed,
+            labels_saved_share=sv.share, labels_saved_share_low=sv.low, labels_saved_share_high=sv.high,
+            random_label_count=sv.random_labels, active_label_count=sv.active_labels, log_likelihood=sv.log_likelihood,
+        ),
+        stopping=pb.StoppingSignal(
+            estimable=sl.estimable, reason=sl.reason, slope_per_1k_labels=sl.per_1k, slope_low=sl.low,
+            slope_high=sl.high, expected_information_gain=report.expected_information_gain,
+            recommendation=cast(Any, RECOMMENDATION_TO_PB[curve.recommendation]),
+            threshold_per_1k_labels=curve.threshold_per_1k,
+        ),
+        label_count=curve.label_count,
+        control_label_count=curve.control_label_count,
+        computing=report.computing,
+        fits_done=report.fits_done,
+        fits_total=report.fits_total,
+        error=report.error,
+    )
+    if curve.compute_time_s:
+        msg.compute_time.CopyFrom(timestamp(curve.compute_time_s))
+    return msg

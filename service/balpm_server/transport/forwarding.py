@@ -31,7 +31,7 @@ FORWARDED_FROM = "balpm-forwarded-from"
 # Methods whose request names the pool in `pool_id`, or (UploadItems) in its first message's header.
 POOL_METHODS = frozenset({
     "GetPool", "DeletePool", "UpdatePosterior", "AcquireBatch", "ReleaseItems", "ExcludeItems",
-    "UpdateItemScores", "Predict", "Evaluate", "UploadItems",
+    "UpdateItemScores", "Predict", "Evaluate", "UploadItems", "GetLearningCurve",
 })
 OPERATION_METHODS = frozenset({"GetOperation", "WatchOperation", "CancelOperation"})
 # Metadata a relayed call sets itself (or gRPC does), never copied from the caller's.

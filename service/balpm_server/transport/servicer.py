@@ -290,6 +290,12 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
             )
 
 
+    async def GetLearningCurve(
+        self, request: pb.GetLearningCurveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetLearningCurveResponse:
+        report = await self.service.learning_curve(tenant_of(context), request.pool_id, request.next_batch_size)
+        return c.learning_curve_to_pb(report)
+
     async def ExportItems(
         self, request: pb.ExportItemsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExportItemsResponse]:
