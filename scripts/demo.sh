@@ -15,7 +15,10 @@ balpm demo-data --out-dir "$WORK" --pool-size 600 --test-size 200
 for strategy in random balpm; do
   echo "== simulate --strategy $strategy =="
   balpm --server "127.0.0.1:$PORT" simulate --pool-file "$WORK/pool.jsonl" --test-file "$WORK/test.jsonl" \
-    --strategy "$strategy" --initial 32 --batch-size 32 --rounds 3 --seed 0 --out "$WORK/$strategy.jsonl"
+    --strategy "$strategy" --initial 32 --batch-size 32 --rounds 3 --seed 0 --out "$WORK/$strategy.jsonl" \
+    --keep-pool --pool-id demo
 done
 echo "== last round of each =="
 for strategy in random balpm; do tail -n 1 "$WORK/$strategy.jsonl"; done
+echo "== what BAL-PM saves on this pool, as the service estimates it from its control labels (balpm curve) =="
+balpm --server "127.0.0.1:$PORT" curve demo-balpm --wait

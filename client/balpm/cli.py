@@ -346,6 +346,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                     seed=args.seed,
                     epochs=args.epochs,
                     keep_pool=args.keep_pool,
+                    pool_id=f"{args.pool_id}-{strategy.lower()}" if args.pool_id else "",
                     feature_source=data.feature_source,
                     pool_settings=tuple(run_settings.items()),
                     tags=(("oracle", args.oracle), ("redundancy", args.redundancy)),
@@ -618,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--ensemble-size", type=int, help="ensemble members (default 5)")
     sim.add_argument("--hidden-sizes", default="", help="comma-separated hidden widths, e.g. 256,64")
     sim.add_argument("--keep-pool", action="store_true", help="keep the run's pools afterwards")
+    sim.add_argument("--pool-id", default="", help="name the run's pools PREFIX-<strategy> (default: generated)")
     sim.add_argument("--out", help="write every round as a JSON line to this file")
     sim.add_argument(
         "--plot",
