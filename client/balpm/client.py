@@ -46,6 +46,7 @@ RETRY_METHODS = (
     "ExportItems",
     "Predict",
     "Evaluate",
+    "GetLearningCurve",
     "IngestLabels",
     "UpdateItemScores",
     "ExcludeItems",

@@ -16,7 +16,7 @@ from tests.client.conftest import FakeServicer
 
 IDEMPOTENT = {
     "GetPool", "ListPools", "GetOperation", "WatchOperation", "CancelOperation", "ExportLabels", "ExportItems",
-    "Predict", "Evaluate", "IngestLabels", "UpdateItemScores", "ExcludeItems",
+    "Predict", "Evaluate", "IngestLabels", "UpdateItemScores", "ExcludeItems", "GetLearningCurve",
 }
 NOT_RETRIED = {"CreatePool", "DeletePool", "UploadItems", "UpdatePosterior", "AcquireBatch", "ReleaseItems"}
 
