@@ -324,3 +324,28 @@ def test_one_trace_spans_the_forwarding_hop(
             s.stop()
         wait_until(lambda: not tracing.active(), WAIT_S, "tracing to shut down with the servers")
         collector.close()
+
+
+def test_a_call_relayed_to_a_former_owner_is_routed_again(replicas: Replicas, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner refuses a relayed call as NOT_POOL_OWNER (the pool moved meanwhile): the entry replica routes again."""
+    from balpm_server.storage.sql_store import not_owner
+
+    with Client(replicas.servers[0].target, timeout_s=60) as c:
+        c.create_pool("m", feature_source="CLIENT", feature_dim=4, **SMALL)
+        c.upload_items("m", synthetic_items(20, 4, seed=8)[0])
+    owner = replicas.owner_of("m")
+    cluster = replicas.servers[owner].running.service.cluster
+    assert cluster is not None
+    real = cluster.route
+    refused: list[str] = []
+
+    async def moved_once(key: str, *, forwarded: bool) -> str | None:
+        if forwarded and not refused:
+            refused.append(key)
+            raise not_owner(key, cluster.replica_id)
+        return await real(key, forwarded=forwarded)
+
+    monkeypatch.setattr(cluster, "route", moved_once)
+    with Client(replicas.servers[(owner + 1) % 3].target, timeout_s=30, retry=False) as c:
+        assert len(c.acquire("m", batch_size=2, annotator_id="a").items) == 2  # no error reached the caller
+    assert len(refused) == 1

@@ -316,7 +316,7 @@ class Cluster:
             now = time.time()
             rec = await self.store.call(self.store.pool_owner, key)
             if rec is None or rec.expire_s <= now:
-                target = self.replica_id if forwarded or self.draining else await self._assignee(key)
+                target = self.replica_id if forwarded and not self.draining else await self._assignee(key)
                 rec = await self.store.call(self.store.assign_pool, key, target, now, self.ttl_s)
                 if rec is None:
                     continue  # another replica assigned it meanwhile: look again
@@ -332,7 +332,10 @@ class Cluster:
         raise not_owner(key, self.replica_id)
 
     async def _assignee(self, key: str) -> str:
+        """The live replica the pool should go to (never this one while it drains, unless it is the last)."""
         live = await self._live()
+        if self.draining:
+            live = [r for r in live if r != self.replica_id] or live
         keys = await self.store.call(self.store.pool_keys)
         return assign(keys, live).get(key, self.replica_id)
 

@@ -25,6 +25,7 @@ from balpm.v1 import balpm_pb2
 from balpm_server import errors, metrics
 from balpm_server.domain.cluster import Cluster
 from balpm_server.settings import Settings
+from balpm_server.storage.sql_store import NOT_POOL_OWNER
 from balpm_server.transport import status
 
 FORWARDED_FROM = "balpm-forwarded-from"
@@ -130,9 +131,16 @@ class Forwarder:
         return f"/{self.service_name}/{method}"
 
     async def unary(
-        self, address: str, method: str, request: Any, context: grpc.aio.ServicerContext, request_id: str
+        self, address: str, method: str, request: Any, context: grpc.aio.ServicerContext, request_id: str,
+        *, raise_moved: bool = False,
     ) -> Any:
-        """Relay a unary call (or, with `request` an async iterator, a client-streaming one)."""
+        """Relay a unary call (or, with `request` an async iterator, a client-streaming one).
+
+        Raises:
+            Moved: With `raise_moved`, the owner refused the call as NOT_POOL_OWNER (the pool moved
+                between the lookup and the call: a hand-over, a drain). Refused before any write,
+                the call is safe to route again.
+        """
         channel = self._channel(address)
         deserialize = self._response_type[method].FromString
         started = time.perf_counter()
@@ -149,6 +157,8 @@ class Forwarder:
             return await call(request, **self._call_args(context, request_id))
         except grpc.aio.AioRpcError as e:
             code = e.code().name
+            if raise_moved and _reason(e) == NOT_POOL_OWNER:
+                raise Moved() from e
             await _abort_as(context, e, address)
             raise  # unreachable
         finally:
@@ -184,6 +194,23 @@ def _observe(method: str, code: str, elapsed_s: float) -> None:
 
 
 OWNER_UNAVAILABLE = "OWNER_UNAVAILABLE"
+
+
+class Moved(Exception):
+    """The owner answered NOT_POOL_OWNER: the pool moved."""
+
+
+def _reason(err: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a status received from another replica ("" without one)."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return str(info.reason)
+    return ""
 
 
 async def _abort_as(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError, address: str) -> None:

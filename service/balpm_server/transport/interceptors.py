@@ -34,7 +34,7 @@ from balpm_server import errors, metrics
 from balpm_server.auth import KeyStore, authenticate
 from balpm_server.logs import ACCESS_LOG, REQUEST_ID, request_id_from
 from balpm_server.transport import status
-from balpm_server.transport.forwarding import FORWARDED_FROM, Forwarder, prepend
+from balpm_server.transport.forwarding import FORWARDED_FROM, Forwarder, Moved, prepend
 from balpm_server.transport.servicer import CURRENT_TENANT
 
 QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
@@ -300,8 +300,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         address = None
                         if probe is not None:
                             address = await self.forwarder.target(method, call.tenant, probe, context)
-                        if address is not None:
+                        if address is not None and stream_in:
                             return await self.forwarder.unary(address, method, request, context, call.request_id)
+                        if address is not None:
+                            try:
+                                return await self.forwarder.unary(
+                                    address, method, request, context, call.request_id, raise_moved=True
+                                )
+                            except Moved:  # the pool moved meanwhile: route once more (maybe here)
+                                address = await self.forwarder.target(method, call.tenant, request, context)
+                                if address is not None:
+                                    return await self.forwarder.unary(
+                                        address, method, request, context, call.request_id
+                                    )
                     return await inner(request, context)
             except BaseException as e:
                 exc = e
