@@ -263,16 +263,18 @@ class Cluster:
                 self._expire_s[key] = rec.expire_s
                 return
             self.cache.forget(key)  # whatever was cached under an older epoch may be stale
-            self.fencing.epochs[key] = rec.epoch
-            self._expire_s[key] = rec.expire_s
-            metrics.OWNERSHIP_TAKEOVERS_TOTAL.inc()
-            metrics.POOLS_OWNED.set(len(self.fencing.epochs))
-            log.info("replica %s owns pool %s at epoch %d", self.replica_id, key, rec.epoch)
+            # The takeover's work first: if the database fails here, the pool is not taken up
+            # and the next call or tick tries again (nothing is left half done).
             if not self.training.running_in(key):
                 failed = await self.store.call(self.store.fail_unfinished_operations, TAKEOVER_REASON, key)
                 if failed:
                     log.warning("pool %s: failed %d operations its former owner left running", key, failed)
             info = await self.store.call(self.store.pool_info, key, counts=False)
+            self.fencing.epochs[key] = rec.epoch
+            self._expire_s[key] = rec.expire_s
+            metrics.OWNERSHIP_TAKEOVERS_TOTAL.inc()
+            metrics.POOLS_OWNED.set(len(self.fencing.epochs))
+            log.info("replica %s owns pool %s at epoch %d", self.replica_id, key, rec.epoch)
             if info is not None and info.state == PoolState.FEATURIZING:
                 self.featurizer.schedule(key)
 
