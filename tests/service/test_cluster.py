@@ -67,7 +67,12 @@ def test_assignment_is_balanced_and_the_same_everywhere() -> None:
     plan = assign(keys, ["r0", "r1", "r2"])
     assert set(plan) == set(keys)
     loads = [list(plan.values()).count(r) for r in ("r0", "r1", "r2")]
-    assert max(loads) <= 4 and sum(loads) == 10  # bounded by ceil(10 / 3)
+    assert sorted(loads) == [3, 3, 4]  # balanced: floor(10 / 3) or one more
+    for n_keys in range(1, 12):  # never an idle replica while another holds two more
+        for salt in range(20):
+            some = [f"k{salt}-{i}" for i in range(n_keys)]
+            counts = [list(assign(some, ["r0", "r1", "r2"]).values()).count(r) for r in ("r0", "r1", "r2")]
+            assert max(counts) - min(counts) <= 1 and sum(counts) == n_keys
     assert assign(list(reversed(keys)), ["r2", "r0", "r1"]) == plan  # order of the inputs does not matter
     assert assign(keys[:6], ["r0", "r1", "r2"]).values().__len__() == 6
     assert sorted(list(assign(keys[:6], ["r0", "r1", "r2"]).values()).count(r) for r in ("r0", "r1", "r2")) == [2, 2, 2]

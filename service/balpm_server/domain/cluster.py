@@ -12,8 +12,8 @@ never commit one after a takeover.
 Every replica runs `Cluster.tick` each third of the ownership TTL: a heartbeat, the
 renewal of its pools (a pool missing from the answer was taken over: its state is
 dropped), then the pools' placement: the live replicas (heartbeat within the TTL) and
-the pool keys give every replica the same assignment (rendezvous hashing with bounded
-load: no replica gets more than ceil(pools / replicas)); a replica claims the free pools
+the pool keys give every replica the same assignment (rendezvous hashing with balanced
+loads: every replica gets floor(pools / replicas) or one more); a replica claims the free pools
 assigned to it and hands the idle pools it holds but is not assigned to their assignee
 (once the assignee has stayed live for two TTLs).
 A call for a pool with no live owner assigns it on the spot. A replica that stops
@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import socket
 import time
@@ -60,9 +59,12 @@ def _score(replica_id: str, key: str) -> int:
 
 
 def assign(keys: Sequence[str], replica_ids: Sequence[str]) -> dict[str, str]:
-    """The owner each pool should have: rendezvous hashing with a bound of ceil(pools / replicas) each.
+    """The owner each pool should have: rendezvous hashing with balanced loads.
 
-    Deterministic: replicas with the same view compute the same answer.
+    Each pool goes to its highest-scoring replica that still has room: every replica gets
+    floor(P / R) or floor(P / R) + 1 of the P pools (at most P mod R of them the larger
+    share), so no replica is idle while another holds two more than it. Deterministic:
+    replicas with the same view compute the same answer.
 
     Args:
         keys: Pool storage keys.
@@ -73,12 +75,13 @@ def assign(keys: Sequence[str], replica_ids: Sequence[str]) -> dict[str, str]:
     """
     if not replica_ids:
         return {}
-    cap = math.ceil(len(keys) / len(replica_ids))
+    base, extra = divmod(len(keys), len(replica_ids))
     load = dict.fromkeys(replica_ids, 0)
     plan: dict[str, str] = {}
     for key in sorted(keys):
+        larger = sum(1 for n in load.values() if n > base)  # replicas already at the larger share
         for rid in sorted(replica_ids, key=lambda r: (_score(r, key), r), reverse=True):
-            if load[rid] < cap:
+            if load[rid] < base or (load[rid] == base and larger < extra):
                 plan[key] = rid
                 load[rid] += 1
                 break
