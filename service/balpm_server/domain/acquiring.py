@@ -172,12 +172,7 @@ class Acquisition:
                 raise
             strategy_rows = batch.indices_B.tolist()
             if control_R.size:
-                if epistemic_N is not None:
-                    epi_C = epistemic_N[control_R]
-                elif info.posterior_version:
-                    epi_C = await asyncio.to_thread(self.cache.epistemic_of_rows, info, rt, control_R)
-                else:
-                    epi_C = np.zeros(control_R.size)
+                epi_C = await self._bald_of(info, rt, control_R, epistemic_N)
                 batch = CandidateBatch(
                     np.concatenate([batch.indices_B, control_R]), np.concatenate([batch.total_B, epi_C]),
                     np.concatenate([batch.epistemic_B, epi_C]),
@@ -262,13 +257,18 @@ class Acquisition:
         if batch is None:
             batch = await self._select(info, rt, strat, batch_size, annotator, now, seed, params, epistemic_N)
         if info.posterior_version and strat not in SCORED_STRATEGIES:  # report the picks' BALD
-            epi_B = (
-                epistemic_N[batch.indices_B]
-                if epistemic_N is not None
-                else await asyncio.to_thread(self.cache.epistemic_of_rows, info, rt, batch.indices_B)
-            )
-            batch = dataclasses.replace(batch, epistemic_B=np.asarray(epi_B, dtype=np.float64))
+            batch = dataclasses.replace(batch, epistemic_B=await self._bald_of(info, rt, batch.indices_B, epistemic_N))
         return batch
+
+    async def _bald_of(
+        self, info: PoolInfo, rt: PoolRuntime, rows_R: np.ndarray, epistemic_N: np.ndarray | None
+    ) -> np.ndarray:
+        """BALD of some rows under the latest posterior: the cached scores when there are, else these rows'
+        alone (zeros before the first posterior)."""
+        if epistemic_N is not None:
+            return np.asarray(epistemic_N[rows_R], dtype=np.float64)
+        epi_R = await asyncio.to_thread(self.cache.epistemic_of_rows, info, rt, rows_R)
+        return np.asarray(epi_R, dtype=np.float64)
 
     @staticmethod
     def _control_rows(

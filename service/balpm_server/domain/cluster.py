@@ -169,16 +169,9 @@ class Cluster:
             now = time.time()
             for key, epoch in list(self.fencing.epochs.items()):
                 target = plan.get(key)
-                moved = None
-                if target is not None:
-                    moved = await self.store.call(
-                        self.store.assign_pool, key, target, now, self.ttl_s, from_replica=self.replica_id
-                    )
-                if moved is None:
+                if target is None or not await self._hand_over(key, target, now):
                     await self.store.call(self.store.release_pools, self.replica_id, {key: epoch})
-                else:
-                    metrics.OWNERSHIP_HANDOVERS_TOTAL.inc()
-                self._lose(key)
+                    self._lose(key)
             await self.store.call(self.store.remove_replica, self.replica_id)
         except Exception as e:  # the database is down: the ownerships expire after the TTL instead
             log.warning("replica %s could not hand its pools over: %s", self.replica_id, e)
@@ -234,16 +227,22 @@ class Cluster:
                 key in self.fencing.epochs and want is not None and want != self.replica_id
                 and self._settled(want) and not self._busy(key)
             ):
-                moved = await self.store.call(
-                    self.store.assign_pool, key, want, now, self.ttl_s, from_replica=self.replica_id
-                )
-                if moved is not None:
-                    log.info("replica %s handed pool %s to %s", self.replica_id, key, want)
-                    metrics.OWNERSHIP_HANDOVERS_TOTAL.inc()
-                    self._lose(key)
+                await self._hand_over(key, want, now)
         if self.auto_update is not None:
             for key in list(self.fencing.epochs):
                 await self.auto_update(key)
+
+    async def _hand_over(self, key: str, target: str, now: float) -> bool:
+        """Give an owned pool to `target` at the next epoch and drop it here; False when the database refused."""
+        moved = await self.store.call(
+            self.store.assign_pool, key, target, now, self.ttl_s, from_replica=self.replica_id
+        )
+        if moved is None:
+            return False
+        log.info("replica %s handed pool %s to %s", self.replica_id, key, target)
+        metrics.OWNERSHIP_HANDOVERS_TOTAL.inc()
+        self._lose(key)
+        return True
 
     def _busy(self, key: str) -> bool:
         """Whether the pool has work that a hand-over would interrupt (training or featurisation)."""

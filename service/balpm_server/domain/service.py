@@ -96,6 +96,7 @@ class PoolService:
         self._inference = Inference(settings, self._pools, self._cache, extractor)
         self._curves = LearningCurves(settings, self.store, self._pools, self._cache)
         self.cluster: Cluster | None = None
+        self._auto_pools: dict[str, tuple[str, str] | None] = {}  # pool key -> (tenant, name) if it has a policy
         if settings.cluster:
             self.cluster = Cluster(
                 settings, self.store, self._cache, self._training, self._featurizer, auto_update=self._auto_update
@@ -157,10 +158,20 @@ class PoolService:
             await self.cluster.drain()
 
     async def _auto_update(self, key: str) -> None:
-        """The automatic update policy of an owned pool (labels may have come in through other replicas)."""
-        info = await self.store.call(self.store.pool_info, key, counts=False)
-        if info is not None and (info.settings.auto_update_min_labels or info.settings.auto_update_interval_s):
-            await self._training.maybe_auto_update(info.tenant, info.pool_id)
+        """The automatic update policy of an owned pool (labels may have come in through other replicas).
+
+        Called every cluster tick for every owned pool: whether a pool has a policy is read once
+        (pool settings never change), so pools without one cost no query afterwards.
+        """
+        if key not in self._auto_pools:
+            info = await self.store.call(self.store.pool_info, key, counts=False)
+            if info is None:
+                return
+            policy = info.settings.auto_update_min_labels or info.settings.auto_update_interval_s
+            self._auto_pools[key] = (info.tenant, info.pool_id) if policy else None
+        named = self._auto_pools[key]
+        if named is not None:
+            await self._training.maybe_auto_update(*named)
 
     async def close(self) -> None:
         """Stop background work and close storage."""
@@ -200,6 +211,7 @@ class PoolService:
         self._featurizer.cancel(info.key)
         self._training.cancel_pool(info.key)
         self._curves.forget(info.key)
+        self._auto_pools.pop(info.key, None)
         await self._pools.delete(info)
         if self.cluster is not None:
             self.cluster.forget_pool(tenant, pool_id, info.key)

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 
+from balpm.errors import from_rpc_error
 from balpm.v1 import balpm_pb2
 from balpm_server import errors, metrics
 from balpm_server.domain.cluster import Cluster
@@ -201,16 +202,8 @@ class Moved(Exception):
 
 
 def _reason(err: grpc.aio.AioRpcError) -> str:
-    """The ErrorInfo reason of a status received from another replica ("" without one)."""
-    from google.rpc import error_details_pb2, status_pb2
-
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return str(info.reason)
-    return ""
+    """The ErrorInfo reason of a status received from another replica ("" without one): the SDK's parser."""
+    return from_rpc_error(err).reason
 
 
 async def _abort_as(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError, address: str) -> None:
