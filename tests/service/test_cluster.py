@@ -147,7 +147,9 @@ def test_request_id_and_deadline_reach_the_owner(replicas: Replicas, caplog: pyt
     ]
     assert len(at_owner) == 1, [(r.getMessage(), getattr(r, "forwarded_from", None)) for r in caplog.records]
     assert at_owner[0].method == "AcquireBatch" and at_owner[0].code == "OK"  # type: ignore[attr-defined]
-    assert 0 < at_owner[0].deadline_s <= 7.0  # type: ignore[attr-defined]
+    # What is left of the caller's 7 s arrives (gRPC's grpc-timeout header rounds the relayed
+    # timeout up to its unit, so a few ms above 7 s can show; measured 7.008 once).
+    assert 0 < at_owner[0].deadline_s <= 7.05  # type: ignore[attr-defined]
 
 
 def test_pools_spread_and_move_to_a_new_replica_and_off_a_draining_one(
