@@ -66,25 +66,34 @@ def test_server_pool_is_featurised_through_triton_and_matches_in_process(triton_
         server.stop()
 
 
-def test_a_triton_outage_is_visible_on_the_pool_and_featurisation_resumes(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from balpm.errors import WaitTimeoutError
+def test_a_triton_outage_is_visible_and_the_featurised_items_keep_serving(triton_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19 items 1-2: Triton stopped during an incremental upload, then restarted."""
+    from balpm.errors import BalpmError, WaitTimeoutError
     from tests.waiting import wait_until
 
     settings = triton_settings(triton_server, tmp_path, triton_timeout_s=5.0)
     server = ServerThread(settings)
-    items = [{"item_id": f"o{i}", "prompt": f"human question {i}", "completion_a": " yes", "completion_b": " no"}
-             for i in range(12)]
+    items = [{"item_id": f"o{i}", "prompt": f"human question {i} about {WORDS[i % len(WORDS)]}",
+              "completion_a": " yes", "completion_b": " no"} for i in range(20)]
+    old_ids = {f"o{i}" for i in range(8)}
     try:
         with Client(server.target, timeout_s=60) as c:
-            c.create_pool("outage", ensemble_size=2, hidden_sizes=[8], knn_k=3)  # Triton up: dim known
+            c.create_pool("outage", ensemble_size=2, hidden_sizes=[8], epochs=5, knn_k=3, control_fraction=0.0)
+            c.upload_items("outage", items[:8])
+            c.wait_pool_ready("outage", timeout_s=180)
+            first = c.acquire("outage", batch_size=4, strategy="BALPM", seed=0)
+            c.ingest_labels("outage", [{"label_id": f"l{x.item.item_id}", "item_id": x.item.item_id,
+                                        "preference": "A"} for x in first.items])
+            assert c.update_posterior("outage", seed=0).result.posterior_version == 1
+
             triton_server.server.stop()
-            c.upload_items("outage", items)
+            c.upload_items("outage", items[8:])
             paused = wait_until(
                 lambda: (p := c.get_pool("outage")).HasField("featurization_pause") and p, 120,
                 "GetPool to report the featurisation pause",
             )
             pause = paused.featurization_pause
-            assert paused.state == paused.STATE_FEATURIZING and paused.featurized_count == 0
+            assert paused.state == paused.STATE_FEATURIZING and paused.featurized_count == 8
             assert pause.reason == "TRITON_UNAVAILABLE" and pause.attempts >= 1 and pause.message
             assert pause.next_retry_time.ToNanoseconds() > pause.paused_since.ToNanoseconds() > 0
             with pytest.raises(WaitTimeoutError) as e:  # what `balpm pools wait --timeout-s 1` exits with
@@ -92,9 +101,24 @@ def test_a_triton_outage_is_visible_on_the_pool_and_featurisation_resumes(triton
             assert e.value.metadata["pause_reason"] == "TRITON_UNAVAILABLE"
             assert "TRITON_UNAVAILABLE" in str(e.value)
             assert [p.featurization_pause.reason for p in c.list_pools()] == ["TRITON_UNAVAILABLE"]
+
+            # Triton down: the 8 featurised items stay acquirable, trainable and predictable.
+            during = c.acquire("outage", batch_size=3, strategy="BALPM", seed=1)
+            assert {x.item.item_id for x in during.items} <= old_ids and during.posterior_version == 1
+            c.ingest_labels("outage", [{"label_id": f"l{x.item.item_id}", "item_id": x.item.item_id,
+                                        "preference": "B"} for x in during.items])
+            assert c.update_posterior("outage", seed=0).result.label_count == 7
+            assert len(c.predict("outage", item_ids=sorted(old_ids)).predictions) == 8
+            with pytest.raises(BalpmError) as waiting:
+                c.predict("outage", item_ids=["o15"])
+            assert waiting.value.reason == "ITEM_FEATURIZING"
+
             triton_server.server.start(ready_timeout_s=180.0)
             ready = c.wait_pool_ready("outage", timeout_s=180)
-            assert ready.featurized_count == 12 and not ready.HasField("featurization_pause")
+            assert ready.featurized_count == 20 and not ready.HasField("featurization_pause")
+            after = c.acquire("outage", batch_size=13, strategy="BALPM", seed=2)  # every item left
+            assert {x.item.item_id for x in after.items} == {it["item_id"] for it in items} - {
+                x.item.item_id for x in (*first.items, *during.items)}
     finally:
         if not triton_server.server.is_running():
             triton_server.server.start(ready_timeout_s=180.0)

@@ -366,7 +366,7 @@ class Acquisition:
             count_N = rt.knn_counts.count_N.copy()  # a snapshot: the greedy runs off the loop
         apl = None
         if strat in APL_STRATEGIES:
-            m = await self.store.call(self.store.apl_scores, info.key)
+            m = (await self.store.call(self.store.apl_scores, info.key))[: len(rt.split_N)]  # joined rows
             apl = AplInputs(m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4] if np.isfinite(m[:, 4]).any() else None)
         select = functools.partial(
             select_batch,

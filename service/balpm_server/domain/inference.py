@@ -88,37 +88,46 @@ class Inference:
         field: str,
     ) -> Inputs:
         """Features (and, for LoRA pools, pair texts) of stored items (by id) or ad-hoc items."""
-        await self.cache.load_items(info, rt)
-        assert rt.a_N_D is not None and rt.b_N_D is not None
-        all_a, all_b = await self.cache.store.call(self.cache.texts, info, rt)
+        async with rt.lock:  # a snapshot: a join of newly featurised rows replaces the arrays meanwhile
+            await self.cache.load_items(info, rt)
+            row_of, a_N_D, b_N_D, pending = rt.row_of, rt.a_N_D, rt.b_N_D, rt.pending_rows
+            all_a, all_b = await self.cache.store.call(self.cache.texts, info, rt)
+        assert a_N_D is not None and b_N_D is not None
         lora = info.settings.posterior_kind == "lora_ensemble"
         pair_a: list[str] = []
         pair_b: list[str] = []
+
+        async def unknown(iid: str, at: str) -> errors.BalpmError:
+            waiting = bool(pending) and bool(await self.cache.store.call(self.cache.store.item_splits, info.key, [iid]))
+            if waiting:
+                return errors.FailedPrecondition(
+                    f"{at} {iid!r} is still waiting for its features; retry when GetPool's featurized_count "
+                    "covers it",
+                    field=at,
+                    reason="ITEM_FEATURIZING",
+                )
+            return errors.NotFound(f"{at} {iid!r} is not in pool {info.pool_id!r}", field=at)
+
         if item_ids:
             rows = []
             for i, iid in enumerate(item_ids):
-                row = rt.row_of.get(iid)
+                row = row_of.get(iid)
                 if row is None:
-                    raise errors.NotFound(
-                        f"{field}[{i}] {iid!r} is not in pool {info.pool_id!r}", field=f"{field}[{i}]"
-                    )
+                    raise await unknown(iid, f"{field}[{i}]")
                 rows.append(row)
             if lora:
                 pair_a, pair_b = [all_a[r] for r in rows], [all_b[r] for r in rows]
-            return list(item_ids), rt.a_N_D[rows], rt.b_N_D[rows], pair_a, pair_b
+            return list(item_ids), a_N_D[rows], b_N_D[rows], pair_a, pair_b
         dim = info.settings.feature_dim
         ids, fa, fb, texts_a, texts_b = [], [], [], [], []
         for i, item in enumerate(items):
             ids.append(item.item_id)
             if item.item_id and not (item.completion_a_features or item.prompt or item.completion_a):
-                row = rt.row_of.get(item.item_id)
+                row = row_of.get(item.item_id)
                 if row is None:
-                    raise errors.NotFound(
-                        f"{field}[{i}].item_id {item.item_id!r} is not in pool {info.pool_id!r}",
-                        field=f"{field}[{i}].item_id",
-                    )
-                fa.append(rt.a_N_D[row])
-                fb.append(rt.b_N_D[row])
+                    raise await unknown(item.item_id, f"{field}[{i}].item_id")
+                fa.append(a_N_D[row])
+                fb.append(b_N_D[row])
                 if lora:
                     pair_a.append(all_a[row])
                     pair_b.append(all_b[row])
@@ -189,18 +198,20 @@ class Inference:
             _ids, fa, fb, ta, tb = await self._inputs(tenant, info, rt, [], [it for it, _ in items], "items")
             targets_N = np.array([p.target for _, p in items], dtype=np.float64)
         else:
-            await self.cache.load_items(info, rt)
-            assert rt.split_N is not None and rt.a_N_D is not None and rt.b_N_D is not None
-            rows = np.flatnonzero(rt.split_N == int(Split.HELDOUT))
-            if len(rows) == 0:
-                raise errors.FailedPrecondition(
-                    f"pool {pool_id!r} has no held-out items; pass items or upload SPLIT_HELDOUT items",
-                    field="items",
-                    reason="NO_HELDOUT",
-                )
-            assert rt.heldout_target_N is not None
-            fa, fb, targets_N = rt.a_N_D[rows], rt.b_N_D[rows], rt.heldout_target_N[rows]
-            all_a, all_b = await self.cache.store.call(self.cache.texts, info, rt)
+            async with rt.lock:  # held-out items still featurising are evaluated once they have features
+                await self.cache.load_items(info, rt)
+                assert rt.split_N is not None and rt.a_N_D is not None and rt.b_N_D is not None
+                rows = np.flatnonzero(rt.split_N == int(Split.HELDOUT))
+                if len(rows) == 0:
+                    raise errors.FailedPrecondition(
+                        f"pool {pool_id!r} has no held-out items with features; pass items or upload "
+                        "SPLIT_HELDOUT items",
+                        field="items",
+                        reason="NO_HELDOUT",
+                    )
+                assert rt.heldout_target_N is not None
+                fa, fb, targets_N = rt.a_N_D[rows], rt.b_N_D[rows], rt.heldout_target_N[rows]
+                all_a, all_b = await self.cache.store.call(self.cache.texts, info, rt)
             ta, tb = ([all_a[r] for r in rows], [all_b[r] for r in rows]) if all_a else ([], [])
         probs_N_E = await asyncio.to_thread(self.cache.member_probs, rt, fa, fb, ta, tb)
         m = evaluate(probs_N_E, targets_N)

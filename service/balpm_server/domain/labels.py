@@ -145,8 +145,10 @@ class Labels:
             if rt.occupancy is not None:
                 for c in fresh:
                     row = rt.row_of.get(c.item_id)
-                    if row is None:  # uploaded after the runtime was loaded: reload on next use
-                        rt.invalidate_items()
+                    if row is None:
+                        if rt.pending_rows:  # still featurising: its labels are read when it joins
+                            continue
+                        rt.invalidate_items()  # uploaded after the runtime was loaded: reload on next use
                         break
                     rt.occupancy.add_label(row, c.annotator_id)
         return IngestResult(len(fresh), dup, await self.store.call(self.store.label_count, key))

@@ -187,7 +187,9 @@ class LearningCurves:
             a_N_D, b_N_D = rt.a_N_D, rt.b_N_D
         labels = await self.store.call(self.store.label_targets, info.key)
         assert a_N_D is not None and b_N_D is not None
-        rows_L, targets_L, control_L = labels.rows_L, labels.targets_L, labels.control_L
+        rows_L, targets_L = labels.rows_L, labels.targets_L
+        # Labels of items still featurising have no features yet: never evaluated, never trained on.
+        control_L = labels.control_L & (rows_L < len(a_N_D))
         posteriors = self.cache.posterior_store(info.key)
         versions = list(range(max(1, info.posterior_version - MAX_VERSIONS + 1), info.posterior_version + 1))
         control_idx = np.flatnonzero(control_L)
@@ -256,7 +258,9 @@ class LearningCurves:
         except errors.NotFound:
             return None
         trained = int(manifest.get("label_count", 0))
-        after_L = np.arange(len(rows_L)) >= trained
+        # Versions trained while items featurised skipped those items' labels: they trained
+        # on labels among the first `labels_through` stored, so evaluation starts after those.
+        after_L = np.arange(len(rows_L)) >= int(manifest.get("labels_through", trained))
         held = np.flatnonzero(control_L & after_L)
         if held.size < MIN_EVAL_ITEMS:
             return None

@@ -363,12 +363,14 @@ class ItemIndex:
         rows_N: int64 feature rows (0..N-1 in a sound pool).
         split_N: int8 `Split` values.
         heldout_target_N: float64 target P(A preferred) of held-out items (NaN otherwise).
+        pending_count: Items after these, still featurising (they join once their features exist).
     """
 
     item_ids: list[str]
     rows_N: np.ndarray
     split_N: np.ndarray
     heldout_target_N: np.ndarray
+    pending_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -530,3 +532,8 @@ class LabelEvent:
     seq: int
     row: int
     annotator_id: str
+
+
+def server_apl(info: PoolInfo) -> bool:
+    """Whether the server computes the pool's APL scores (both models configured)."""
+    return bool(info.settings.apl_policy_model_path and info.settings.apl_reference_model_path)

@@ -41,6 +41,8 @@ class PoolRuntime:
     epistemic_N: np.ndarray | None = None
     bald_order_R: np.ndarray | None = None  # pool rows by descending epistemic_N (ties: lowest row)
     label_seq: int = 0  # the occupancy holds every label up to this storage sequence number
+    pending_rows: int = 0  # rows after `item_ids` still featurising: they join at a later load
+    loaded_s: float = float("-inf")  # time.monotonic() of the last load of the items
 
     def invalidate_items(self) -> None:
         """Forget everything derived from the item set (after an upload)."""
@@ -52,6 +54,7 @@ class PoolRuntime:
         self.knn_counts = None
         self.occupancy = None
         self.label_seq = 0
+        self.pending_rows = 0
         self.texts_a = self.texts_b = None
         self.epistemic_version = -1
         self.epistemic_N = None

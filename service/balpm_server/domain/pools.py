@@ -16,7 +16,7 @@ from pathlib import Path
 from balpm_server import errors
 from balpm_server.domain import validation as v
 from balpm_server.domain.common import page_token, parse_page_token
-from balpm_server.domain.models import FeatureSource, PoolInfo, PoolInsert, PoolSettings, PoolState
+from balpm_server.domain.models import FeatureSource, PoolInfo, PoolInsert, PoolSettings, PoolState, server_apl
 from balpm_server.domain.runtime import RuntimeCache
 from balpm_server.features import FeatureExtractor
 from balpm_server.settings import Settings
@@ -55,14 +55,23 @@ class Pools:
         return info
 
     async def ensure_ready(self, info: PoolInfo) -> None:
-        """FAILED_PRECONDITION while the pool is still extracting features."""
-        if info.state == PoolState.FEATURIZING:
+        """FAILED_PRECONDITION while no item of the pool has its features yet.
+
+        A pool extracting the features of new items keeps serving the items that have
+        theirs (the rows before the first one still waiting); the others join as they get them.
+        """
+        if info.state != PoolState.FEATURIZING:
+            return
+        rt = self.cache.runtimes.get(info.key)
+        if rt is not None and rt.item_ids:  # loaded with joined rows
+            return
+        if await self.store.call(self.store.joined_count, info.key, need_apl=server_apl(info)) == 0:
             now = await self.store.call(self.store.pool_info, info.key)
             info = now or info
             total = info.item_count + info.heldout_count
             raise errors.FailedPrecondition(
-                f"pool {info.pool_id!r} is still extracting features ({info.featurized_count}/{total} items); "
-                "retry when GetPool reports STATE_READY",
+                f"pool {info.pool_id!r} is still extracting the features of its first items "
+                f"({info.featurized_count}/{total} items); retry in a few seconds (GetPool shows the progress)",
                 field="pool_id",
                 reason="POOL_FEATURIZING",
                 metadata={"featurized": str(info.featurized_count), "total": str(total)},

@@ -33,7 +33,7 @@ from balpm_server.acquisition import (
     descending_order,
     extend_knn_graph,
 )
-from balpm_server.domain.models import ItemIndex, PoolInfo, PoolState, Split
+from balpm_server.domain.models import ItemIndex, PoolInfo, PoolState, Split, server_apl
 from balpm_server.domain.occupancy import Occupancy
 from balpm_server.domain.pool_runtime import PoolRuntime
 from balpm_server.posterior import PosteriorStore, predict_probs
@@ -43,6 +43,8 @@ from balpm_server.storage.artifacts import ArtifactStore
 from balpm_server.storage.pool_artifacts import PoolArtifacts
 
 log = logging.getLogger(__name__)
+
+JOIN_INTERVAL_S = 2.0  # least time between two reloads that let featurised rows join a serving pool
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -121,6 +123,8 @@ class RuntimeCache:
             return
         index, occupancy, label_seq, prompt_N_D, a_N_D, b_N_D = loaded
         rt.label_seq = label_seq
+        rt.pending_rows = index.pending_count
+        rt.loaded_s = time.monotonic()
         rt.item_ids = index.item_ids
         rt.row_of = {iid: i for i, iid in enumerate(index.item_ids)}
         rt.split_N = index.split_N
@@ -129,8 +133,12 @@ class RuntimeCache:
         rt.prompt_N_D, rt.a_N_D, rt.b_N_D = prompt_N_D, a_N_D, b_N_D
 
     def _read_items(self, info: PoolInfo) -> tuple[ItemIndex, Occupancy, int, np.ndarray, np.ndarray, np.ndarray]:
-        """What `load_items` installs: item index, occupancy, the labels' sequence number it holds, features."""
-        index = self.store.item_index(info.key)
+        """What `load_items` installs: item index, occupancy, the labels' sequence number it holds, features.
+
+        Only the joined rows (those before the first row still featurising) are loaded: the
+        pool serves them while later rows are extracted, and those join at a later load.
+        """
+        index = self.store.item_index(info.key, need_apl=server_apl(info))
         rows_N = index.rows_N
         if len(rows_N) and not np.array_equal(rows_N, np.arange(len(rows_N))):
             raise errors.FailedPrecondition(
@@ -140,9 +148,11 @@ class RuntimeCache:
         n = len(index.item_ids)
         self.artifacts.restore_features(info.key, fs, n)  # a replica whose data dir lacks them
         label_seq = self.store.last_label_seq(info.key)  # read first: later labels are synced again, harmlessly
-        occupancy = Occupancy.from_records(
-            n, info.settings.labels_per_item, self.store.label_annotators(info.key),
-            self.store.active_leases(info.key, time.time()), self.store.excluded_rows(info.key),
+        occupancy = Occupancy.from_records(  # labels and exclusions of rows still featurising wait for them
+            n, info.settings.labels_per_item,
+            (label for label in self.store.label_annotators(info.key) if label.row < n),
+            (lease for lease in self.store.active_leases(info.key, time.time()) if lease.row < n),
+            (row for row in self.store.excluded_rows(info.key) if row < n),
         )
         return index, occupancy, label_seq, fs.read("prompt", n), fs.read("a", n), fs.read("b", n)
 
@@ -157,10 +167,38 @@ class RuntimeCache:
         events = await self.io(self.store.label_events, info.key, rt.label_seq)
         for event in events:
             if event.row >= len(rt.item_ids):
-                rt.invalidate_items()
-                return
-            rt.occupancy.add_label(event.row, event.annotator_id)
+                if not rt.pending_rows:  # uploaded after the load: read everything again
+                    rt.invalidate_items()
+                    return
+                # else a row still featurising: its labels are read when it joins
+            else:
+                rt.occupancy.add_label(event.row, event.annotator_id)
             rt.label_seq = max(rt.label_seq, event.seq)
+
+    async def join_featurized(self, key: str, featurized_rows: int, *, done: bool) -> None:
+        """Let rows whose features were just stored join the pool's loaded runtime.
+
+        The runtime is dropped (under its lock) so its next use loads the new rows: at once
+        when featurisation is done, else when at least `JOIN_INTERVAL_S` passed since the
+        last load and the new rows are at least 1% of the loaded ones, which bounds the
+        reloads of a large pool that keeps serving during a long extraction.
+
+        Args:
+            key: The pool instance.
+            featurized_rows: Rows 0..featurized_rows-1 all have their features now.
+            done: Every row of the pool has its features.
+        """
+        rt = self.runtimes.get(key)
+        if rt is None or rt.item_ids is None:
+            return
+        loaded = len(rt.item_ids)
+        if not done:
+            new_rows = featurized_rows - loaded
+            if new_rows < max(1, loaded // 100) or time.monotonic() - rt.loaded_s < JOIN_INTERVAL_S:
+                return
+        async with rt.lock:
+            if rt.item_ids is not None and (done or len(rt.item_ids) < featurized_rows):
+                rt.invalidate_items()
 
     def load_posterior(self, info: PoolInfo, rt: PoolRuntime) -> None:
         """Load the pool's latest posterior into the runtime (no-op when it is loaded)."""

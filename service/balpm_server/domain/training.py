@@ -157,7 +157,11 @@ class Training:
     # ---- automatic updates (PoolSettings.auto_update_*) --------------------------------------
 
     def _trained_upto(self, info: PoolInfo) -> tuple[int, float]:
-        """(labels the latest posterior was trained on, epoch seconds it was made); (0, creation) if none."""
+        """(labels stored when the latest posterior was trained, epoch seconds it was made); (0, creation) if none.
+
+        Labels of items still featurising at that time count as seen: they join the training
+        of the next update.
+        """
         known = self._trained.get(info.key)
         if known is None:
             posteriors = self.cache.posterior_store(info.key)
@@ -166,7 +170,8 @@ class Training:
                 known = (0, info.create_time_s)
             else:
                 manifest = posteriors.manifest(latest)
-                known = (int(manifest.get("label_count", 0)), float(manifest.get("created_s", info.create_time_s)))
+                seen = int(manifest.get("labels_through", manifest.get("label_count", 0)))
+                known = (seen, float(manifest.get("created_s", info.create_time_s)))
             self._trained[info.key] = known
         return known
 
@@ -251,8 +256,18 @@ class Training:
         async with rt.lock:
             await self.cache.load_items(info, rt)
             labels = await self.store.call(self.store.label_targets, info.key)
-            rows_L, targets_L = labels.rows_L, labels.targets_L
-            assert rt.a_N_D is not None and rt.b_N_D is not None
+            assert rt.item_ids is not None and rt.a_N_D is not None and rt.b_N_D is not None
+            # Labels of items still featurising wait for their features (the next update).
+            joined_L = labels.rows_L < len(rt.item_ids)
+            rows_L, targets_L = labels.rows_L[joined_L], labels.targets_L[joined_L]
+            labels_through = len(labels.rows_L)
+            if len(rows_L) < MIN_LABELS_TO_TRAIN:
+                raise errors.FailedPrecondition(
+                    f"pool {info.pool_id!r} has {len(rows_L)} labels on items with features; training needs "
+                    f"at least {MIN_LABELS_TO_TRAIN} (the other {labels_through - len(rows_L)} wait for theirs)",
+                    field="pool_id",
+                    reason="NOT_ENOUGH_LABELS",
+                )
             feats_a, feats_b = rt.a_N_D[rows_L], rt.b_N_D[rows_L]
             all_a, all_b = await self.store.call(self.cache.texts, info, rt)
             pair_a = [all_a[r] for r in rows_L] if all_a else []
@@ -316,6 +331,7 @@ class Training:
             "pool_id": info.pool_id,
             "seed": seed,
             "label_count": len(rows_L),
+            "labels_through": labels_through,  # trained on labels among the first this many stored
             "warm_start": warm_start,
             "settings": dataclasses.asdict(config),
             "metrics": {
@@ -335,7 +351,7 @@ class Training:
             posteriors.folder(version),
         )
         await self.store.call(self.store.set_posterior_version, info.key, version, prefix)
-        self._trained[info.key] = (len(rows_L), made_s)
+        self._trained[info.key] = (labels_through, made_s)
         rt.posterior_state, rt.posterior_version, rt.lora = result.state, version, lora
         rt.epistemic_version = -1
         op.state = OperationState.SUCCEEDED

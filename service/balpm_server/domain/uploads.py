@@ -33,6 +33,7 @@ from balpm_server.domain.models import (
     Rejection,
     Split,
     UploadResult,
+    server_apl,
 )
 from balpm_server.domain.pools import Pools
 from balpm_server.domain.runtime import RuntimeCache
@@ -44,11 +45,6 @@ from balpm_server.storage.faults import storage_error
 log = logging.getLogger(__name__)
 RETRY_S = 5.0  # first retry of a failed featurisation; doubled per failure up to RETRY_MAX_S
 RETRY_MAX_S = 60.0
-
-
-def server_apl(info: PoolInfo) -> bool:
-    """Whether the server computes the pool's APL scores (both models configured)."""
-    return bool(info.settings.apl_policy_model_path and info.settings.apl_reference_model_path)
 
 
 def item_record(item: ItemIn, row: int, item_digest: str, client_features: bool) -> ItemRecord:
@@ -181,11 +177,13 @@ class Featurizer:
                     block = {"prompt": feats[:n], "a": feats[n : 2 * n], "b": feats[2 * n :]}
                     await self.cache.io(self._store_group, key, fs, rows_R, block)
                     self._pauses.pop(key, None)  # progress: no longer paused
+                    if not server_apl(info):  # else rows join once they have their APL scores too
+                        await self.cache.join_featurized(key, int(rows_R[-1]) + 1, done=False)
             info = await self.store.call(self.store.pool_info, key, counts=False)
             if info is not None and server_apl(info):
                 await self._score_apl(info)
             await self.store.call(self.store.set_pool_state, key, PoolState.READY)
-            self.cache.runtime(key).invalidate_items()
+            await self.cache.join_featurized(key, 0, done=True)
             self.cache.schedule_graph(key)
         except asyncio.CancelledError:
             raise
@@ -370,7 +368,10 @@ class Uploads:
                 except errors.NotFound:
                     raise gone from None
                 accepted += len(new)
-                rt.invalidate_items()
+                if client_features and not server_apl(info):
+                    rt.invalidate_items()  # the new rows are complete: they join at the next load
+                elif rt.item_ids is not None:
+                    rt.pending_rows += len(new)  # they join once featurised (Featurizer)
         if accepted and (not client_features or server_apl(info)):
             self.featurizer.schedule(key)
         elif accepted:

@@ -494,17 +494,44 @@ class SqlStore:
             )
         ]
 
-    def item_index(self, pool_id: str) -> ItemIndex:
-        """All items of a pool ordered by row."""
+    def item_index(self, pool_id: str, *, need_apl: bool = False) -> ItemIndex:
+        """The pool's joined items in row order: the rows before the first one still featurising.
+
+        Args:
+            pool_id: The pool instance.
+            need_apl: The server scores the pool's APL log-probabilities, so a row joins only
+                once it has them as well as its features.
+
+        Returns:
+            The index of rows 0..N-1, N the first row still waiting (every row when none is);
+            `pending_count` counts the rows from N on.
+        """
         rows = self._query(
-            "SELECT item_id, row, split, heldout_pref FROM items WHERE pool_id = ? ORDER BY row",
+            "SELECT item_id, row, split, heldout_pref, featurized, logp_policy_a FROM items"
+            " WHERE pool_id = ? ORDER BY row",
             (pool_id,),
         )
+        joined = next(
+            (i for i, r in enumerate(rows) if not r[4] or (need_apl and r[5] is None)), len(rows)
+        )
+        pending = len(rows) - joined
+        rows = rows[:joined]
         ids = [r[0] for r in rows]
         rows_N = np.array([r[1] for r in rows], dtype=np.int64)
         split_N = np.array([r[2] for r in rows], dtype=np.int8)
         target_N = np.array([Preference(r[3]).target if r[3] else np.nan for r in rows], dtype=np.float64)
-        return ItemIndex(ids, rows_N, split_N, target_N)
+        return ItemIndex(ids, rows_N, split_N, target_N, pending)
+
+    def joined_count(self, pool_id: str, *, need_apl: bool = False) -> int:
+        """How many rows `item_index` would return: those before the first row still featurising."""
+        missing = " OR logp_policy_a IS NULL" if need_apl else ""
+        ((first,),) = self._query(
+            f"SELECT MIN(row) FROM items WHERE pool_id = ? AND (featurized = 0{missing})", (pool_id,)
+        )
+        if first is not None:
+            return int(first)
+        ((count,),) = self._query("SELECT COUNT(*) FROM items WHERE pool_id = ?", (pool_id,))
+        return int(count)
 
     def apl_scores(self, pool_id: str) -> np.ndarray:
         """APL scores by item order (row order): float64 `[N, 5]`, NaN where unknown."""
