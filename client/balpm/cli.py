@@ -122,7 +122,8 @@ def cmd_upload(args: argparse.Namespace) -> None:
 LABEL_FILE_HELP = (
     'JSON lines file of labels, one object per line: {"item_id": "x1", "preference": "A"} with preference '
     'A, B or TIE, and optionally "label_id" (default <item_id>-<annotator>; labels are idempotent by it) '
-    'and "annotator_id" (default --annotator, else anonymous). .jsonl or .jsonl.gz'
+    'and "annotator_id" (default --annotator, else anonymous), "replaces_label_id" (the stored label this '
+    'one revises: same item and annotator, a new label_id). .jsonl or .jsonl.gz'
 )
 
 
@@ -140,6 +141,7 @@ def _file_labels(path: str, annotator: str) -> list[dict[str, Any]]:
                 "item_id": row["item_id"],
                 "preference": row["preference"],
                 "annotator_id": who,
+                "replaces_label_id": str(row.get("replaces_label_id") or ""),
             }
         )
     return labels

@@ -112,7 +112,8 @@ def item_message(item: Mapping[str, Any] | pb.Item, field: str = "item") -> pb.I
 
 
 def label_message(label: Mapping[str, Any] | pb.Label, field: str = "label") -> pb.Label:
-    """Build a Label from a dict with label_id, item_id, preference ("A", "B", "TIE") and optional annotator_id.
+    """Build a Label from a dict with label_id, item_id, preference ("A", "B", "TIE"), optional annotator_id
+    and optional replaces_label_id (the stored label this one revises).
 
     Raises:
         InvalidInputError: A required key is missing or the preference is unknown.
@@ -129,6 +130,7 @@ def label_message(label: Mapping[str, Any] | pb.Label, field: str = "label") -> 
         item_id=str(label["item_id"]),
         preference=preference_number(label["preference"], f"{field}.preference"),  # type: ignore[arg-type]
         annotator_id=str(label.get("annotator_id") or ""),
+        replaces_label_id=str(label.get("replaces_label_id") or ""),
     )
 
 

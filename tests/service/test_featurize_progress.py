@@ -122,7 +122,8 @@ def test_a_pool_keeps_serving_its_featurised_items_while_new_ones_are_extracted(
             assert len(c.predict("p", item_ids=["t0", "t5"]).predictions) == 2
             with pytest.raises(BalpmError) as waiting:
                 c.predict("p", item_ids=["t15"])
-            assert waiting.value.reason == "ITEM_FEATURIZING" and waiting.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert waiting.value.reason == "ITEM_FEATURIZING"
+            assert waiting.value.code == grpc.StatusCode.FAILED_PRECONDITION
             with pytest.raises(BalpmError) as missing:
                 c.predict("p", item_ids=["nope"])
             assert missing.value.code == grpc.StatusCode.NOT_FOUND

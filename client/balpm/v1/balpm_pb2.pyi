@@ -334,16 +334,18 @@ class UploadItemsResponse(_message.Message):
     def __init__(self, accepted_count: _Optional[int] = ..., duplicate_count: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., pool: _Optional[_Union[Pool, _Mapping]] = ...) -> None: ...
 
 class Label(_message.Message):
-    __slots__ = ("label_id", "item_id", "preference", "annotator_id")
+    __slots__ = ("label_id", "item_id", "preference", "annotator_id", "replaces_label_id")
     LABEL_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     PREFERENCE_FIELD_NUMBER: _ClassVar[int]
     ANNOTATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_LABEL_ID_FIELD_NUMBER: _ClassVar[int]
     label_id: str
     item_id: str
     preference: Preference
     annotator_id: str
-    def __init__(self, label_id: _Optional[str] = ..., item_id: _Optional[str] = ..., preference: _Optional[_Union[Preference, str]] = ..., annotator_id: _Optional[str] = ...) -> None: ...
+    replaces_label_id: str
+    def __init__(self, label_id: _Optional[str] = ..., item_id: _Optional[str] = ..., preference: _Optional[_Union[Preference, str]] = ..., annotator_id: _Optional[str] = ..., replaces_label_id: _Optional[str] = ...) -> None: ...
 
 class IngestLabelsRequest(_message.Message):
     __slots__ = ("pool_id", "labels", "request_id")
@@ -684,16 +686,18 @@ class ExportLabelsRequest(_message.Message):
     def __init__(self, pool_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ExportedLabel(_message.Message):
-    __slots__ = ("label", "item", "create_time", "control")
+    __slots__ = ("label", "item", "create_time", "control", "superseded_by")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     CONTROL_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_BY_FIELD_NUMBER: _ClassVar[int]
     label: Label
     item: Item
     create_time: _timestamp_pb2.Timestamp
     control: bool
-    def __init__(self, label: _Optional[_Union[Label, _Mapping]] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., control: _Optional[bool] = ...) -> None: ...
+    superseded_by: str
+    def __init__(self, label: _Optional[_Union[Label, _Mapping]] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., control: _Optional[bool] = ..., superseded_by: _Optional[str] = ...) -> None: ...
 
 class ExportLabelsResponse(_message.Message):
     __slots__ = ("labels", "next_page_token")

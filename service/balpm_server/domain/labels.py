@@ -20,6 +20,7 @@ from balpm_server.domain import validation as v
 from balpm_server.domain.common import digest, page_token, parse_page_token, settled
 from balpm_server.domain.group_commit import GroupCommit
 from balpm_server.domain.models import (
+    ExistingLabel,
     ExportedItem,
     IngestResult,
     ItemRecord,
@@ -41,6 +42,36 @@ MAX_EXPORT_ITEMS_PAGE = 5000
 DEFAULT_EXPORT_ITEMS_PAGE = 500
 DEFAULT_EXPORT_ITEMS_PAGE_WITH_FEATURES = 100
 FEATURE_KINDS = ("prompt", "a", "b")
+
+
+MAX_REVISIONS = 1000  # revisions of one answer followed to find its latest
+
+
+def _check_revision(i: int, label: LabelIn, target: ExistingLabel | None, revised: set[str]) -> None:
+    """A label that revises `target` (its `replaces`): same item and annotator, one per request."""
+    at = f"labels[{i}].replaces_label_id"
+    if label.replaces == label.label_id:
+        raise errors.InvalidArgument(f"{at} names the label itself", field=at, reason="SELF_REVISION")
+    if target is None:
+        raise errors.NotFound(f"{at} {label.replaces!r} is not a label of this pool", field=at,
+                              reason="LABEL_NOT_FOUND")
+    differs = [name for name, mine, theirs in (("item_id", label.item_id, target.content.item_id),
+                                                ("annotator_id", label.annotator_id, target.content.annotator_id))
+               if mine != theirs]
+    if differs:
+        raise errors.InvalidArgument(
+            f"{at}: a revision keeps the item and the annotator of the label it replaces; {', '.join(differs)} "
+            f"differ from {label.replaces!r}'s",
+            field=at,
+            reason="REVISION_MISMATCH",
+            metadata={f"stored_{name}": getattr(target.content, name) for name in differs},
+        )
+    if label.replaces in revised:
+        raise errors.InvalidArgument(
+            f"{at}: another label of this request revises {label.replaces!r} too; send one revision per answer",
+            field=at,
+            reason="DUPLICATE_REVISION",
+        )
 
 
 class Labels:
@@ -73,6 +104,8 @@ class Labels:
             v.item_id(lb.label_id, f"labels[{i}].label_id")
             v.item_id(lb.item_id, f"labels[{i}].item_id")
             ann = v.annotator_id(lb.annotator_id, f"labels[{i}].annotator_id")
+            if lb.replaces:
+                v.item_id(lb.replaces, f"labels[{i}].replaces_label_id")
             clean.append(dataclasses.replace(lb, annotator_id=ann))
         req_digest = digest(*(dataclasses.astuple(c) for c in clean))
         if request_id:
@@ -95,10 +128,13 @@ class Labels:
                     total = await self.store.call(self.store.label_count, key)
                     return IngestResult(0, body["stored_count"] + body["duplicate_count"], total)
             split_of = await self.store.call(self.store.item_splits, key, [c.item_id for c in clean])
-            existing = await self.store.call(self.store.existing_labels, key, [c.label_id for c in clean])
+            existing = await self.store.call(
+                self.store.existing_labels, key, [c.label_id for c in clean] + [c.replaces for c in clean if c.replaces]
+            )
             fresh: list[LabelIn] = []
             dup = 0
             seen: dict[str, LabelContent] = {}
+            revised: set[str] = set()
             for i, c in enumerate(clean):
                 if c.item_id not in split_of:
                     raise errors.NotFound(
@@ -112,8 +148,9 @@ class Labels:
                         field=f"labels[{i}].item_id",
                         reason="HELDOUT_ITEM",
                     )
-                content = LabelContent(c.item_id, c.preference, c.annotator_id)
-                old = existing.get(c.label_id) or seen.get(c.label_id)
+                content = LabelContent(c.item_id, c.preference, c.annotator_id, c.replaces)
+                stored = existing.get(c.label_id)
+                old = stored.content if stored is not None else seen.get(c.label_id)
                 if old is not None:
                     if old == content:
                         dup += 1
@@ -126,8 +163,19 @@ class Labels:
                             "stored_item_id": old.item_id,
                             "stored_preference": Preference(old.preference).name,
                             "stored_annotator_id": old.annotator_id,
+                            "stored_replaces_label_id": old.replaces,
+                            # Where a client that revises an answer finds the latest revision.
+                            "stored_superseded_by": stored.superseded_by if stored is not None else "",
                         },
                     )
+                if c.replaces:
+                    _check_revision(i, c, existing.get(c.replaces), revised)
+                    head = await self._latest_revision(key, c.replaces, existing)
+                    revised.add(head)
+                    if existing[head].content.preference == c.preference:  # the answer stands: nothing to store
+                        dup += 1
+                        continue
+                    c = dataclasses.replace(c, supersedes=head)
                 seen[c.label_id] = content
                 fresh.append(c)
             if fresh or request_id:
@@ -152,6 +200,21 @@ class Labels:
                         break
                     rt.occupancy.add_label(row, c.annotator_id)
         return IngestResult(len(fresh), dup, await self.store.call(self.store.label_count, key))
+
+    async def _latest_revision(self, key: str, label_id: str, known: dict[str, ExistingLabel]) -> str:
+        """The latest revision of the answer `label_id` belongs to (itself when never revised)."""
+        head = label_id
+        for _ in range(MAX_REVISIONS):
+            by = known[head].superseded_by
+            if not by:
+                return head
+            if by not in known:
+                known.update(await self.store.call(self.store.existing_labels, key, [by]))
+            head = by
+        raise errors.FailedPrecondition(
+            f"label {label_id!r} has more than {MAX_REVISIONS} revisions", field="labels.replaces_label_id",
+            reason="TOO_MANY_REVISIONS",
+        )
 
     async def export_labels(
         self, tenant: str, pool_id: str, page_size: int, page_token_in: str

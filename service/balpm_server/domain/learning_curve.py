@@ -187,9 +187,11 @@ class LearningCurves:
             a_N_D, b_N_D = rt.a_N_D, rt.b_N_D
         labels = await self.store.call(self.store.label_targets, info.key)
         assert a_N_D is not None and b_N_D is not None
-        rows_L, targets_L = labels.rows_L, labels.targets_L
-        # Labels of items still featurising have no features yet: never evaluated, never trained on.
-        control_L = labels.control_L & (rows_L < len(a_N_D))
+        rows_L, targets_L, seq_L = labels.rows_L, labels.targets_L, labels.seq_L
+        # Only the latest revision of an answer is evaluated or trained on (revised labels stay in
+        # the list: a version that trained on an item's earlier answer is never evaluated on that
+        # item); labels of items still featurising have no features yet.
+        control_L = labels.control_L & labels.current_L & (rows_L < len(a_N_D))
         posteriors = self.cache.posterior_store(info.key)
         versions = list(range(max(1, info.posterior_version - MAX_VERSIONS + 1), info.posterior_version + 1))
         control_idx = np.flatnonzero(control_L)
@@ -208,7 +210,7 @@ class LearningCurves:
                 self.cache.artifacts.restore_folder, f"pools/{info.key}/posterior/{name}/", posteriors.folder(version)
             )
             pt = await asyncio.to_thread(self._evaluate_version, posteriors, version, rows_L, targets_L, control_L,
-                                         a_N_D, b_N_D)
+                                         seq_L, a_N_D, b_N_D)
             if pt is not None:
                 active.append(pt)
             tick()
@@ -250,17 +252,23 @@ class LearningCurves:
     @staticmethod
     def _evaluate_version(
         posteriors: PosteriorStore, version: int, rows_L: np.ndarray, targets_L: np.ndarray, control_L: np.ndarray,
-        a_N_D: np.ndarray, b_N_D: np.ndarray,
+        seq_L: np.ndarray, a_N_D: np.ndarray, b_N_D: np.ndarray,
     ) -> CurvePoint | None:
-        """A version on the control labels stored after the ones it trained on; None with too few of them."""
+        """A version on the control labels of items it never trained on; None with too few of them.
+
+        The version trained on (some of) the labels stored up to its `label_seq_through`; each
+        item with any of those labels (another annotator's, an earlier revision) is left out.
+        """
         try:
             state, manifest = posteriors.load(version)
         except errors.NotFound:
             return None
         trained = int(manifest.get("label_count", 0))
-        # Versions trained while items featurised skipped those items' labels: they trained
-        # on labels among the first `labels_through` stored, so evaluation starts after those.
-        after_L = np.arange(len(rows_L)) >= int(manifest.get("labels_through", trained))
+        if "label_seq_through" in manifest:
+            seen_L = seq_L <= int(manifest["label_seq_through"])
+        else:  # versions from before revisions and partial pools: the first `label_count` labels
+            seen_L = np.arange(len(rows_L)) < trained
+        after_L = ~np.isin(rows_L, rows_L[seen_L])
         held = np.flatnonzero(control_L & after_L)
         if held.size < MIN_EVAL_ITEMS:
             return None

@@ -152,6 +152,8 @@ class LabelIn:
     item_id: str
     preference: Preference
     annotator_id: str
+    replaces: str = ""  # the label this one revises, as sent ("" for a first answer)
+    supersedes: str = ""  # the latest revision of that answer when stored: the label it replaces
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,8 @@ class StoredLabel:
     annotator_id: str
     create_time_s: float
     control: bool = False  # the item was leased to this annotator by the control arm
+    replaces: str = ""  # the label this one revised
+    superseded_by: str = ""  # the label that revised this one ("" while it is the latest)
 
 
 @dataclass(frozen=True)
@@ -398,6 +402,15 @@ class LabelContent:
     item_id: str
     preference: Preference
     annotator_id: str
+    replaces: str = ""
+
+
+@dataclass(frozen=True)
+class ExistingLabel:
+    """A stored label's content and the label that revised it ("" while it is the latest)."""
+
+    content: LabelContent
+    superseded_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -408,11 +421,15 @@ class LabelTargets:
         rows_L: int64 feature row of each label's item.
         targets_L: float32 target P(A preferred).
         control_L: bool, the label came from the random control arm (empty when not read).
+        seq_L: int64 storage sequence number (empty when not read).
+        current_L: bool, the label is its annotator's latest revision (empty when not read).
     """
 
     rows_L: np.ndarray
     targets_L: np.ndarray
     control_L: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    seq_L: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    current_L: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
 @dataclass(frozen=True)

@@ -257,10 +257,12 @@ class Training:
             await self.cache.load_items(info, rt)
             labels = await self.store.call(self.store.label_targets, info.key)
             assert rt.item_ids is not None and rt.a_N_D is not None and rt.b_N_D is not None
-            # Labels of items still featurising wait for their features (the next update).
-            joined_L = labels.rows_L < len(rt.item_ids)
-            rows_L, targets_L = labels.rows_L[joined_L], labels.targets_L[joined_L]
-            labels_through = len(labels.rows_L)
+            # The latest revision of each answer; labels of items still featurising wait for
+            # their features (the next update).
+            used_L = labels.current_L & (labels.rows_L < len(rt.item_ids))
+            rows_L, targets_L = labels.rows_L[used_L], labels.targets_L[used_L]
+            labels_through = int(labels.current_L.sum())
+            seq_through = int(labels.seq_L.max()) if labels.seq_L.size else 0
             if len(rows_L) < MIN_LABELS_TO_TRAIN:
                 raise errors.FailedPrecondition(
                     f"pool {info.pool_id!r} has {len(rows_L)} labels on items with features; training needs "
@@ -331,7 +333,8 @@ class Training:
             "pool_id": info.pool_id,
             "seed": seed,
             "label_count": len(rows_L),
-            "labels_through": labels_through,  # trained on labels among the first this many stored
+            "labels_through": labels_through,  # current labels when it was trained (for automatic updates)
+            "label_seq_through": seq_through,  # trained on labels with storage seq <= this (cross-fitting)
             "warm_start": warm_start,
             "settings": dataclasses.asdict(config),
             "metrics": {

@@ -146,7 +146,13 @@ ALTER TABLE leases ADD COLUMN control SMALLINT NOT NULL DEFAULT 0;
 ALTER TABLE labels ADD COLUMN control SMALLINT NOT NULL DEFAULT 0
 """
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4)
+# v5: label revisions: a label may replace an earlier one of its annotator (an edited answer).
+SCHEMA_V5 = """
+ALTER TABLE labels ADD COLUMN replaces TEXT NOT NULL DEFAULT '';
+ALTER TABLE labels ADD COLUMN superseded_by TEXT NOT NULL DEFAULT ''
+"""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

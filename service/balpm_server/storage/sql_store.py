@@ -40,6 +40,7 @@ from balpm_server import errors
 from balpm_server.acquisition import Strategy
 from balpm_server.domain.models import (
     AplScores,
+    ExistingLabel,
     FeatureSource,
     ItemAplScores,
     ItemIndex,
@@ -205,7 +206,7 @@ class SqlStore:
         for state, count in query("SELECT state, COUNT(*) FROM pools GROUP BY state", ()):
             by_state[str(state).lower()] = by_state.get(str(state).lower(), 0) + int(count)
         ((pool_n, heldout_n, feat_n),) = query(self._COUNTS_SQL, ())
-        ((labels_n,),) = query("SELECT COUNT(*) FROM labels", ())
+        ((labels_n,),) = query("SELECT COUNT(*) FROM labels WHERE superseded_by = ''", ())
         now_s = time.time()
         ((active, expired),) = query(
             "SELECT COALESCE(SUM(CASE WHEN expire_time > ? THEN 1 ELSE 0 END), 0),"
@@ -362,7 +363,8 @@ class SqlStore:
             (pool_key,),
         )
         ((labels, labelled),) = self._query(
-            "SELECT COUNT(*), COUNT(DISTINCT item_id) FROM labels WHERE pool_id = ?", (pool_key,)
+            "SELECT COUNT(*), COUNT(DISTINCT item_id) FROM labels WHERE pool_id = ? AND superseded_by = ''",
+            (pool_key,),
         )
         ((leased,),) = self._query(
             "SELECT COUNT(DISTINCT item_id) FROM leases WHERE pool_id = ? AND expire_time > ?",
@@ -598,14 +600,18 @@ class SqlStore:
 
     # ---- labels ------------------------------------------------------------------------
 
-    def existing_labels(self, pool_id: str, label_ids: Sequence[str]) -> dict[str, LabelContent]:
-        """label_id -> content of the given labels that are already stored."""
+    def existing_labels(self, pool_id: str, label_ids: Sequence[str]) -> dict[str, ExistingLabel]:
+        """label_id -> content (and the revision that replaced it) of the given labels that are already stored."""
         rows = self._query_ids(
-            "SELECT label_id, item_id, preference, annotator_id FROM labels WHERE pool_id = ? AND label_id",
+            "SELECT label_id, item_id, preference, annotator_id, replaces, superseded_by FROM labels"
+            " WHERE pool_id = ? AND label_id",
             pool_id,
             label_ids,
         )
-        return {lid: LabelContent(iid, Preference(pref), ann) for lid, iid, pref, ann in rows}
+        return {
+            lid: ExistingLabel(LabelContent(iid, Preference(pref), ann, rep), sup)
+            for lid, iid, pref, ann, rep, sup in rows
+        }
 
     def insert_labels(
         self, tx: Tx, pool_id: str, labels: Sequence[LabelIn], labels_per_item: int = 1
@@ -617,17 +623,30 @@ class SqlStore:
         label from anyone ends the current holder's lease).
         """
         now = time.time()
-        # A label is a control label when the labeller's lease of the item came from the control arm.
+        # A label is a control label when the labeller's lease of the item came from the control arm;
+        # a revision keeps the flag of the label it replaces.
         tx.run_many(
-            "INSERT INTO labels (pool_id, label_id, item_id, preference, annotator_id, create_time, control)"
-            " VALUES (?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(control), 0) FROM leases"
-            " WHERE pool_id = ? AND item_id = ? AND annotator_id = ?))",
+            "INSERT INTO labels (pool_id, label_id, item_id, preference, annotator_id, create_time, control, replaces)"
+            " VALUES (?, ?, ?, ?, ?, ?, CASE WHEN (SELECT COALESCE(MAX(control), 0) FROM leases"
+            " WHERE pool_id = ? AND item_id = ? AND annotator_id = ?)"
+            " + (SELECT COALESCE(MAX(control), 0) FROM labels WHERE pool_id = ? AND label_id = ?) > 0"
+            " THEN 1 ELSE 0 END, ?)",
             [
                 (pool_id, lb.label_id, lb.item_id, int(lb.preference), lb.annotator_id, now,
-                 pool_id, lb.item_id, lb.annotator_id)
+                 pool_id, lb.item_id, lb.annotator_id, pool_id, lb.replaces, lb.replaces)
                 for lb in labels
             ],
         )
+        for lb in labels:
+            if lb.supersedes and not tx.run(
+                "UPDATE labels SET superseded_by = ? WHERE pool_id = ? AND label_id = ? AND superseded_by = ''",
+                (lb.label_id, pool_id, lb.supersedes),
+            ):  # revised meanwhile through another replica: a retry finds the new latest revision
+                raise errors.Aborted(
+                    f"label {lb.supersedes!r} was revised by another label meanwhile; retry",
+                    field="labels.replaces_label_id",
+                    reason="LABEL_SUPERSEDED",
+                )
         tx.run_many(
             "DELETE FROM leases WHERE pool_id = ? AND item_id = ? AND annotator_id = ?",
             [(pool_id, lb.item_id, lb.annotator_id) for lb in labels],
@@ -661,32 +680,36 @@ class SqlStore:
         """
 
     def label_count(self, pool_id: str) -> int:
-        """Number of labels stored in a pool."""
-        ((n,),) = self._query("SELECT COUNT(*) FROM labels WHERE pool_id = ?", (pool_id,))
+        """Number of labels of a pool that are their annotator's latest revision."""
+        ((n,),) = self._query("SELECT COUNT(*) FROM labels WHERE pool_id = ? AND superseded_by = ''", (pool_id,))
         return int(n)
 
     def labels_page(self, pool_id: str, after_seq: int, limit: int) -> list[StoredLabel]:
         """Labels with seq > after_seq in storage order."""
         return [
-            StoredLabel(int(s), lid, iid, Preference(p), ann, t, bool(ctl))
-            for s, lid, iid, p, ann, t, ctl in self._query(
-                "SELECT seq, label_id, item_id, preference, annotator_id, create_time, control FROM labels"
+            StoredLabel(int(s), lid, iid, Preference(p), ann, t, bool(ctl), rep, sup)
+            for s, lid, iid, p, ann, t, ctl, rep, sup in self._query(
+                "SELECT seq, label_id, item_id, preference, annotator_id, create_time, control, replaces,"
+                " superseded_by FROM labels"
                 " WHERE pool_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (pool_id, after_seq, limit),
             )
         ]
 
     def label_targets(self, pool_id: str) -> LabelTargets:
-        """Every label as its item's feature row, its target P(A preferred) and its control flag, in storage order."""
+        """Every label (revised ones included, see `current_L`) as its item's feature row, target P(A preferred),
+        control flag and sequence number, in storage order."""
         rows = self._query(
-            "SELECT i.row, l.preference, l.control FROM labels l JOIN items i"
+            "SELECT i.row, l.preference, l.control, l.seq, l.superseded_by FROM labels l JOIN items i"
             " ON i.pool_id = l.pool_id AND i.item_id = l.item_id WHERE l.pool_id = ? ORDER BY l.seq",
             (pool_id,),
         )
         rows_L = np.array([r[0] for r in rows], dtype=np.int64)
         targets_L = np.array([Preference(r[1]).target for r in rows], dtype=np.float32)
         control_L = np.array([bool(r[2]) for r in rows], dtype=bool)
-        return LabelTargets(rows_L, targets_L, control_L)
+        seq_L = np.array([r[3] for r in rows], dtype=np.int64)
+        current_L = np.array([not r[4] for r in rows], dtype=bool)
+        return LabelTargets(rows_L, targets_L, control_L, seq_L, current_L)
 
     # ---- leases ------------------------------------------------------------------------
 

@@ -103,7 +103,8 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
     ) -> pb.IngestLabelsResponse:
         labels = [
             m.LabelIn(
-                lb.label_id, lb.item_id, c.preference_from_pb(lb.preference, f"labels[{i}].preference"), lb.annotator_id
+                lb.label_id, lb.item_id, c.preference_from_pb(lb.preference, f"labels[{i}].preference"),
+                lb.annotator_id, lb.replaces_label_id,
             )
             for i, lb in enumerate(request.labels)
         ]
@@ -279,10 +280,12 @@ class BalpmServicer(pb_grpc.BalpmServiceServicer):
                             item_id=lb.item_id,
                             preference=c.PREF_TO_PB[lb.preference],
                             annotator_id=lb.annotator_id,
+                            replaces_label_id=lb.replaces,
                         ),
                         item=pb.Item(**cast(dict[str, Any], texts)),
                         create_time=c.timestamp(lb.create_time_s),
                         control=lb.control,
+                        superseded_by=lb.superseded_by,
                     )
                     for lb, texts in page
                 ],
