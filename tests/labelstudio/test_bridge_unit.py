@@ -102,23 +102,35 @@ def pool_client(client: Client) -> Client:
     return client
 
 
-def test_webhook_event_ingests_once_and_reports_changed_answers_as_conflicts(pool_client: Client) -> None:
+def test_webhook_event_ingests_once_and_stores_an_edited_answer_as_a_revision(pool_client: Client) -> None:
     created = {"action": "ANNOTATION_CREATED", "annotation": _ann(5, "A"), "task": _task("it-0"), "project": {"id": 3}}
     first = handle_event(created, pool_client, pool_id=POOL, project_id=3)
-    assert (first["stored"], first["duplicates"], first["conflicts"]) == (1, 0, [])
+    assert (first["stored"], first["duplicates"], first["revised"], first["conflicts"]) == (1, 0, 0, [])
     again = handle_event(created, pool_client, pool_id=POOL, project_id=3)
-    assert (again["stored"], again["duplicates"]) == (0, 1)
-    changed = {**created, "action": "ANNOTATION_UPDATED", "annotation": _ann(5, "B")}
-    conflict = handle_event(changed, pool_client, pool_id=POOL, project_id=3)
-    assert conflict["conflicts"] == ["ls:3:5"]
-    # The report says what differs: the answer changed from A to B (item and annotator are the same).
-    assert conflict["conflict_details"] == [{"label_id": "ls:3:5", "preference": {"stored": "A", "sent": "B"}}]
+    assert (again["stored"], again["duplicates"], again["revised"]) == (0, 1, 0)
+    # Edited in the UI (A -> B): the edit wins, stored as a revision of the first answer; not a conflict.
+    edited = {**_ann(5, "B"), "updated_at": "2026-12-03T10:00:00Z"}
+    changed = {**created, "action": "ANNOTATION_UPDATED", "annotation": edited}
+    revised = handle_event(changed, pool_client, pool_id=POOL, project_id=3)
+    assert (revised["stored"], revised["revised"], revised["conflicts"]) == (0, 1, []), revised
+    assert handle_event(changed, pool_client, pool_id=POOL, project_id=3)["revised"] == 0  # a replay
+    history = {e.label.label_id: e for e in pool_client.export_labels(POOL)}
+    assert len(history) == 2 and history["ls:3:5"].superseded_by
+    latest = history[history["ls:3:5"].superseded_by]
+    assert latest.label.preference == 2 and latest.label.replaces_label_id == "ls:3:5"  # B
+    # And back (B -> A), later: a second revision.
+    back = {**created, "action": "ANNOTATION_UPDATED", "annotation": {**_ann(5, "A"), "updated_at": "2026-12-03T11:00Z"}}
+    assert handle_event(back, pool_client, pool_id=POOL, project_id=3)["revised"] == 1
+    assert pool_client.get_pool(POOL).label_count == 1
+    # Another annotator under the same annotation id is a conflict that names the field.
     other_user = {**created, "action": "ANNOTATION_UPDATED", "annotation": _ann(5, "A", user=8)}
-    moved = handle_event(other_user, pool_client, pool_id=POOL, project_id=3)["conflict_details"]
-    assert [sorted(d) for d in moved] == [["annotator_id", "label_id"]]
+    moved = handle_event(other_user, pool_client, pool_id=POOL, project_id=3)
+    assert moved["conflicts"] == ["ls:3:5"] and moved["revised"] == 0
+    assert [sorted(d) for d in moved["conflict_details"]] == [["annotator_id", "label_id"]]
     assert handle_event({**created, "project": {"id": 4}}, pool_client, pool_id=POOL, project_id=3)["ignored"]
     assert handle_event({"action": "TASKS_CREATED"}, pool_client, pool_id=POOL)["ignored"] == "action"
     assert pool_client.get_pool(POOL).label_count == 1
+    assert len(list(pool_client.export_labels(POOL))) == 3
 
 
 @pytest.fixture

@@ -168,18 +168,25 @@ def test_label_studio_round_trip_ingests_each_annotation_once_and_excludes_label
     # The next batch (any annotator) never contains a labelled item.
     assert not set(_acquirable(client)) & set(labelled)
 
-    # Sync 3 with a personal access token (JWT) after a human changed an answer: nothing is double
-    # counted; the changed answer is reported as a conflict (balpm labels are immutable).
+    # Sync 3 with a personal access token (JWT) after a human changed an answer (A -> B): the edit
+    # wins, stored as a revision of the first answer (kept in the export, superseded); no conflict,
+    # nothing double counted, and a rerun changes nothing.
     pat = str(api.request("POST", "/api/token/")["token"])
     a_ann = by_choice["A"][1]
     api.request("PATCH", f"/api/annotations/{a_ann}/", body={"result": _annotate_result("B")})
     third = _sync(capsys, ls, server, project_id, state_file, batch_size=0, seed=3, token=pat)
-    assert (third["labels_stored"], third["labels_duplicate"]) == (0, 2)
-    assert third["conflicts"] == [f"ls:{project_id}:{a_ann}"]
-    changed_answer = {"label_id": f"ls:{project_id}:{a_ann}", "preference": {"stored": "A", "sent": "B"}}
-    assert third["conflict_details"] == [changed_answer]
+    assert (third["labels_stored"], third["labels_duplicate"], third["labels_revised"]) == (0, 2, 1), third
+    assert third["conflicts"] == [] and third["conflict_details"] == []
     assert (third["acquired"], third["tasks_created"], third["leases_released"]) == (0, 0, 0)
     assert client.get_pool(POOL).label_count == 3
+    history = _labels(client)
+    first_answer = history[f"ls:{project_id}:{a_ann}"]
+    assert len(history) == 4 and first_answer.preference == 1  # A, superseded
+    revision = next(lb for lb in history.values() if lb.replaces_label_id == first_answer.label_id)
+    assert revision.preference == 2 and revision.item_id == first_answer.item_id  # B
+    rerun = _sync(capsys, ls, server, project_id, state_file, batch_size=0, seed=3)
+    assert (rerun["labels_stored"], rerun["labels_revised"], rerun["conflicts"]) == (0, 0, []), rerun
+    assert len(_labels(client)) == 4
 
     # Webhook: Label Studio calls the receiver on submit; a later sync sees it as a duplicate.
     port = _free_port()
@@ -217,9 +224,9 @@ def test_label_studio_round_trip_ingests_each_annotation_once_and_excludes_label
         thread.join(10)
     fourth = _sync(capsys, ls, server, project_id, state_file, batch_size=0, seed=4)
     assert (fourth["labels_stored"], fourth["labels_duplicate"]) == (0, 3), json.dumps(fourth)
-    assert fourth["conflicts"] == [f"ls:{project_id}:{a_ann}"]
+    assert fourth["conflicts"] == [] and fourth["labels_revised"] == 0
     assert client.get_pool(POOL).label_count == 4
-    assert len(_labels(client)) == 4
+    assert len(_labels(client)) == 5  # 4 answers and the first answer that was revised
 
     # Top-up mode (what cron runs): queue up to 10 open tasks in all; a second run while nobody
     # labels leases nothing more.

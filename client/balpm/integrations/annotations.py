@@ -6,6 +6,7 @@ this module and not each other. Standard library + the balpm SDK only.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -112,6 +113,18 @@ def annotation_to_label(
     }
 
 
+def revision_label(label: Mapping[str, str], annotation: Mapping[str, Any]) -> dict[str, str]:
+    """The label that records an annotation's current answer as a revision of its first one.
+
+    Its id is derived from the annotation's ``updated_at`` and answer, so rerunning a sync or
+    replaying a webhook sends the same revision again (a duplicate); balpm stores it only when
+    the answer differs from the latest stored one, so an unedited annotation stores nothing.
+    """
+    stamp = f"{annotation.get('updated_at') or ''}|{label['preference']}"
+    digest = hashlib.sha256(stamp.encode()).hexdigest()[:12]
+    return {**label, "label_id": f"{label['label_id']}.r{digest}", "replaces_label_id": label["label_id"]}
+
+
 @dataclass
 class IngestReport:
     """What happened to a set of labels."""
@@ -121,6 +134,7 @@ class IngestReport:
     conflicts: list[str] = field(default_factory=list)
     # Per conflict: label_id and, for each field that differs, {"stored": ..., "sent": ...}.
     conflict_details: list[dict[str, Any]] = field(default_factory=list)
+    revised: int = 0  # edited answers stored as revisions of the first answer
 
 
 def conflict_detail(label: Mapping[str, str], error: AlreadyExistsError) -> dict[str, Any]:
@@ -161,6 +175,35 @@ def ingest_labels(client: Client, pool_id: str, labels: Sequence[Mapping[str, st
     return report
 
 
+def ingest_answers(
+    client: Client, pool_id: str, answers: Sequence[tuple[Mapping[str, str], Mapping[str, str]]]
+) -> IngestReport:
+    """Store annotations' answers: each first answer, then its current answer as a revision.
+
+    Policy for an annotation edited after it was ingested (e.g. B -> A in the UI): the edit
+    wins. The first answer stays in balpm's export history (superseded_by its revision), and
+    training and counts use the latest answer. An answer that differs from the stored one
+    only in its choice is therefore not a conflict; a different item or annotator (e.g. a
+    changed ``--annotator-map``) still is, reported with the differing fields.
+
+    Args:
+        client: balpm client.
+        pool_id: The pool.
+        answers: (first-answer label, :func:`revision_label` of it) per annotation.
+    """
+    report = ingest_labels(client, pool_id, [first for first, _ in answers])
+    edits = {d["label_id"] for d in report.conflict_details if set(d) == {"label_id", "preference"}}
+    report.conflicts = [lid for lid in report.conflicts if lid not in edits]
+    report.conflict_details = [d for d in report.conflict_details if d["label_id"] not in edits]
+    conflicted = set(report.conflicts)
+    revisions = list({first["label_id"]: rev for first, rev in answers if first["label_id"] not in conflicted}.values())
+    revised = ingest_labels(client, pool_id, revisions)
+    report.revised = revised.stored
+    report.conflicts += revised.conflicts
+    report.conflict_details += revised.conflict_details
+    return report
+
+
 __all__ = [
     "CHOICES_NAME",
     "CHOICE_TO_PREFERENCE",
@@ -170,7 +213,9 @@ __all__ = [
     "UserLookup",
     "annotation_preference",
     "annotation_to_label",
+    "ingest_answers",
     "ingest_labels",
     "label_id_for",
+    "revision_label",
     "task_item_id",
 ]

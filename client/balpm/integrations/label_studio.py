@@ -17,9 +17,11 @@ Where the state lives:
   task" is read back from Label Studio on every sync.
 * A label's id is derived from the Label Studio annotation id (``ls:<project>:<annotation>``), so
   ingesting the same annotation twice is a no-op in balpm (IngestLabels is idempotent by label id).
-  An annotation *changed* to another choice after it was ingested conflicts with the stored label
-  (balpm labels are immutable): it is reported under ``conflicts`` (``conflict_details`` names the fields
-  that differ, stored and sent) and the first answer is kept.
+  An annotation *changed* to another choice after it was ingested (edited in the UI) is stored as a
+  revision (``Label.replaces_label_id``): the edit wins, training uses the latest answer and the first
+  one stays in ``balpm export`` marked ``superseded_by`` (``labels_revised`` counts them). A label that
+  differs in its item or annotator (e.g. another ``--annotator-map``) is a conflict: reported under
+  ``conflicts`` with ``conflict_details`` naming the fields that differ, stored and sent.
 * Only releasing the leases of *deleted* tasks needs memory Label Studio cannot give (the task is
   gone): a small local lease ledger (JSON, ``--state-file``) lists the items the bridge leased. If it
   is lost, nothing breaks; leases of deleted tasks then simply run until their TTL.
@@ -61,8 +63,10 @@ from balpm.integrations.annotations import (
     IngestReport,
     annotation_preference,
     annotation_to_label,
+    ingest_answers,
     ingest_labels,
     label_id_for,
+    revision_label,
     task_item_id,
 )
 from balpm.integrations.webhook import serve_webhook
@@ -334,6 +338,7 @@ class SyncReport:
     labels_duplicate: int = 0
     conflicts: list[str] = field(default_factory=list)
     conflict_details: list[dict[str, Any]] = field(default_factory=list)  # which fields differ, per conflict
+    labels_revised: int = 0  # annotations edited since they were ingested: stored as revisions
     leases_released: int = 0
     released_item_ids: list[str] = field(default_factory=list)
     acquired: int = 0
@@ -429,7 +434,7 @@ def sync(
     live: dict[str, int] = {}
     answered: set[str] = set()  # items whose task has any annotation (a label or a skip)
     labelled: set[str] = set()
-    labels: list[dict[str, str]] = []
+    answers: list[tuple[dict[str, str], dict[str, str]]] = []
     for task in api.iter_tasks(project_id):
         report.tasks_seen += 1
         item_id = task_item_id(task, pool_id)
@@ -446,15 +451,16 @@ def sync(
             report.annotations_seen += 1
             label = annotation_to_label(ann, task, project_id=project_id, pool_id=pool_id, annotator_of=annotator_of)
             if label is not None:
-                labels.append(label)
+                answers.append((label, revision_label(label, ann)))
                 labelled.add(item_id)
-    ingested = ingest_labels(client, pool_id, labels)
+    ingested = ingest_answers(client, pool_id, answers)
     report.labels_stored, report.labels_duplicate, report.conflicts = (
         ingested.stored,
         ingested.duplicates,
         ingested.conflicts,
     )
     report.conflict_details = ingested.conflict_details
+    report.labels_revised = ingested.revised
     ledger.discard(labelled)
 
     # (2) Leased items whose task is gone (deleted in Label Studio, or a failed import) -> excluded from
@@ -654,9 +660,11 @@ __all__ = [
     "SyncReport",
     "annotation_preference",
     "annotation_to_label",
+    "ingest_answers",
     "ingest_labels",
     "label_id_for",
     "register_cli",
+    "revision_label",
     "setup_project",
     "sync",
     "task_item_id",

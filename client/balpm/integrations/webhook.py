@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from balpm.errors import BalpmError
-from balpm.integrations.annotations import AnnotatorMapper, annotation_to_label, ingest_labels
+from balpm.integrations.annotations import AnnotatorMapper, annotation_to_label, ingest_answers, revision_label
 
 if TYPE_CHECKING:
     from balpm.client import Client
@@ -72,7 +72,7 @@ def handle_event(
         return {"action": action, "ignored": "project"}
     tasks = {int(t["id"]): t for t in _as_list(payload.get("task")) if isinstance(t, Mapping) and "id" in t}
     annotator_of = annotator_of or AnnotatorMapper()
-    labels = []
+    answers = []
     for ann in annotations:
         task_ref = ann.get("task")
         task = task_ref if isinstance(task_ref, Mapping) else tasks.get(int(task_ref or 0))
@@ -88,15 +88,16 @@ def handle_event(
             annotator_of=annotator_of,
         )
         if label is not None:
-            labels.append(label)
-    if not labels:
+            answers.append((label, revision_label(label, ann)))
+    if not answers:
         return {"action": action, "ignored": "no bridge annotation with a choice"}
-    report = ingest_labels(client, pool_id, labels)
+    report = ingest_answers(client, pool_id, answers)
     return {
         "action": action,
-        "label_ids": [lb["label_id"] for lb in labels],
+        "label_ids": [lb["label_id"] for lb, _ in answers],
         "stored": report.stored,
         "duplicates": report.duplicates,
+        "revised": report.revised,
         "conflicts": report.conflicts,
         "conflict_details": report.conflict_details,
     }
