@@ -158,9 +158,69 @@ def _delete_quietly(client: Client, pool_id: str) -> None:
         client.delete_pool(pool_id)
 
 
+class BradleyTerryTeacher:
+    """A fixed reward r(x) over completion features, Bradley-Terry with a temperature fitted for an agreement.
+
+    Subclasses define `reward`, and `_prepare` when they standardise inputs.
+    """
+
+    temperature: float = 1.0
+
+    def reward(self, x_N_D: np.ndarray) -> np.ndarray:
+        """Rewards r(x) of completion feature vectors (float64 [N])."""
+        raise NotImplementedError
+
+    def _prepare(self, both_2N_D: np.ndarray) -> None:
+        """Set input statistics from every completion vector the teacher will label (none by default)."""
+
+    def margin(self, feats: PairFeatures) -> np.ndarray:
+        """r(a) - r(b) before the temperature."""
+        return self.reward(feats.a_N_D) - self.reward(feats.b_N_D)
+
+    def prob_a(self, feats: PairFeatures) -> np.ndarray:
+        """P(A preferred) = sigmoid((r(a) - r(b)) / T)."""
+        return np.asarray(1.0 / (1.0 + np.exp(-self.margin(feats) / self.temperature)), dtype=np.float64)
+
+    def fit(self, feats: PairFeatures, agreement: float) -> BradleyTerryTeacher:
+        """Fit the input statistics to `feats` and T so that the expected agreement is `agreement`.
+
+        Args:
+            feats: Features the teacher will label (pool and test together).
+            agreement: Target mean of max(P(A), 1 - P(A)), in (0.5, 1).
+
+        Returns:
+            self.
+        """
+        if not 0.5 < agreement < 1.0:
+            raise InvalidInputError.local(f"agreement must be in (0.5, 1), got {agreement}", field="agreement")
+        self._prepare(np.concatenate([feats.a_N_D, feats.b_N_D]).astype(np.float64))
+        m = np.abs(self.margin(feats))
+        lo, hi = 1e-6, 1e6  # agreement falls as T grows: bisect on log T
+        for _ in range(200):
+            mid = float(np.sqrt(lo * hi))
+            agree = float(np.mean(1.0 / (1.0 + np.exp(-m / mid))))
+            if agree > agreement:
+                lo = mid
+            else:
+                hi = mid
+        self.temperature = float(np.sqrt(lo * hi))
+        return self
+
+    def expected_agreement(self, feats: PairFeatures) -> float:
+        """Mean of max(P(A), 1 - P(A)) over `feats`."""
+        p = self.prob_a(feats)
+        return float(np.mean(np.maximum(p, 1.0 - p)))
+
+    def sample(self, feats: PairFeatures, rng: np.random.Generator) -> list[str]:
+        """One Bradley-Terry draw per pair: "A" or "B"."""
+        p = self.prob_a(feats)
+        draws = rng.random(p.shape[0]) < p
+        return ["A" if d else "B" for d in draws.tolist()]
+
+
 @dataclass
-class RewardTeacher:
-    """A fixed random tanh MLP reward over completion features, Bradley-Terry with temperature.
+class RewardTeacher(BradleyTerryTeacher):
+    """A fixed random tanh MLP reward over z-scored completion features, with a bias (`teacher="reward"`).
 
     Args:
         dim: Feature dimension D.
@@ -184,56 +244,51 @@ class RewardTeacher:
         self.b1_H = rng.normal(size=self.hidden) * 0.5
         self.w2_H = rng.normal(size=self.hidden) / np.sqrt(self.hidden)
 
+    def _prepare(self, both_2N_D: np.ndarray) -> None:
+        self.mean_D = both_2N_D.mean(axis=0)
+        self.std_D = both_2N_D.std(axis=0) + 1e-6
+
     def reward(self, x_N_D: np.ndarray) -> np.ndarray:
         """Rewards r(x) of completion feature vectors (float64 [N])."""
         z = (np.asarray(x_N_D, dtype=np.float64) - self.mean_D) / self.std_D
         return np.asarray(np.tanh(z @ self.W1_D_H + self.b1_H) @ self.w2_H, dtype=np.float64)
 
-    def margin(self, feats: PairFeatures) -> np.ndarray:
-        """r(a) - r(b) before the temperature."""
-        return self.reward(feats.a_N_D) - self.reward(feats.b_N_D)
 
-    def prob_a(self, feats: PairFeatures) -> np.ndarray:
-        """P(A preferred) = sigmoid((r(a) - r(b)) / T)."""
-        return np.asarray(1.0 / (1.0 + np.exp(-self.margin(feats) / self.temperature)), dtype=np.float64)
+@dataclass
+class NearLinearTeacher(BradleyTerryTeacher):
+    """r(x) = tanh(3 x W1) w2 on the raw features, W1 ~ N(0, 1/D) (`teacher="near_linear"`).
 
-    def fit(self, feats: PairFeatures, agreement: float) -> RewardTeacher:
-        """Set the input standardisation from `feats` and T so that the expected agreement is `agreement`.
+    On unit-norm sentence embeddings the tanh stays close to linear: a linear fit on
+    (a - b) explains most of its logit, the regime where an ensemble's uncertainty tracks
+    the real error and active learning has something to find.
 
-        Args:
-            feats: Features the teacher will label (pool and test together).
-            agreement: Target mean of max(P(A), 1 - P(A)), in (0.5, 1).
+    Args:
+        dim: Feature dimension D.
+        seed: Seed of the weights.
+        hidden: Hidden width H.
+        temperature: Bradley-Terry temperature T (set by `fit`).
+    """
 
-        Returns:
-            self.
-        """
-        if not 0.5 < agreement < 1.0:
-            raise InvalidInputError.local(f"agreement must be in (0.5, 1), got {agreement}", field="agreement")
-        both = np.concatenate([feats.a_N_D, feats.b_N_D]).astype(np.float64)
-        self.mean_D = both.mean(axis=0)
-        self.std_D = both.std(axis=0) + 1e-6
-        m = np.abs(self.margin(feats))
-        lo, hi = 1e-6, 1e6  # agreement falls as T grows: bisect on log T
-        for _ in range(200):
-            mid = float(np.sqrt(lo * hi))
-            agree = float(np.mean(1.0 / (1.0 + np.exp(-m / mid))))
-            if agree > agreement:
-                lo = mid
-            else:
-                hi = mid
-        self.temperature = float(np.sqrt(lo * hi))
-        return self
+    dim: int
+    seed: int = 0
+    hidden: int = 64
+    temperature: float = 1.0
 
-    def expected_agreement(self, feats: PairFeatures) -> float:
-        """Mean of max(P(A), 1 - P(A)) over `feats`."""
-        p = self.prob_a(feats)
-        return float(np.mean(np.maximum(p, 1.0 - p)))
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(self.seed)
+        self.W1_D_H = rng.normal(size=(self.dim, self.hidden)) / np.sqrt(self.dim)
+        self.w2_H = rng.normal(size=self.hidden) / np.sqrt(self.hidden)
 
-    def sample(self, feats: PairFeatures, rng: np.random.Generator) -> list[str]:
-        """One Bradley-Terry draw per pair: "A" or "B"."""
-        p = self.prob_a(feats)
-        draws = rng.random(p.shape[0]) < p
-        return ["A" if d else "B" for d in draws.tolist()]
+    def reward(self, x_N_D: np.ndarray) -> np.ndarray:
+        """Rewards r(x) of completion feature vectors (float64 [N])."""
+        x = np.asarray(x_N_D, dtype=np.float64)
+        return np.asarray(np.tanh(3.0 * (x @ self.W1_D_H)) @ self.w2_H, dtype=np.float64)
+
+
+TEACHERS: dict[str, type[RewardTeacher] | type[NearLinearTeacher]] = {
+    "reward": RewardTeacher,
+    "near_linear": NearLinearTeacher,
+}
 
 
 def with_features(pair: HiddenPair, feats: PairFeatures, row: int, preference: str | None = None) -> HiddenPair:
@@ -312,6 +367,7 @@ def model_oracle_data(
     teacher_seed: int = 0,
     label_seed: int = 0,
     teacher_hidden: int = 64,
+    teacher: str = "reward",
 ) -> OracleData:
     """Items with client features, labelled by a fixed random reward-model teacher.
 
@@ -326,32 +382,37 @@ def model_oracle_data(
         teacher_seed: Seed of the teacher's weights (fixed across runs).
         label_seed: Seed of the Bradley-Terry draws and the copy noise.
         teacher_hidden: Hidden width of the teacher.
+        teacher: "reward" (`RewardTeacher`) or "near_linear" (`NearLinearTeacher`).
 
     Returns:
         CLIENT-feature items whose preferences are the teacher's draws.
     """
+    if teacher not in TEACHERS:
+        raise InvalidInputError.local(f"unknown teacher {teacher!r}; choose from {', '.join(TEACHERS)}",
+                                      field="teacher")
     pool_x, pool_xf = expand_redundancy(pool, pool_feats, redundancy, noise, seed=label_seed + 7919)
-    teacher = RewardTeacher(pool_feats.a_N_D.shape[1], seed=teacher_seed, hidden=teacher_hidden)
+    model = TEACHERS[teacher](pool_feats.a_N_D.shape[1], seed=teacher_seed, hidden=teacher_hidden)
     both = PairFeatures(
         np.concatenate([pool_xf.prompt_N_D, test_feats.prompt_N_D]),
         np.concatenate([pool_xf.a_N_D, test_feats.a_N_D]),
         np.concatenate([pool_xf.b_N_D, test_feats.b_N_D]),
     )
-    teacher.fit(both, agreement)
+    model.fit(both, agreement)
     rng = np.random.default_rng(label_seed)
-    pool_labels = teacher.sample(pool_xf, rng)
-    test_labels = teacher.sample(test_feats, rng)
+    pool_labels = model.sample(pool_xf, rng)
+    test_labels = model.sample(test_feats, rng)
     pool_out = [with_features(p, pool_xf, i, pool_labels[i]) for i, p in enumerate(pool_x)]
     test_out = [with_features(p, test_feats, i, test_labels[i]) for i, p in enumerate(test)]
-    p_test = teacher.prob_a(test_feats)
+    p_test = model.prob_a(test_feats)
     y_test = np.array([lb == "A" for lb in test_labels], dtype=np.float64)
     eps = 1e-12
     bayes_ll = float(np.mean(y_test * np.log(p_test + eps) + (1 - y_test) * np.log(1 - p_test + eps)))
     info = {
         "oracle": "model",
+        "teacher": teacher,
         "agreement_target": agreement,
-        "agreement_expected": teacher.expected_agreement(both),
-        "temperature": teacher.temperature,
+        "agreement_expected": model.expected_agreement(both),
+        "temperature": model.temperature,
         "redundancy": redundancy,
         "noise": noise,
         "teacher_seed": teacher_seed,
@@ -375,6 +436,7 @@ def prepare_oracle(
     client: Client | None = None,
     features: tuple[PairFeatures, PairFeatures] | None = None,
     progress: bool = False,
+    teacher: str = "reward",
 ) -> OracleData:
     """Build the items and labels of one oracle.
 
@@ -391,6 +453,7 @@ def prepare_oracle(
             `features` are given.
         features: Precomputed (pool, test) features; skips `extract_features`.
         progress: Show the feature extraction's progress bars.
+        teacher: Model oracle: "reward" or "near_linear" (see `TEACHERS`).
 
     Returns:
         The oracle's items and labels.
@@ -424,4 +487,5 @@ def prepare_oracle(
         noise=noise,
         teacher_seed=teacher_seed,
         label_seed=label_seed,
+        teacher=teacher,
     )
