@@ -119,7 +119,8 @@ def test_webhook_event_ingests_once_and_stores_an_edited_answer_as_a_revision(po
     latest = history[history["ls:3:5"].superseded_by]
     assert latest.label.preference == 2 and latest.label.replaces_label_id == "ls:3:5"  # B
     # And back (B -> A), later: a second revision.
-    back = {**created, "action": "ANNOTATION_UPDATED", "annotation": {**_ann(5, "A"), "updated_at": "2026-12-03T11:00Z"}}
+    back = {**created, "action": "ANNOTATION_UPDATED",
+            "annotation": {**_ann(5, "A"), "updated_at": "2026-12-03T11:00Z"}}
     assert handle_event(back, pool_client, pool_id=POOL, project_id=3)["revised"] == 1
     assert pool_client.get_pool(POOL).label_count == 1
     # Another annotator under the same annotation id is a conflict that names the field.
