@@ -76,6 +76,8 @@ def cmd_pools(args: argparse.Namespace) -> None:
                 settings["default_strategy"] = args.strategy
             if args.knn_convention:
                 settings["knn_convention"] = args.knn_convention
+            if args.feature_storage:
+                settings["feature_storage"] = args.feature_storage
             pool = c.create_pool(args.pool, **settings)
             out.emit(args.output, pool, lambda: out.pool_details(pool))
         elif args.action == "list":
@@ -451,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="create: SERVER (the server embeds the texts, default) or CLIENT (items carry vectors)",
     )
     pools.add_argument("--feature-dim", type=int, default=0, help="create: feature dimension (CLIENT pools)")
+    pools.add_argument(
+        "--feature-storage",
+        choices=["float32", "float16"],
+        type=str.lower,
+        help="create: precision of the stored feature arrays: float32 (default) or float16 (half the memory "
+        "and disk, N x D x 3 x 2 bytes; client feature values up to 65504 in magnitude)",
+    )
     pools.add_argument("--strategy", default="", help="create: default acquisition strategy (default BALPM)")
     pools.add_argument("--ensemble-size", type=int, help="create: ensemble members (default 5)")
     pools.add_argument("--knn-k", type=int, help="create: BAL-PM neighbour count k (default 13)")

@@ -257,7 +257,7 @@ class Client(ClientBase):
     def create_pool(self, pool_id: str, **settings: Any) -> pb.Pool:
         """Create a pool. Settings are PoolSettings fields, e.g. feature_source="CLIENT", feature_dim=384,
         default_strategy="BALPM", beta=0.01, knn_k=13, knn_convention="AUTHORS", ensemble_size=5,
-        hidden_sizes=[2048, 256]."""
+        hidden_sizes=[2048, 256], feature_storage="FLOAT16" (half-size feature arrays)."""
         return self._run(plans.create_pool(pool_id, settings))
 
     def get_pool(self, pool_id: str) -> pb.Pool:

@@ -24,6 +24,7 @@ _SETTING_ENUMS: dict[str, tuple[Any, str]] = {
     "default_strategy": (pb.Strategy, "STRATEGY_"),
     "posterior_kind": (pb.PosteriorKind, "POSTERIOR_KIND_"),
     "knn_convention": (pb.KnnConvention, "KNN_CONVENTION_"),
+    "feature_storage": (pb.FeatureStorage, "FEATURE_STORAGE_"),
 }
 
 

@@ -79,6 +79,20 @@ def test_every_flag_has_help() -> None:
     assert not missing, missing
 
 
+def test_feature_storage_flag_and_sdk_setting() -> None:
+    from balpm.messages import pool_settings
+    from balpm.v1 import balpm_pb2 as pb
+
+    args = cli.build_parser().parse_args(["pools", "create", "p", "--feature-storage", "FLOAT16"])
+    assert args.feature_storage == "float16"
+    assert cli.build_parser().parse_args(["pools", "create", "p"]).feature_storage is None  # server default
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["pools", "create", "p", "--feature-storage", "float8"])
+    for name in ("FLOAT16", "float16", "FEATURE_STORAGE_FLOAT16"):
+        assert pool_settings({"feature_storage": name}).feature_storage == pb.FEATURE_STORAGE_FLOAT16
+    assert pool_settings({}).feature_storage == pb.FEATURE_STORAGE_UNSPECIFIED  # the server reads it as FLOAT32
+
+
 def test_label_file_format_is_in_the_help(capsys) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(capsys, "label", "--help")
     flat = " ".join(out.split())
@@ -142,6 +156,17 @@ def test_pools_table_json_and_the_labelling_commands(
 
     code, out, err = run(capsys, "pools", "delete", pool_id, "-o", "json", *t)
     assert code == 0 and json.loads(out) == {"deleted": pool_id}, err
+
+
+def test_pools_create_with_float16_feature_storage(real_server: ProcServer, pool_id: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    t = ("--server", real_server.target, "--no-progress")
+    code, out, err = run(capsys, "pools", "create", pool_id, "--feature-source", "CLIENT", "--feature-dim", "4",
+                         "--feature-storage", "float16", "-o", "json", *t)
+    assert code == 0, err
+    assert json.loads(out)["settings"]["feature_storage"] == "FEATURE_STORAGE_FLOAT16"
+    code, out, _ = run(capsys, "pools", "get", pool_id, *t)
+    assert "settings.feature_storage" in out and "FEATURE_STORAGE_FLOAT16" in out
+    run(capsys, "pools", "delete", pool_id, *t)
 
 
 def test_simulate_plots_the_learning_curves_of_its_runs(real_server: ProcServer, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

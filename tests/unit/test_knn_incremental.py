@@ -112,3 +112,23 @@ def test_a_graph_saved_without_entry_distances_still_extends_exactly(tmp_path: P
     assert_same_graph(KnnGraph.load(tmp_path / "g.npz"), old)  # ball_dist round-trips
     legacy = dataclasses.replace(old, ball_dist=None)  # as saved before ball_dist existed
     assert_same_graph(extend_knn_graph(legacy, x, mask), build_knn_graph(x, 6, member_mask_N=mask))
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_float16_features_give_the_graph_of_their_float32_values(
+    standardize: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FEATURE_STORAGE_FLOAT16 pool's arrays: every distance is taken in float64 of the same values."""
+    import balpm_server.acquisition.knn as knn
+
+    monkeypatch.setattr(knn, "_ADD_ROWS_ELEMS", 7 * 6)  # the FAISS index is fed several float32 chunks
+    rng = np.random.default_rng(3)
+    x16 = (rng.normal(size=(300, 6)) * 50).astype(np.float16)
+    x16[250:] = x16[:50]  # duplicates: ties survive the rounding
+    mask = rng.random(300) < 0.9
+    want = build_knn_graph(x16.astype(np.float32), 5, standardize=standardize, member_mask_N=mask)
+    got = build_knn_graph(x16, 5, standardize=standardize, member_mask_N=mask)
+    assert_same_graph(got, want)
+    if not standardize:  # extension (exact, unstandardised graphs) upcasts the same way
+        old = build_knn_graph(x16[:200], 5, member_mask_N=mask[:200])
+        assert_same_graph(extend_knn_graph(old, x16, mask), want)

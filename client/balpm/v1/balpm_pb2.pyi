@@ -55,6 +55,12 @@ class KnnConvention(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KNN_CONVENTION_UNSPECIFIED: _ClassVar[KnnConvention]
     KNN_CONVENTION_STANDARD: _ClassVar[KnnConvention]
     KNN_CONVENTION_AUTHORS: _ClassVar[KnnConvention]
+
+class FeatureStorage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FEATURE_STORAGE_UNSPECIFIED: _ClassVar[FeatureStorage]
+    FEATURE_STORAGE_FLOAT32: _ClassVar[FeatureStorage]
+    FEATURE_STORAGE_FLOAT16: _ClassVar[FeatureStorage]
 FEATURE_SOURCE_UNSPECIFIED: FeatureSource
 FEATURE_SOURCE_CLIENT: FeatureSource
 FEATURE_SOURCE_SERVER: FeatureSource
@@ -82,9 +88,12 @@ POSTERIOR_KIND_LORA_ENSEMBLE: PosteriorKind
 KNN_CONVENTION_UNSPECIFIED: KnnConvention
 KNN_CONVENTION_STANDARD: KnnConvention
 KNN_CONVENTION_AUTHORS: KnnConvention
+FEATURE_STORAGE_UNSPECIFIED: FeatureStorage
+FEATURE_STORAGE_FLOAT32: FeatureStorage
+FEATURE_STORAGE_FLOAT16: FeatureStorage
 
 class PoolSettings(_message.Message):
-    __slots__ = ("feature_source", "feature_dim", "ensemble_size", "hidden_sizes", "knn_k", "beta", "d_ent", "default_strategy", "standardize_features", "labels_per_item", "epochs", "posterior_kind", "lora_model_path", "temperature", "apl_beta_dpo", "apl_policy_model_path", "apl_reference_model_path", "knn_convention", "auto_update_min_labels", "auto_update_interval_s", "bootstrap", "patience", "val_fraction", "train_batch_size", "learning_rate", "weight_decay", "control_fraction", "stop_slope_per_1k")
+    __slots__ = ("feature_source", "feature_dim", "ensemble_size", "hidden_sizes", "knn_k", "beta", "d_ent", "default_strategy", "standardize_features", "labels_per_item", "epochs", "posterior_kind", "lora_model_path", "temperature", "apl_beta_dpo", "apl_policy_model_path", "apl_reference_model_path", "knn_convention", "auto_update_min_labels", "auto_update_interval_s", "bootstrap", "patience", "val_fraction", "train_batch_size", "learning_rate", "weight_decay", "control_fraction", "stop_slope_per_1k", "feature_storage")
     FEATURE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +122,7 @@ class PoolSettings(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     CONTROL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     STOP_SLOPE_PER_1K_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_STORAGE_FIELD_NUMBER: _ClassVar[int]
     feature_source: FeatureSource
     feature_dim: int
     ensemble_size: int
@@ -141,7 +151,8 @@ class PoolSettings(_message.Message):
     weight_decay: float
     control_fraction: float
     stop_slope_per_1k: float
-    def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ..., auto_update_min_labels: _Optional[int] = ..., auto_update_interval_s: _Optional[float] = ..., bootstrap: _Optional[bool] = ..., patience: _Optional[int] = ..., val_fraction: _Optional[float] = ..., train_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., control_fraction: _Optional[float] = ..., stop_slope_per_1k: _Optional[float] = ...) -> None: ...
+    feature_storage: FeatureStorage
+    def __init__(self, feature_source: _Optional[_Union[FeatureSource, str]] = ..., feature_dim: _Optional[int] = ..., ensemble_size: _Optional[int] = ..., hidden_sizes: _Optional[_Iterable[int]] = ..., knn_k: _Optional[int] = ..., beta: _Optional[float] = ..., d_ent: _Optional[float] = ..., default_strategy: _Optional[_Union[Strategy, str]] = ..., standardize_features: _Optional[bool] = ..., labels_per_item: _Optional[int] = ..., epochs: _Optional[int] = ..., posterior_kind: _Optional[_Union[PosteriorKind, str]] = ..., lora_model_path: _Optional[str] = ..., temperature: _Optional[float] = ..., apl_beta_dpo: _Optional[float] = ..., apl_policy_model_path: _Optional[str] = ..., apl_reference_model_path: _Optional[str] = ..., knn_convention: _Optional[_Union[KnnConvention, str]] = ..., auto_update_min_labels: _Optional[int] = ..., auto_update_interval_s: _Optional[float] = ..., bootstrap: _Optional[bool] = ..., patience: _Optional[int] = ..., val_fraction: _Optional[float] = ..., train_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., control_fraction: _Optional[float] = ..., stop_slope_per_1k: _Optional[float] = ..., feature_storage: _Optional[_Union[FeatureStorage, str]] = ...) -> None: ...
 
 class Pool(_message.Message):
     __slots__ = ("pool_id", "settings", "state", "item_count", "heldout_count", "label_count", "labelled_item_count", "leased_item_count", "posterior_version", "featurized_count", "extractor", "create_time", "featurization_pause", "excluded_count")

@@ -271,6 +271,22 @@ class _Features:
             x = (x - self.moments[0]) / self.moments[1]
         return x
 
+    @property
+    def streamed(self) -> bool:
+        """Whether `float32` would copy raw float16 features: then the index is fed `float32_rows` chunks.
+
+        A float16 pool (FEATURE_STORAGE_FLOAT16) keeps its arrays half-size so the FAISS
+        index (which holds its own float32 copy) and the features fit memory at N = 1M;
+        a whole float32 copy next to them would spend what float16 saved.
+        """
+        return self.raw.dtype == np.float16
+
+    def float32_rows(self, idx: np.ndarray) -> np.ndarray:
+        """float32 copy of rows `idx` (standardised when asked; float16 -> float32 is exact)."""
+        if self.moments is None:
+            return np.ascontiguousarray(self.raw[idx], dtype=np.float32)
+        return np.ascontiguousarray(self.rows(idx), dtype=np.float32)
+
     def float32(self) -> np.ndarray:
         n, d = self.raw.shape
         if self.moments is None:
@@ -282,16 +298,23 @@ class _Features:
         return out
 
 
-def _make_index(x32_N_D: np.ndarray, exact: bool, use_gpu: bool) -> tuple[Any, Any]:
-    """FAISS index holding `x32_N_D`, and the GPU resources it needs alive (or None)."""
+_ADD_ROWS_ELEMS = 1 << 24  # float32 entries per chunk added to a FAISS index from float16 features (64 MiB)
+
+
+def _make_index(x32_N_D: np.ndarray | _Features, exact: bool, use_gpu: bool) -> tuple[Any, Any]:
+    """FAISS index holding `x32_N_D`, and the GPU resources it needs alive (or None).
+
+    `x32_N_D` is a float32 array, or `_Features` whose float32 rows are added chunk by
+    chunk (float16 features: no whole float32 copy next to the index's own).
+    """
     import faiss
 
-    d = x32_N_D.shape[1]
+    n, d = x32_N_D.raw.shape if isinstance(x32_N_D, _Features) else x32_N_D.shape
     index: Any
     if exact:
         index = faiss.IndexFlatL2(d)
     elif use_gpu:
-        nlist = int(max(16, min(65536, 4 * np.sqrt(x32_N_D.shape[0]))))
+        nlist = int(max(16, min(65536, 4 * np.sqrt(n))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), nlist, faiss.METRIC_L2)
     else:
         index = faiss.IndexHNSWFlat(d, 32)
@@ -301,11 +324,15 @@ def _make_index(x32_N_D: np.ndarray, exact: bool, use_gpu: bool) -> tuple[Any, A
         res = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(res, 0, index)
     if not exact and use_gpu:
-        n = x32_N_D.shape[0]
-        sample = np.random.default_rng(0).choice(n, size=min(n, 64 * 4096), replace=False)
-        index.train(x32_N_D[np.sort(sample)])
+        sample = np.sort(np.random.default_rng(0).choice(n, size=min(n, 64 * 4096), replace=False))
+        index.train(x32_N_D.float32_rows(sample) if isinstance(x32_N_D, _Features) else x32_N_D[sample])
         index.nprobe = 32
-    index.add(x32_N_D)
+    if isinstance(x32_N_D, _Features):
+        step = max(1, _ADD_ROWS_ELEMS // max(1, d))
+        for lo in range(0, n, step):
+            index.add(x32_N_D.float32_rows(np.arange(lo, min(n, lo + step))))
+    else:
+        index.add(x32_N_D)
     return index, res
 
 
@@ -374,7 +401,8 @@ def build_knn_graph(
     GPU); GPU indexes are used when faiss reports GPUs (or `use_gpu` forces it).
 
     Args:
-        prompt_feats_N_D: Prompt features (float32 or float64); the members' rows finite.
+        prompt_feats_N_D: Prompt features (float16, float32 or float64; distances are measured
+            in float64 whatever the input, FAISS candidates in float32); the members' rows finite.
         k: Neighbours per ball (the KSG k of Melo et al. 2024), 1 <= k < number of members.
         standardize: z-score each feature dimension over the members first.
         exact_threshold: Largest number of members searched exactly.
@@ -485,6 +513,8 @@ def build_authors_knn(
 
 
 def _checked_features(prompt_feats_N_D: np.ndarray) -> np.ndarray:
+    """The features as given (no copy): float16 rows stay float16 and are upcast where they are used
+    (`_Features.rows` and `pair_dist` to float64, FAISS and `_Gemm` inputs to float32, exactly)."""
     feats_N_D = np.asarray(prompt_feats_N_D)
     if feats_N_D.ndim != 2 or feats_N_D.shape[1] < 1 or feats_N_D.dtype.kind not in "fiu":
         raise InvalidArgument(
@@ -582,8 +612,8 @@ def _build(
     if use_gpu is None:
         use_gpu = bool(hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0)
     feats = _Features(feats_N_D, standardize, moments)
-    x32 = feats.float32()
-    index, _gpu_resources = _make_index(x32, exact, use_gpu)
+    x32 = None if feats.streamed else feats.float32()  # float16: rows converted chunk by chunk
+    index, _gpu_resources = _make_index(feats if x32 is None else x32, exact, use_gpu)
 
     radius_N = np.empty(n, dtype=np.float64)
     empty = np.empty(0, np.int64)
@@ -601,7 +631,7 @@ def _build(
         again: list[np.ndarray] = []
         for lo in range(0, todo.size, query_rows):
             rows = todo[lo : lo + query_rows]
-            ids = _search(index, x32[rows], kk, exact)
+            ids = _search(index, feats.float32_rows(rows) if x32 is None else x32[rows], kk, exact)
             rad, mem, dist, sat = _refine(feats, rows, ids, k)
             radius_N[rows] = rad
             for i, row in enumerate(rows.tolist()):

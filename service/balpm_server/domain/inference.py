@@ -117,7 +117,10 @@ class Inference:
                 rows.append(row)
             if lora:
                 pair_a, pair_b = [all_a[r] for r in rows], [all_b[r] for r in rows]
-            return list(item_ids), a_N_D[rows], b_N_D[rows], pair_a, pair_b
+            # float32 for the heads whatever the pool stores (a float16 pool's rows upcast exactly)
+            fa_R_D = a_N_D[rows].astype(np.float32, copy=False)
+            fb_R_D = b_N_D[rows].astype(np.float32, copy=False)
+            return list(item_ids), fa_R_D, fb_R_D, pair_a, pair_b
         dim = info.settings.feature_dim
         ids, fa, fb, texts_a, texts_b = [], [], [], [], []
         for i, item in enumerate(items):
@@ -210,7 +213,9 @@ class Inference:
                         reason="NO_HELDOUT",
                     )
                 assert rt.heldout_target_N is not None
-                fa, fb, targets_N = rt.a_N_D[rows], rt.b_N_D[rows], rt.heldout_target_N[rows]
+                fa = rt.a_N_D[rows].astype(np.float32, copy=False)  # a float16 pool's rows, upcast exactly
+                fb = rt.b_N_D[rows].astype(np.float32, copy=False)
+                targets_N = rt.heldout_target_N[rows]
                 all_a, all_b = await self.cache.store.call(self.cache.texts, info, rt)
             ta, tb = ([all_a[r] for r in rows], [all_b[r] for r in rows]) if all_a else ([], [])
         probs_N_E = await asyncio.to_thread(self.cache.member_probs, rt, fa, fb, ta, tb)

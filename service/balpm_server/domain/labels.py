@@ -293,7 +293,8 @@ class Labels:
             return [ExportedItem(it) for it in page]
         done = [i for i, it in enumerate(page) if it.featurized]
         rows_R = np.array([page[i].row for i in done], dtype=np.int64)
-        feats = {kind: fs.read_rows(kind, rows_R) for kind in FEATURE_KINDS}
+        # float32 values on the wire whatever the pool stores (float16 -> float32 is exact)
+        feats = {kind: fs.read_rows(kind, rows_R).astype(np.float32, copy=False) for kind in FEATURE_KINDS}
         out = [ExportedItem(it) for it in page]
         for j, i in enumerate(done):
             out[i] = ExportedItem(page[i], {kind: feats[kind][j] for kind in FEATURE_KINDS})

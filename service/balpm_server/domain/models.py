@@ -22,6 +22,18 @@ class FeatureSource(str, enum.Enum):
     SERVER = "SERVER"
 
 
+class FeatureStorage(str, enum.Enum):
+    """Precision of a pool's stored feature arrays (computations always upcast them)."""
+
+    FLOAT32 = "FLOAT32"
+    FLOAT16 = "FLOAT16"
+
+    @property
+    def dtype(self) -> type[np.floating]:
+        """The numpy dtype of the stored values."""
+        return np.float16 if self is FeatureStorage.FLOAT16 else np.float32
+
+
 class Split(enum.IntEnum):
     """Pool items may be acquired; held-out items only evaluate."""
 
@@ -101,10 +113,14 @@ class PoolSettings:
     # the labels (100 control labels per 1,000): what the savings estimate is measured on.
     control_fraction: float = 0.1
     stop_slope_per_1k: float = 0.005  # stopping signal: held-out LL gain per 1,000 labels worth continuing for
+    # Stored feature precision: FLOAT16 halves the N x D x 3 arrays in memory and on disk
+    # (values up to 65504 in magnitude); settings stored before it existed load as FLOAT32.
+    feature_storage: FeatureStorage = FeatureStorage.FLOAT32
 
     def __post_init__(self) -> None:
-        """Coerce `knn_convention` given by value (e.g. from settings JSON) to the enum."""
+        """Coerce `knn_convention` and `feature_storage` given by value (e.g. from settings JSON) to enums."""
         object.__setattr__(self, "knn_convention", KnnConvention(self.knn_convention))
+        object.__setattr__(self, "feature_storage", FeatureStorage(self.feature_storage))
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,10 @@ class RuntimeCache:
         return self.root / "pools" / key
 
     def features(self, info: PoolInfo) -> FeatureStore:
-        """The pool's feature arrays."""
-        return FeatureStore(self.pool_dir(info.key) / "features", info.settings.feature_dim)
+        """The pool's feature arrays (float16 files and arrays for FEATURE_STORAGE_FLOAT16 pools)."""
+        return FeatureStore(
+            self.pool_dir(info.key) / "features", info.settings.feature_dim, info.settings.feature_storage.dtype
+        )
 
     def posterior_store(self, key: str) -> PosteriorStore:
         """The pool's posterior versions."""

@@ -24,6 +24,7 @@ from balpm_server.domain.common import digest
 from balpm_server.domain.models import (
     AplScores,
     FeatureSource,
+    FeatureStorage,
     FeaturizationPause,
     ItemAplScores,
     ItemIn,
@@ -41,6 +42,7 @@ from balpm_server.features import FeatureExtractor
 from balpm_server.settings import Settings
 from balpm_server.storage import FeatureStore, SqlStore
 from balpm_server.storage.faults import storage_error
+from balpm_server.storage.feature_store import FLOAT16_MAX, FeatureOutOfRange
 
 log = logging.getLogger(__name__)
 RETRY_S = 5.0  # first retry of a failed featurisation; doubled per failure up to RETRY_MAX_S
@@ -205,9 +207,24 @@ class Featurizer:
             self._pauses.pop(key, None)
 
     def _store_group(self, key: str, fs: FeatureStore, rows_R: np.ndarray, block: dict[str, np.ndarray]) -> None:
-        """Make one featurisation group durable (file, then artifact object), then mark it featurised."""
+        """Make one featurisation group durable (file, then artifact object), then mark it featurised.
+
+        Raises:
+            errors.FailedPrecondition: An extracted value a float16 pool cannot hold (reason
+                FEATURE_OUT_OF_RANGE; nothing of the group is stored, the featurisation pauses).
+        """
+        try:
+            fs.check_storable(block)
+        except FeatureOutOfRange as e:
+            raise errors.FailedPrecondition(
+                f"the feature extractor returned {e.kind} features of rows {int(rows_R.min())}-{int(rows_R.max())} "
+                f"with a value of magnitude {e.max_abs:.6g}, beyond the {FLOAT16_MAX:g} a "
+                "FEATURE_STORAGE_FLOAT16 pool can store; this group was not stored",
+                field="settings.feature_storage",
+                reason="FEATURE_OUT_OF_RANGE",
+            ) from None
         fs.write_rows(rows_R, block)
-        chunk = self.cache.artifacts.put_features(key, rows_R, block)
+        chunk = self.cache.artifacts.put_features(key, rows_R, block, dtype=fs.dtype)
         self.store.mark_featurized(key, rows_R.tolist(), chunk)
 
     async def _retry_later(self, key: str, delay_s: float) -> None:
@@ -238,7 +255,9 @@ class Uploads:
         self.featurizer = featurizer
 
     @staticmethod
-    def _check_item(item: ItemIn, index: int, dim: int, client_features: bool) -> dict[str, np.ndarray]:
+    def _check_item(
+        item: ItemIn, index: int, dim: int, client_features: bool, float16: bool = False
+    ) -> dict[str, np.ndarray]:
         prefix = f"items[{index}]"
         v.item_id(item.item_id, f"{prefix}.item_id")
         v.text(item.prompt, f"{prefix}.prompt")
@@ -256,9 +275,9 @@ class Uploads:
                 raise errors.InvalidArgument(f"{prefix}.prompt is empty", field=f"{prefix}.prompt")
             return {}
         return {
-            "prompt": v.features(item.prompt_features, dim, f"{prefix}.prompt_features"),
-            "a": v.features(item.completion_a_features, dim, f"{prefix}.completion_a_features"),
-            "b": v.features(item.completion_b_features, dim, f"{prefix}.completion_b_features"),
+            "prompt": v.features(item.prompt_features, dim, f"{prefix}.prompt_features", float16=float16),
+            "a": v.features(item.completion_a_features, dim, f"{prefix}.completion_a_features", float16=float16),
+            "b": v.features(item.completion_b_features, dim, f"{prefix}.completion_b_features", float16=float16),
         }
 
     async def upload(
@@ -273,6 +292,7 @@ class Uploads:
         key = info.key  # the stream is bound to this pool instance (see SqlStore.reserve_rows)
         client_features = info.settings.feature_source == FeatureSource.CLIENT
         dim = info.settings.feature_dim
+        float16 = info.settings.feature_storage is FeatureStorage.FLOAT16
         fs = self.cache.features(info)
         rt = self.cache.runtime(key)
         accepted = duplicates = index = 0
@@ -295,7 +315,7 @@ class Uploads:
             seen: set[str] = set()
             for item in chunk:
                 try:
-                    feats = self._check_item(item, index, dim, client_features)
+                    feats = self._check_item(item, index, dim, client_features, float16)
                 except errors.InvalidArgument as e:
                     rejections.append(Rejection(item.item_id, index, e.field, e.reason, e.message))
                     index += 1
@@ -356,7 +376,7 @@ class Uploads:
                         if client_features:
                             block = {k: np.stack([f[k] for _, f, _ in new]) for k in ("prompt", "a", "b")}
                             fs.write_rows(rows_R, block)
-                            chunk = self.cache.artifacts.put_features(key, rows_R, block)
+                            chunk = self.cache.artifacts.put_features(key, rows_R, block, dtype=fs.dtype)
                         records = [item_record(item, int(r), d, client_features)
                                    for (item, _, d), r in zip(new, rows_R, strict=True)]
                         return records, chunk

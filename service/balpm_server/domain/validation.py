@@ -20,6 +20,9 @@ MAX_FEATURE_DIM = 65_536
 # "massive activations" are ~1e4); it keeps every squared distance of the kNN graph
 # (at most MAX_FEATURE_DIM * (2 * MAX_ABS_FEATURE)^2 ~ 3e17) finite in float32.
 MAX_ABS_FEATURE = 1e6
+# Largest |value| of a client feature of a FEATURE_STORAGE_FLOAT16 pool: float16's largest
+# finite value (anything larger would be stored as inf).
+MAX_ABS_FEATURE_FLOAT16 = 65504.0
 
 
 def pool_id(value: str, field: str = "pool_id") -> str:
@@ -74,11 +77,22 @@ def text(value: str, field: str) -> str:
     return value
 
 
-def features(values: Sequence[float], dim: int, field: str) -> np.ndarray:
-    """Check a feature vector's length and finiteness.
+def features(values: Sequence[float], dim: int, field: str, *, float16: bool = False) -> np.ndarray:
+    """Check a feature vector's length, finiteness and range.
+
+    Args:
+        values: The vector as sent.
+        dim: The pool's feature dimension.
+        field: The field named in errors.
+        float16: The pool stores float16 features: magnitudes up to `MAX_ABS_FEATURE_FLOAT16`
+            (else up to `MAX_ABS_FEATURE`).
 
     Returns:
-        float32 `[D]`.
+        float32 `[D]` (a float16 pool rounds it when storing it).
+
+    Raises:
+        errors.InvalidArgument: Wrong length (WRONG_DIMENSION), NaN or infinity (NOT_FINITE),
+            a value beyond the bound (FEATURE_OUT_OF_RANGE).
     """
     if len(values) != dim:
         raise errors.InvalidArgument(
@@ -89,10 +103,12 @@ def features(values: Sequence[float], dim: int, field: str) -> np.ndarray:
     vec_D = np.asarray(values, dtype=np.float64)
     if not np.isfinite(vec_D).all():
         raise errors.InvalidArgument(f"{field} contains NaN or infinity", field=field, reason="NOT_FINITE")
-    if vec_D.size and float(np.abs(vec_D).max()) > MAX_ABS_FEATURE:
+    bound = MAX_ABS_FEATURE_FLOAT16 if float16 else MAX_ABS_FEATURE
+    if vec_D.size and float(np.abs(vec_D).max()) > bound:
+        why = " (the pool stores float16 features: FEATURE_STORAGE_FLOAT16)" if float16 else ""
         raise errors.InvalidArgument(
-            f"{field} has a value of magnitude {float(np.abs(vec_D).max()):.3g}; feature values must lie in "
-            f"[-{MAX_ABS_FEATURE:g}, {MAX_ABS_FEATURE:g}]",
+            f"{field} has a value of magnitude {float(np.abs(vec_D).max()):.6g}; feature values must lie in "
+            f"[-{bound:g}, {bound:g}]{why}",
             field=field,
             reason="FEATURE_OUT_OF_RANGE",
         )

@@ -268,6 +268,14 @@ def _check_pairs(feats_a_N_D: np.ndarray, feats_b_N_D: np.ndarray) -> None:
         )
 
 
+def upcast_features(arr: np.ndarray) -> np.ndarray:
+    """Features ready for arithmetic: float16 (a FEATURE_STORAGE_FLOAT16 pool's arrays) as float32
+    (exact), wider floats unchanged (no copy)."""
+    if arr.dtype.kind == "f" and arr.dtype.itemsize < 4:
+        return arr.astype(np.float32)
+    return arr
+
+
 def _check_finite(name: str, arr: np.ndarray) -> None:
     if not np.isfinite(arr).all():
         raise errors.InvalidArgument(f"{name} contains NaN or infinity", field=name)
@@ -387,8 +395,8 @@ def _train_members(
     opt = torch.optim.AdamW(list(params.values()), lr=config.learning_rate,
                             weight_decay=config.weight_decay, fused=dtype in _FUSED_DTYPES)
 
-    fa_N_D = torch.from_numpy(np.ascontiguousarray(feats_a_N_D)).to(device=device, dtype=dtype)
-    fb_N_D = torch.from_numpy(np.ascontiguousarray(feats_b_N_D)).to(device=device, dtype=dtype)
+    fa_N_D = torch.from_numpy(np.ascontiguousarray(upcast_features(feats_a_N_D))).to(device=device, dtype=dtype)
+    fb_N_D = torch.from_numpy(np.ascontiguousarray(upcast_features(feats_b_N_D))).to(device=device, dtype=dtype)
     t_N = torch.from_numpy(np.asarray(targets_N, dtype=np.float64)).to(device)
     val_idx = torch.from_numpy(split.val_V).to(device)
     has_val = len(split.val_V) > 0
@@ -494,8 +502,8 @@ def train_ensemble(
     is restored.
 
     Args:
-        feats_a_N_D: float32 features of (prompt + completion A).
-        feats_b_N_D: float32 features of (prompt + completion B).
+        feats_a_N_D: float32 features of (prompt + completion A) (float16 is upcast to float32).
+        feats_b_N_D: float32 features of (prompt + completion B) (float16 is upcast to float32).
         targets_N: P(A preferred): 1.0, 0.0 or 0.5 (tie); any value in [0, 1] works.
         config: Hyper-parameters (``posterior`` must be ``"mlp_ensemble"``).
         seed: Non-negative seed; member e's init and data order depend only on (seed, e).
@@ -572,7 +580,7 @@ def predict_probs(
 
     Args:
         state: A trained MLP ensemble.
-        feats_a_N_D: Features of (prompt + completion A).
+        feats_a_N_D: Features of (prompt + completion A); float16 is upcast to float32 chunk by chunk.
         feats_b_N_D: Features of (prompt + completion B).
 
     Returns:
@@ -597,7 +605,7 @@ def predict_probs(
     autocast = device.type == "cuda" and dtype == torch.float32
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         for sl in _chunks(N, PREDICT_CHUNK):
-            a_C_D, b_C_D = feats_a_N_D[sl], feats_b_N_D[sl]
+            a_C_D, b_C_D = upcast_features(feats_a_N_D[sl]), upcast_features(feats_b_N_D[sl])
             _check_finite("feats_a", a_C_D)
             _check_finite("feats_b", b_C_D)
             a_t = torch.from_numpy(np.ascontiguousarray(a_C_D)).to(device=device, dtype=dtype)

@@ -5,7 +5,8 @@ that can be lost: everything in it can be rebuilt from the database and the buck
 
 - **feature chunks**: every group of feature rows the server makes durable (an upload
   chunk's client features, a featurisation group) is also stored as one immutable object
-  ``pools/<key>/features/<first row>-<rows>-<nonce>.npz`` *before* the transaction that
+  ``pools/<key>/features/<first row>-<rows>-<nonce>.npz`` (arrays ``prompt``, ``a``, ``b``
+  in the pool's feature dtype, float32 or float16, and ``rows_R``) *before* the transaction that
   commits its items (or marks them featurised) publishes its key in table ``artifacts``.
   A crash in between leaves an unpublished object, never a published key without bytes.
   `restore_features` replays the published chunks, oldest first, into a missing or short
@@ -28,6 +29,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,15 +67,20 @@ class PoolArtifacts:
 
     # ---- feature chunks ------------------------------------------------------------
 
-    def put_features(self, pool_key: str, rows_R: np.ndarray, feats: dict[str, np.ndarray]) -> str | None:
+    def put_features(
+        self, pool_key: str, rows_R: np.ndarray, feats: dict[str, np.ndarray], *, dtype: Any = np.float32
+    ) -> str | None:
         """Store one group of feature rows as an object (durable when this returns); returns its key.
 
-        The caller publishes the key in the transaction that commits the rows.
+        The caller publishes the key in the transaction that commits the rows. The arrays
+        are stored in the pool's dtype (`FeatureStore.dtype`: float32, or float16 for a
+        FEATURE_STORAGE_FLOAT16 pool, whose chunks are half the size); the npz records it,
+        and `restore_features` casts whatever it reads to the local store's dtype.
         """
         if self.store is None:
             return None
         buf = io.BytesIO()
-        arrays = {k: np.ascontiguousarray(feats[k], dtype=np.float32) for k in KINDS}
+        arrays = {k: np.ascontiguousarray(feats[k], dtype=dtype) for k in KINDS}
         arrays["rows_R"] = np.asarray(rows_R, dtype=np.int64)
         np.savez(buf, allow_pickle=False, **arrays)
         first = int(np.min(rows_R)) if len(rows_R) else 0
@@ -86,8 +93,8 @@ class PoolArtifacts:
         if self.store is None or n_rows == 0 or all(fs.rows_stored(k) >= n_rows for k in KINDS):
             return 0
         keys = self.meta.artifacts_of(pool_key, ARTIFACT_FEATURES)
-        for key in keys:
-            with np.load(io.BytesIO(self.store.get(key))) as chunk:
+        for key in keys:  # float32 or float16 chunks alike: write_rows casts to the store's dtype
+            with np.load(io.BytesIO(self.store.get(key)), allow_pickle=False) as chunk:
                 fs.write_rows(chunk["rows_R"], {k: chunk[k] for k in KINDS})
         log.info("restored %d feature chunks of pool %s from the artifact store", len(keys), pool_key)
         return len(keys)

@@ -88,6 +88,7 @@ def settings_to_json(settings: PoolSettings) -> str:
     body["feature_source"] = settings.feature_source.value
     body["default_strategy"] = settings.default_strategy.value
     body["hidden_sizes"] = list(settings.hidden_sizes)
+    body["feature_storage"] = settings.feature_storage.value
     return json.dumps(body, sort_keys=True)
 
 
@@ -98,6 +99,7 @@ def settings_from_json(raw: str) -> PoolSettings:
     body["default_strategy"] = Strategy(body["default_strategy"])
     body["hidden_sizes"] = tuple(body["hidden_sizes"])
     body.setdefault("control_fraction", 0.0)  # pools created before the control arm existed keep none
+    body.setdefault("feature_storage", "FLOAT32")  # pools created before the option existed: float32 files
     return PoolSettings(**body)
 
 

@@ -37,6 +37,15 @@ KNN_CONVENTION_TO_PB: dict[KnnConvention, Any] = {
     KnnConvention.STANDARD: pb.KNN_CONVENTION_STANDARD,
     KnnConvention.AUTHORS: pb.KNN_CONVENTION_AUTHORS,
 }
+FEATURE_STORAGE_FROM_PB: dict[int, m.FeatureStorage] = {
+    pb.FEATURE_STORAGE_UNSPECIFIED: m.FeatureStorage.FLOAT32,
+    pb.FEATURE_STORAGE_FLOAT32: m.FeatureStorage.FLOAT32,
+    pb.FEATURE_STORAGE_FLOAT16: m.FeatureStorage.FLOAT16,
+}
+FEATURE_STORAGE_TO_PB: dict[m.FeatureStorage, Any] = {
+    m.FeatureStorage.FLOAT32: pb.FEATURE_STORAGE_FLOAT32,
+    m.FeatureStorage.FLOAT16: pb.FEATURE_STORAGE_FLOAT16,
+}
 PREF_FROM_PB: dict[int, m.Preference] = {
     pb.PREFERENCE_A: m.Preference.A,
     pb.PREFERENCE_B: m.Preference.B,
@@ -96,6 +105,12 @@ def pool_settings_from_pb(s: pb.PoolSettings) -> m.PoolSettings:
             field="settings.knn_convention",
             reason="UNKNOWN_ENUM",
         )
+    if s.feature_storage not in FEATURE_STORAGE_FROM_PB:
+        raise errors.InvalidArgument(
+            f"settings.feature_storage {s.feature_storage} is not a known FeatureStorage",
+            field="settings.feature_storage",
+            reason="UNKNOWN_ENUM",
+        )
     return m.PoolSettings(
         feature_source=m.FeatureSource.CLIENT
         if s.feature_source == pb.FEATURE_SOURCE_CLIENT
@@ -127,6 +142,7 @@ def pool_settings_from_pb(s: pb.PoolSettings) -> m.PoolSettings:
         weight_decay=s.weight_decay if s.HasField("weight_decay") else d.weight_decay,
         control_fraction=s.control_fraction if s.HasField("control_fraction") else d.control_fraction,
         stop_slope_per_1k=s.stop_slope_per_1k if s.HasField("stop_slope_per_1k") else d.stop_slope_per_1k,
+        feature_storage=FEATURE_STORAGE_FROM_PB[s.feature_storage],
     )
 
 
@@ -166,6 +182,7 @@ def pool_to_pb(info: m.PoolInfo) -> pb.Pool:
         weight_decay=s.weight_decay,
         control_fraction=s.control_fraction,
         stop_slope_per_1k=s.stop_slope_per_1k,
+        feature_storage=FEATURE_STORAGE_TO_PB[s.feature_storage],
     )
     msg = pb.Pool(
         pool_id=info.pool_id,
