@@ -103,6 +103,8 @@ def _curve_record(lc: Any) -> dict[str, Any]:
         "compared_ll": sv.log_likelihood, "control_labels": int(lc.control_label_count),
         "slope_per_1k": st.slope_per_1k_labels, "slope_low": st.slope_low, "slope_high": st.slope_high,
         "recommendation": int(st.recommendation), "stop_reason": st.reason,
+        "gain_estimable": lc.gain.estimable, "gain_reason": lc.gain.reason, "gain": lc.gain.gain,
+        "gain_low": lc.gain.gain_low, "gain_high": lc.gain.gain_high, "gain_labels": int(lc.gain.label_count),
         "active_points": [(int(p.label_count), p.log_likelihood, int(p.eval_count)) for p in lc.active],
         "random_points": [(int(p.label_count), p.log_likelihood, int(p.eval_count)) for p in lc.random],
         "error": lc.error,
@@ -183,6 +185,13 @@ def summarise(run: Run, active: list[dict[str, Any]], random: list[dict[str, Any
             out["true_share"] = true
             out["covered"] = bool(float(final["low"]) <= true <= float(final["high"]))
             out["error"] = float(final["share"]) - true
+    if final.get("gain_estimable"):
+        n_g = float(final["gain_labels"])
+        true_gain = _interp(a_n, a_ll, n_g) - _interp(r_n, r_ll, n_g)
+        if np.isfinite(true_gain):
+            out["true_gain"] = true_gain
+            out["gain_covered"] = bool(float(final["gain_low"]) <= true_gain <= float(final["gain_high"]))
+            out["gain_error"] = float(final["gain"]) - true_gain
     # STOP timing
     stops = [r["labels"] for r in curves if r["curve"]["recommendation"] == 3]
     out["stop_at"] = stops[0] if stops else None
@@ -213,17 +222,24 @@ def write_markdown(summaries: list[dict[str, Any]], args: argparse.Namespace, pa
         f"control_fraction {args.control_fraction}, random = RANDOM without control arm; posterior "
         f"{args.ensemble_size} x [{args.hidden}], {args.epochs} epochs; model oracle (agreement {args.agreement}).",
         "",
-        "| run | teacher | R | estimate (95% interval) | true | covered | error | n_r | control labels |"
-        " STOP at | 95% gain at |",
-        "| --- | --- | ---: | --- | ---: | :---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | teacher | R | LL gain at n_r (95% interval) | true gain | covered | labels saved (95% interval) |"
+        " true | covered | error | n_r | control labels | STOP at | 95% gain at |",
+        "| --- | --- | ---: | --- | ---: | :---: | --- | ---: | :---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+    def yes(s: dict[str, Any], key: str) -> str:
+        return "yes" if s.get(key) else ("no" if key in s else "-")
+
     for s in summaries:
         e = s["estimate"]
         est = (f"{_fmt(e['share'])} ({_fmt(e['low'])}, {_fmt(e['high'])})" if e.get("estimable")
-               else f"not estimable: {e.get('reason', '')[:60]}")
+               else f"not estimable ({e.get('reason', '')[15:70]}...)")
+        gain = (f"{e['gain']:+.4f} ({e['gain_low']:+.4f}, {e['gain_high']:+.4f})" if e.get("gain_estimable")
+                else "not estimable")
+        true_gain = f"{s['true_gain']:+.4f}" if "true_gain" in s else "-"
         lines.append(
-            f"| {s['run']} | {s['teacher']} | {s['redundancy']} | {est} | {_fmt(s.get('true_share'))} | "
-            f"{'yes' if s.get('covered') else ('no' if 'covered' in s else '-')} | {_fmt(s.get('error'))} | "
+            f"| {s['run']} | {s['teacher']} | {s['redundancy']} | {gain} | {true_gain} | {yes(s, 'gain_covered')} | "
+            f"{est} | {_fmt(s.get('true_share'))} | {yes(s, 'covered')} | {_fmt(s.get('error'))} | "
             f"{e.get('random_labels', '-')} | {e.get('control_labels', '-')} | {s.get('stop_at') or '-'} | "
             f"{s.get('gain95_at') or '-'} |"
         )
@@ -231,9 +247,14 @@ def write_markdown(summaries: list[dict[str, Any]], args: argparse.Namespace, pa
     covered = sum(s["covered"] for s in scored)
     mae = float(np.mean([abs(s["error"]) for s in scored])) if scored else float("nan")
     timed = [s for s in summaries if "stop_within_20pct" in s]
+    g_scored = [s for s in summaries if "gain_covered" in s]
+    g_mae = float(np.mean([abs(s["gain_error"]) for s in g_scored])) if g_scored else float("nan")
     lines += [
         "",
-        f"Covered: **{covered} of {len(scored)}** scored runs ({len(summaries) - len(scored)} not scored: no estimate "
+        f"LL gain at equal labels: covered in **{sum(s['gain_covered'] for s in g_scored)} of {len(g_scored)}** "
+        f"scored runs; mean |estimate - true| = **{g_mae:.4f} nats**.",
+        f"Labels saved: covered in **{covered} of {len(scored)}** scored runs "
+        f"({len(summaries) - len(scored)} not scored: no estimate "
         f"or no true value); mean |estimate - true| = **{100 * mae:.1f} points**.",
         f"STOP: landed in {sum(s.get('stop_at') is not None for s in summaries)} of {len(summaries)} runs; within 20% "
         f"of the 95%-gain label count in {sum(s['stop_within_20pct'] for s in timed)} of {len(timed)} that have both.",

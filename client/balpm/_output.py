@@ -221,6 +221,12 @@ def learning_curve(resp: pb.GetLearningCurveResponse) -> str:
                   f"{sv.log_likelihood:.4f}")
     else:
         saving = sv.reason
+    g = resp.gain
+    if g.estimable:
+        gain = (f"{g.gain:+.4f} nats per label over random at {g.label_count} labels (95% interval "
+                f"{g.gain_low:+.4f} to {g.gain_high:+.4f})")
+    else:
+        gain = g.reason or "not computed yet"
     if st.estimable:
         advice = enum_name(pb.StoppingSignal.Recommendation, st.recommendation, "RECOMMENDATION_")
         stop = (f"{advice}: held-out LL {st.slope_per_1k_labels:+.4f} per 1,000 labels (95% interval "
@@ -229,6 +235,7 @@ def learning_curve(resp: pb.GetLearningCurveResponse) -> str:
         stop = st.reason
     state = f"computing ({resp.fits_done}/{resp.fits_total} fits)" if resp.computing else "up to date"
     head = key_values([
+        ("held-out LL gain", gain),
         ("savings", saving),
         ("stopping", stop),
         ("next batch information gain", f"{st.expected_information_gain:.3f} nats"),

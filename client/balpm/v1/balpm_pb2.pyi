@@ -786,6 +786,22 @@ class SavingsEstimate(_message.Message):
     log_likelihood: float
     def __init__(self, estimable: _Optional[bool] = ..., reason: _Optional[str] = ..., control_labels_needed: _Optional[int] = ..., labels_saved_share: _Optional[float] = ..., labels_saved_share_low: _Optional[float] = ..., labels_saved_share_high: _Optional[float] = ..., random_label_count: _Optional[int] = ..., active_label_count: _Optional[float] = ..., log_likelihood: _Optional[float] = ...) -> None: ...
 
+class LogLikelihoodGain(_message.Message):
+    __slots__ = ("estimable", "reason", "label_count", "gain", "gain_low", "gain_high")
+    ESTIMABLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    GAIN_FIELD_NUMBER: _ClassVar[int]
+    GAIN_LOW_FIELD_NUMBER: _ClassVar[int]
+    GAIN_HIGH_FIELD_NUMBER: _ClassVar[int]
+    estimable: bool
+    reason: str
+    label_count: int
+    gain: float
+    gain_low: float
+    gain_high: float
+    def __init__(self, estimable: _Optional[bool] = ..., reason: _Optional[str] = ..., label_count: _Optional[int] = ..., gain: _Optional[float] = ..., gain_low: _Optional[float] = ..., gain_high: _Optional[float] = ...) -> None: ...
+
 class StoppingSignal(_message.Message):
     __slots__ = ("estimable", "reason", "slope_per_1k_labels", "slope_low", "slope_high", "expected_information_gain", "recommendation", "threshold_per_1k_labels")
     class Recommendation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -817,7 +833,7 @@ class StoppingSignal(_message.Message):
     def __init__(self, estimable: _Optional[bool] = ..., reason: _Optional[str] = ..., slope_per_1k_labels: _Optional[float] = ..., slope_low: _Optional[float] = ..., slope_high: _Optional[float] = ..., expected_information_gain: _Optional[float] = ..., recommendation: _Optional[_Union[StoppingSignal.Recommendation, str]] = ..., threshold_per_1k_labels: _Optional[float] = ...) -> None: ...
 
 class GetLearningCurveResponse(_message.Message):
-    __slots__ = ("active", "random", "savings", "stopping", "label_count", "control_label_count", "compute_time", "computing", "fits_done", "fits_total", "error")
+    __slots__ = ("active", "random", "savings", "stopping", "label_count", "control_label_count", "compute_time", "computing", "fits_done", "fits_total", "error", "gain")
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     RANDOM_FIELD_NUMBER: _ClassVar[int]
     SAVINGS_FIELD_NUMBER: _ClassVar[int]
@@ -829,6 +845,7 @@ class GetLearningCurveResponse(_message.Message):
     FITS_DONE_FIELD_NUMBER: _ClassVar[int]
     FITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    GAIN_FIELD_NUMBER: _ClassVar[int]
     active: _containers.RepeatedCompositeFieldContainer[LearningCurvePoint]
     random: _containers.RepeatedCompositeFieldContainer[LearningCurvePoint]
     savings: SavingsEstimate
@@ -840,4 +857,5 @@ class GetLearningCurveResponse(_message.Message):
     fits_done: int
     fits_total: int
     error: str
-    def __init__(self, active: _Optional[_Iterable[_Union[LearningCurvePoint, _Mapping]]] = ..., random: _Optional[_Iterable[_Union[LearningCurvePoint, _Mapping]]] = ..., savings: _Optional[_Union[SavingsEstimate, _Mapping]] = ..., stopping: _Optional[_Union[StoppingSignal, _Mapping]] = ..., label_count: _Optional[int] = ..., control_label_count: _Optional[int] = ..., compute_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., computing: _Optional[bool] = ..., fits_done: _Optional[int] = ..., fits_total: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    gain: LogLikelihoodGain
+    def __init__(self, active: _Optional[_Iterable[_Union[LearningCurvePoint, _Mapping]]] = ..., random: _Optional[_Iterable[_Union[LearningCurvePoint, _Mapping]]] = ..., savings: _Optional[_Union[SavingsEstimate, _Mapping]] = ..., stopping: _Optional[_Union[StoppingSignal, _Mapping]] = ..., label_count: _Optional[int] = ..., control_label_count: _Optional[int] = ..., compute_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., computing: _Optional[bool] = ..., fits_done: _Optional[int] = ..., fits_total: _Optional[int] = ..., error: _Optional[str] = ..., gain: _Optional[_Union[LogLikelihoodGain, _Mapping]] = ...) -> None: ...

@@ -36,9 +36,11 @@ from balpm_server.posterior.savings import (
     MIN_CONTROL_LABELS,
     MIN_EVAL_ITEMS,
     CurvePoint,
+    Gain,
     Recommendation,
     Savings,
     Slope,
+    estimate_gain,
     estimate_savings,
     estimate_slope,
     point,
@@ -63,6 +65,7 @@ class LearningCurve:
     active: tuple[CurvePoint, ...] = ()
     random: tuple[CurvePoint, ...] = ()
     savings: Savings = field(default_factory=lambda: Savings(False, "not computed yet"))
+    gain: Gain = field(default_factory=lambda: Gain(False, "not computed yet"))
     slope: Slope = field(default_factory=lambda: Slope(False, "not computed yet"))
     recommendation: Recommendation | None = None
     threshold_per_1k: float = 0.0
@@ -241,12 +244,14 @@ class LearningCurves:
                     sizes.append(len(train))
                     tick()
                 random.append(CurvePoint(round(float(np.mean(sizes))), 0, np.concatenate(ll), np.concatenate(correct)))
-        boot = np.random.default_rng([len(rows_L), info.posterior_version, 0xB007])
+        n_current = int(labels.current_L.sum())  # what GetPool counts (revised answers once)
+        boot = np.random.default_rng([n_current, info.posterior_version, 0xB007])
         savings = estimate_savings(active, random[-1] if random else None, boot, control_labels=int(control_idx.size))
+        gain = estimate_gain(active, random[-1] if random else None, boot)
         slope = estimate_slope(active, boot)
         return LearningCurve(
-            tuple(active), tuple(random), savings, slope, recommend(slope, s.stop_slope_per_1k), s.stop_slope_per_1k,
-            len(rows_L), int(control_idx.size), info.posterior_version, time.time(),
+            tuple(active), tuple(random), savings, gain, slope, recommend(slope, s.stop_slope_per_1k),
+            s.stop_slope_per_1k, n_current, int(control_idx.size), info.posterior_version, time.time(),
         )
 
     @staticmethod

@@ -11,6 +11,8 @@ bootstrap over evaluation items.
 * `estimate_savings`: the share of labels the active learner saves against the
   random-only learner at the random learner's largest label count: 1 - n_active / n_random
   at equal log-likelihood, with a bootstrap 95% interval.
+* `estimate_gain`: the active learner's held-out LL minus the random-only learner's at the
+  latter's label count (interpolated, never extrapolated), with a bootstrap 95% interval.
 * `estimate_slope` / `recommend`: the slope of the active learner's held-out LL per 1,000
   labels over its latest versions, and CONTINUE / DIMINISHING / STOP against a threshold.
 
@@ -165,6 +167,68 @@ def estimate_savings(
                        log_likelihood=random.log_likelihood)
     low, high = np.percentile(replicates_B, [2.5, 97.5])
     return Savings(True, "", 0, share, float(low), float(high), random.label_count, n_active, random.log_likelihood)
+
+
+@dataclass(frozen=True)
+class Gain:
+    """The active learner's held-out log-likelihood minus the random-only learner's, at equal labels.
+
+    Unlike the share of labels saved, which inverts a learning curve (ill-conditioned where the
+    curve is flat), this difference is measured directly: it is the figure to read first while
+    the labels are few.
+
+    Attributes:
+        estimable: Whether there is an estimate.
+        reason: Why not.
+        label_count: The random-only learner's label count, where both are compared.
+        gain: Active minus random log-likelihood (nats per label) at `label_count`; the
+            active learner's by linear interpolation between its two neighbouring versions.
+        low: Lower end of the bootstrap 95% interval.
+        high: Upper end.
+    """
+
+    estimable: bool
+    reason: str = ""
+    label_count: int = 0
+    gain: float = float("nan")
+    low: float = float("nan")
+    high: float = float("nan")
+
+
+def _ll_at(active: Sequence[CurvePoint], means_P: Sequence[float], n: float) -> float:
+    counts_P = [p.label_count for p in active]
+    return float(np.interp(n, counts_P, means_P))
+
+
+def estimate_gain(
+    active: Sequence[CurvePoint], random: CurvePoint | None, rng: np.random.Generator, *, n_boot: int = BOOTSTRAP,
+) -> Gain:
+    """Active minus random held-out log-likelihood at the random-only learner's label count, with a 95% interval.
+
+    Never extrapolated: the active curve must have versions at or below and at or above
+    that label count.
+
+    Args:
+        active: The active learner's points, by increasing label count.
+        random: The random-only learner at its largest label count (None: too few control labels).
+        rng: Generator of the bootstrap.
+        n_boot: Bootstrap replicates (each resamples every point's evaluation items).
+    """
+    if random is None:
+        return Gain(False, f"not estimable yet: the random-only learner needs {MIN_CONTROL_LABELS} control labels")
+    n = random.label_count
+    if not active or active[0].label_count > n or active[-1].label_count < n:
+        span = f"{active[0].label_count}-{active[-1].label_count}" if active else "none"
+        return Gain(False, f"not estimable yet: the evaluated posterior versions (label counts {span}) do not "
+                    f"bracket the random-only learner's {n} labels", label_count=n)
+    gain = _ll_at(active, [p.log_likelihood for p in active], n) - random.log_likelihood
+    boot_B = [
+        _ll_at(active, [float(rng.choice(p.ll_I, size=len(p.ll_I)).mean()) for p in active], n)
+        - float(rng.choice(random.ll_I, size=len(random.ll_I)).mean())
+        for _ in range(n_boot)
+    ]
+    low, high = np.percentile(boot_B, [2.5, 97.5])
+    return Gain(True, "", n, float(gain), float(low), float(high))
 
 
 class Recommendation(enum.Enum):

@@ -370,6 +370,10 @@ def learning_curve_to_pb(report: CurveReport) -> pb.GetLearningCurveResponse:
             recommendation=cast(Any, RECOMMENDATION_TO_PB[curve.recommendation]),
             threshold_per_1k_labels=curve.threshold_per_1k,
         ),
+        gain=pb.LogLikelihoodGain(
+            estimable=curve.gain.estimable, reason=curve.gain.reason, label_count=curve.gain.label_count,
+            gain=curve.gain.gain, gain_low=curve.gain.low, gain_high=curve.gain.high,
+        ),
         label_count=curve.label_count,
         control_label_count=curve.control_label_count,
         computing=report.computing,
