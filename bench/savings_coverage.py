@@ -13,7 +13,8 @@ in one server, both driven through gRPC round by round:
 * active: BAL-PM with the random control arm (`control_fraction`, default 0.1): what a
   user runs in production; after every `--curve-every` rounds its GetLearningCurve is
   recorded (waiting for the background computation), as a user would read it.
-* random: pure RANDOM without a control arm, the parallel run that gives the truth.
+* random: pure RANDOM without a control arm, the parallel runs (`--random-arms`, with their own
+  seeds) whose mean test curve gives the truth.
 
 The estimand of `SavingsEstimate` is 1 - n_active / n_r: n_r is the random-only
 learner's label count (`random_label_count`), n_active the labels the active learner
@@ -115,6 +116,7 @@ def run_arm(client: Client, run: Run, arm: str, data: OracleData, args: argparse
     """One arm of a run, round by round; one record per round."""
     active = arm == "active"
     pool_id = f"cov-{run.name}-{arm}"
+    arm_seed = run.seed if active else run.seed * 100 + int(arm.removeprefix("random") or 0)
     dim = len(data.pool[0].item["prompt_features"])
     client.create_pool(pool_id, **_settings(args, dim, args.control_fraction if active else 0.0))
     by_id = {p.item["item_id"]: p for p in data.pool}
@@ -125,7 +127,7 @@ def run_arm(client: Client, run: Run, arm: str, data: OracleData, args: argparse
         for rnd in range(args.rounds + 1):
             size = args.initial if rnd == 0 else args.batch_size
             strategy = "RANDOM" if rnd == 0 or not active else args.strategy
-            batch = client.acquire(pool_id, batch_size=size, strategy=strategy, seed=run.seed * 1000 + rnd,
+            batch = client.acquire(pool_id, batch_size=size, strategy=strategy, seed=arm_seed * 1000 + rnd,
                                    annotator_id="oracle")
             client.ingest_labels(pool_id, [
                 {"label_id": f"r{rnd}-{a.item.item_id}", "item_id": a.item.item_id,
@@ -133,7 +135,7 @@ def run_arm(client: Client, run: Run, arm: str, data: OracleData, args: argparse
             ])
             n_labels += len(batch.items)
             t0 = time.perf_counter()
-            client.update_posterior(pool_id, seed=run.seed * 1000 + rnd)
+            client.update_posterior(pool_id, seed=arm_seed * 1000 + rnd)
             train_s = time.perf_counter() - t0
             ev = client.evaluate(pool_id)
             rec: dict[str, Any] = {
@@ -162,16 +164,18 @@ def _interp(labels_P: Sequence[float], values_P: Sequence[float], at: float) -> 
     return float(np.interp(at, labels_P, values_P))
 
 
-def summarise(run: Run, active: list[dict[str, Any]], random: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run's final estimate against the truth from the parallel random run; the STOP timing."""
+def summarise(run: Run, active: list[dict[str, Any]], randoms: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """The run's final estimate against the truth from the parallel random runs (their mean curve); STOP timing."""
     curves = [r for r in active if "curve" in r]
     final: dict[str, Any] = curves[-1]["curve"] if curves else {"estimable": False, "reason": "no curve"}
     out: dict[str, Any] = {"kind": "run", "run": run.name, "teacher": run.teacher, "redundancy": run.redundancy,
                            "seed": run.seed, "estimate": final, "labels": active[-1]["labels"]}
     a_n = [float(r["labels"]) for r in active]
     a_ll = [float(r["test_log_likelihood"]) for r in active]
-    r_n = [float(r["labels"]) for r in random]
-    r_ll = [float(r["test_log_likelihood"]) for r in random]
+    # The truth averages over the random learner's own randomness (its draws and training), as the
+    # service's cross-fitted random-only learner does.
+    r_n = [float(r["labels"]) for r in randoms[0]]
+    r_ll = [float(np.mean([arm[i]["test_log_likelihood"] for arm in randoms])) for i in range(len(r_n))]
     if final.get("estimable"):
         n_r = float(final["random_labels"])
         l_star = _interp(r_n, r_ll, n_r)
@@ -219,7 +223,8 @@ def write_markdown(summaries: list[dict[str, Any]], args: argparse.Namespace, pa
         f"Command: `python bench/savings_coverage.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
         f"Machine: {machine()}; {elapsed_s / 60:.1f} min.",
         f"Per run: {args.initial} + {args.rounds} x {args.batch_size} labels; active = {args.strategy} with "
-        f"control_fraction {args.control_fraction}, random = RANDOM without control arm; posterior "
+        f"control_fraction {args.control_fraction}, random = mean of {args.random_arms} RANDOM runs without control "
+        f"arm; posterior "
         f"{args.ensemble_size} x [{args.hidden}], {args.epochs} epochs; model oracle (agreement {args.agreement}).",
         "",
         "| run | teacher | R | LL gain at n_r (95% interval) | true gain | covered | labels saved (95% interval) |"
@@ -284,6 +289,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--agreement", type=float, default=0.89)
     ap.add_argument("--teacher-seed", type=int, default=0)
     ap.add_argument("--redundancy-noise", type=float, default=0.01)
+    ap.add_argument("--random-arms", type=int, default=2,
+                    help="parallel pure-RANDOM runs per run; the truth uses their mean test curve")
     ap.add_argument("--workers", type=int, default=2, help="arms run at once")
     ap.add_argument("--data-dir", default="", help="server data dir (default: a temporary one)")
     ap.add_argument("--feature-cache", default=".cache/bench_feature_cache.sqlite3",
@@ -320,15 +327,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with Client(server.target, timeout_s=600) as client, jsonl.open("w") as out:
             datas = {run: oracle_for(run, pool, test, pool_f, test_f, args) for run in runs}
-            tasks = [(run, arm) for run in runs for arm in ("active", "random")]
+            arms = ("active", *(f"random{k}" for k in range(args.random_arms)))
+            tasks = [(run, arm) for run in runs for arm in arms]
             with ThreadPoolExecutor(args.workers) as ex:
                 done = dict(zip(tasks, ex.map(lambda t: run_arm(client, t[0], t[1], datas[t[0]], args), tasks),
                                 strict=True))
             for run in runs:
-                for arm in ("active", "random"):
+                for arm in arms:
                     for rec in done[(run, arm)]:
                         out.write(json.dumps(rec) + "\n")
-                summary = summarise(run, done[(run, "active")], done[(run, "random")])
+                summary = summarise(run, done[(run, "active")], [done[(run, a)] for a in arms[1:]])
                 summary["teacher_info"] = datas[run].info
                 summaries.append(summary)
                 out.write(json.dumps(summary) + "\n")
