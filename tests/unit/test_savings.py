@@ -13,6 +13,7 @@ from balpm_server.posterior.savings import (
     estimate_gain,
     estimate_savings,
     estimate_slope,
+    group_folds,
     labels_to_reach,
     point,
     recommend,
@@ -97,3 +98,12 @@ def test_the_gain_interval_covers_the_true_gain_across_resampled_evaluation_sets
         g = estimate_gain(active, draw(125, -0.63, 120), np.random.default_rng(t), n_boot=200)
         covered += g.low <= truth <= g.high
     assert 0.90 <= covered / trials <= 0.99, covered
+
+
+def test_folds_keep_a_prompts_comparisons_together() -> None:
+    group_C = np.repeat(np.arange(40), 4)[np.random.default_rng(1).permutation(160)]
+    fold_C = group_folds(group_C, 5, np.random.default_rng(0))
+    for g in range(40):
+        assert np.unique(fold_C[group_C == g]).size == 1
+    assert sorted(np.bincount(fold_C).tolist()) == [32] * 5  # 8 groups of 4 per fold
+    assert np.array_equal(fold_C, group_folds(group_C, 5, np.random.default_rng(0)))

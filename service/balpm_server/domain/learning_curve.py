@@ -43,6 +43,7 @@ from balpm_server.posterior.savings import (
     estimate_gain,
     estimate_savings,
     estimate_slope,
+    group_folds,
     point,
     recommend,
 )
@@ -191,6 +192,9 @@ class LearningCurves:
         labels = await self.store.call(self.store.label_targets, info.key)
         assert a_N_D is not None and b_N_D is not None
         rows_L, targets_L, seq_L = labels.rows_L, labels.targets_L, labels.seq_L
+        # Items that share a prompt (several comparisons of one prompt) are not independent: a
+        # learner is never evaluated on a prompt it trained on, and folds keep a prompt together.
+        group_L = (await self.store.call(self.store.prompt_groups, info.key))[rows_L]
         # Only the latest revision of an answer is evaluated or trained on (revised labels stay in
         # the list: a version that trained on an item's earlier answer is never evaluated on that
         # item); labels of items still featurising have no features yet.
@@ -198,7 +202,8 @@ class LearningCurves:
         posteriors = self.cache.posterior_store(info.key)
         versions = list(range(max(1, info.posterior_version - MAX_VERSIONS + 1), info.posterior_version + 1))
         control_idx = np.flatnonzero(control_L)
-        n_random_fits = FOLDS * len(RANDOM_SIZES) if control_idx.size >= MIN_CONTROL_LABELS else 0
+        enough = control_idx.size >= MIN_CONTROL_LABELS and np.unique(group_L[control_idx]).size >= FOLDS
+        n_random_fits = FOLDS * len(RANDOM_SIZES) if enough else 0
         total = len(versions) + n_random_fits
         self._progress[info.key] = (0, total)
 
@@ -213,7 +218,7 @@ class LearningCurves:
                 self.cache.artifacts.restore_folder, f"pools/{info.key}/posterior/{name}/", posteriors.folder(version)
             )
             pt = await asyncio.to_thread(self._evaluate_version, posteriors, version, rows_L, targets_L, control_L,
-                                         seq_L, a_N_D, b_N_D)
+                                         seq_L, group_L, a_N_D, b_N_D)
             if pt is not None:
                 active.append(pt)
             tick()
@@ -226,7 +231,7 @@ class LearningCurves:
         random: list[CurvePoint] = []
         if n_random_fits:
             rng = np.random.default_rng([len(control_idx), 0x5A7E])
-            fold_C = rng.permutation(control_idx.size) % FOLDS
+            fold_C = group_folds(group_L[control_idx], FOLDS, rng)  # a prompt's labels share a fold
             for share in RANDOM_SIZES:
                 ll, correct, sizes = [], [], []
                 for k in range(FOLDS):
@@ -257,12 +262,13 @@ class LearningCurves:
     @staticmethod
     def _evaluate_version(
         posteriors: PosteriorStore, version: int, rows_L: np.ndarray, targets_L: np.ndarray, control_L: np.ndarray,
-        seq_L: np.ndarray, a_N_D: np.ndarray, b_N_D: np.ndarray,
+        seq_L: np.ndarray, group_L: np.ndarray, a_N_D: np.ndarray, b_N_D: np.ndarray,
     ) -> CurvePoint | None:
-        """A version on the control labels of items it never trained on; None with too few of them.
+        """A version on the control labels of prompts it never trained on; None with too few of them.
 
-        The version trained on (some of) the labels stored up to its `label_seq_through`; each
-        item with any of those labels (another annotator's, an earlier revision) is left out.
+        The version trained on (some of) the labels stored up to its `label_seq_through`; every
+        item whose prompt had any of those labels (this item's, another annotator's, an earlier
+        revision, another comparison of the same prompt) is left out.
         """
         try:
             state, manifest = posteriors.load(version)
@@ -273,7 +279,7 @@ class LearningCurves:
             seen_L = seq_L <= int(manifest["label_seq_through"])
         else:  # versions from before revisions and partial pools: the first `label_count` labels
             seen_L = np.arange(len(rows_L)) < trained
-        after_L = ~np.isin(rows_L, rows_L[seen_L])
+        after_L = ~np.isin(group_L, group_L[seen_L])
         held = np.flatnonzero(control_L & after_L)
         if held.size < MIN_EVAL_ITEMS:
             return None

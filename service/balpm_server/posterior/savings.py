@@ -75,6 +75,21 @@ def point(label_count: int, version: int, p_I: np.ndarray, targets_I: np.ndarray
     return CurvePoint(label_count, version, log_likelihood(p_I, targets_I), correct_I)
 
 
+def group_folds(group_C: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Cross-fitting folds that keep each group (one prompt's comparisons) together.
+
+    Args:
+        group_C: Group id of each control label.
+        folds: Number of folds.
+        rng: Generator of the assignment.
+
+    Returns:
+        int64 fold (0..folds-1) of each label; the groups are dealt round-robin in random order.
+    """
+    groups_G, index_C = np.unique(np.asarray(group_C), return_inverse=True)
+    return np.asarray((rng.permutation(groups_G.size) % folds)[index_C], dtype=np.int64)
+
+
 def labels_to_reach(counts_P: Sequence[float], ll_P: Sequence[float], target: float) -> tuple[float | None, str]:
     """The label count at which the curve through (counts, ll) first reaches `target` (linear in between).
 
