@@ -482,9 +482,10 @@ class SqlStore:
 
     def prompt_groups(self, pool_id: str) -> np.ndarray:
         """int64 group of every row (row order): rows with the same prompt text share a group."""
-        groups: dict[str, int] = {}
-        rows = self._query("SELECT prompt FROM items WHERE pool_id = ? ORDER BY row", (pool_id,))
-        return np.array([groups.setdefault(p, len(groups)) for (p,) in rows], dtype=np.int64)
+        rows = self._query(  # ranked by the database: only integers come back, not every prompt's text
+            "SELECT DENSE_RANK() OVER (ORDER BY prompt) FROM items WHERE pool_id = ? ORDER BY row", (pool_id,)
+        )
+        return np.array([r for (r,) in rows], dtype=np.int64)
 
     def texts_by_row(self, pool_id: str) -> tuple[list[str], list[str]]:
         """(prompt + completion A, prompt + completion B) of every item, in row order."""
