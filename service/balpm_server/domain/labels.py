@@ -192,13 +192,8 @@ class Labels:
                 ))
             if rt.occupancy is not None:
                 for c in fresh:
-                    row = rt.row_of.get(c.item_id)
-                    if row is None:
-                        if rt.pending_rows:  # still featurising: its labels are read when it joins
-                            continue
-                        rt.invalidate_items()  # uploaded after the runtime was loaded: reload on next use
+                    if not rt.apply_label(rt.row_of.get(c.item_id), c.annotator_id):
                         break
-                    rt.occupancy.add_label(row, c.annotator_id)
         return IngestResult(len(fresh), dup, await self.store.call(self.store.label_count, key))
 
     async def _latest_revision(self, key: str, label_id: str, known: dict[str, ExistingLabel]) -> str:

@@ -44,6 +44,26 @@ class PoolRuntime:
     pending_rows: int = 0  # rows after `item_ids` still featurising: they join at a later load
     loaded_s: float = float("-inf")  # time.monotonic() of the last load of the items
 
+    def apply_label(self, row: int | None, annotator_id: str) -> bool:
+        """Count a stored label in the loaded occupancy; False when the runtime had to be dropped.
+
+        A label of a row the load does not hold is read again at a later load: when rows
+        are still featurising it belongs to one of them (they join later, labels and all);
+        otherwise its item was uploaded after the load, and the runtime is invalidated.
+
+        Args:
+            row: The label's item row (None when the item is not in `row_of`).
+            annotator_id: Who labelled it.
+        """
+        assert self.occupancy is not None and self.item_ids is not None
+        if row is not None and row < len(self.item_ids):
+            self.occupancy.add_label(row, annotator_id)
+            return True
+        if self.pending_rows:
+            return True
+        self.invalidate_items()
+        return False
+
     def invalidate_items(self) -> None:
         """Forget everything derived from the item set (after an upload)."""
         self.item_ids = None

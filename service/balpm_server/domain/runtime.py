@@ -168,13 +168,8 @@ class RuntimeCache:
             return
         events = await self.io(self.store.label_events, info.key, rt.label_seq)
         for event in events:
-            if event.row >= len(rt.item_ids):
-                if not rt.pending_rows:  # uploaded after the load: read everything again
-                    rt.invalidate_items()
-                    return
-                # else a row still featurising: its labels are read when it joins
-            else:
-                rt.occupancy.add_label(event.row, event.annotator_id)
+            if not rt.apply_label(event.row, event.annotator_id):
+                return
             rt.label_seq = max(rt.label_seq, event.seq)
 
     async def join_featurized(self, key: str, featurized_rows: int, *, done: bool) -> None:
