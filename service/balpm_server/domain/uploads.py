@@ -214,7 +214,7 @@ class Featurizer:
                 FEATURE_OUT_OF_RANGE; nothing of the group is stored, the featurisation pauses).
         """
         try:
-            fs.check_storable(block)
+            fs.write_rows(rows_R, block)  # checks the range before it writes anything
         except FeatureOutOfRange as e:
             raise errors.FailedPrecondition(
                 f"the feature extractor returned {e.kind} features of rows {int(rows_R.min())}-{int(rows_R.max())} "
@@ -223,7 +223,6 @@ class Featurizer:
                 field="settings.feature_storage",
                 reason="FEATURE_OUT_OF_RANGE",
             ) from None
-        fs.write_rows(rows_R, block)
         chunk = self.cache.artifacts.put_features(key, rows_R, block, dtype=fs.dtype)
         self.store.mark_featurized(key, rows_R.tolist(), chunk)
 
@@ -293,6 +292,8 @@ class Uploads:
         client_features = info.settings.feature_source == FeatureSource.CLIENT
         dim = info.settings.feature_dim
         float16 = info.settings.feature_storage is FeatureStorage.FLOAT16
+        # New rows wait for the Featurizer (server features, or APL scores the server computes).
+        featurizing = not client_features or server_apl(info)
         fs = self.cache.features(info)
         rt = self.cache.runtime(key)
         accepted = duplicates = index = 0
@@ -383,16 +384,16 @@ class Uploads:
 
                     await self.cache.io(
                         self.store.add_items, key, len(new), prepare,
-                        featurizing=not client_features or server_apl(info),
+                        featurizing=featurizing,
                     )
                 except errors.NotFound:
                     raise gone from None
                 accepted += len(new)
-                if client_features and not server_apl(info):
+                if not featurizing:
                     rt.invalidate_items()  # the new rows are complete: they join at the next load
                 elif rt.item_ids is not None:
                     rt.pending_rows += len(new)  # they join once featurised (Featurizer)
-        if accepted and (not client_features or server_apl(info)):
+        if accepted and featurizing:
             self.featurizer.schedule(key)
         elif accepted:
             self.cache.schedule_graph(key)
