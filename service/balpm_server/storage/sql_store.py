@@ -82,6 +82,12 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+def _waiting(need_apl: bool) -> str:
+    """SQL condition of an item row still waiting to join its pool: no features yet (or no APL scores
+    when the server computes them); `item_index` and `joined_count` share it."""
+    return "featurized = 0 OR logp_policy_a IS NULL" if need_apl else "featurized = 0"
+
+
 def settings_to_json(settings: PoolSettings) -> str:
     """Serialise pool settings."""
     body = asdict(settings)
@@ -518,13 +524,11 @@ class SqlStore:
             `pending_count` counts the rows from N on.
         """
         rows = self._query(
-            "SELECT item_id, row, split, heldout_pref, featurized, logp_policy_a FROM items"
+            f"SELECT item_id, row, split, heldout_pref, CASE WHEN {_waiting(need_apl)} THEN 1 ELSE 0 END FROM items"
             " WHERE pool_id = ? ORDER BY row",
             (pool_id,),
         )
-        joined = next(
-            (i for i, r in enumerate(rows) if not r[4] or (need_apl and r[5] is None)), len(rows)
-        )
+        joined = next((i for i, r in enumerate(rows) if r[4]), len(rows))
         pending = len(rows) - joined
         rows = rows[:joined]
         ids = [r[0] for r in rows]
@@ -535,9 +539,8 @@ class SqlStore:
 
     def joined_count(self, pool_id: str, *, need_apl: bool = False) -> int:
         """How many rows `item_index` would return: those before the first row still featurising."""
-        missing = " OR logp_policy_a IS NULL" if need_apl else ""
         ((first,),) = self._query(
-            f"SELECT MIN(row) FROM items WHERE pool_id = ? AND (featurized = 0{missing})", (pool_id,)
+            f"SELECT MIN(row) FROM items WHERE pool_id = ? AND ({_waiting(need_apl)})", (pool_id,)
         )
         if first is not None:
             return int(first)
