@@ -90,6 +90,11 @@ def group_folds(group_C: np.ndarray, folds: int, rng: np.random.Generator) -> np
     return np.asarray((rng.permutation(groups_G.size) % folds)[index_C], dtype=np.int64)
 
 
+def _resampled_mean(p: CurvePoint, rng: np.random.Generator) -> float:
+    """One bootstrap replicate of a point's log-likelihood: the mean of its evaluation items drawn with replacement."""
+    return float(rng.choice(p.ll_I, size=len(p.ll_I)).mean())
+
+
 def labels_to_reach(counts_P: Sequence[float], ll_P: Sequence[float], target: float) -> tuple[float | None, str]:
     """The label count at which the curve through (counts, ll) first reaches `target` (linear in between).
 
@@ -171,8 +176,8 @@ def estimate_savings(
     share = 1.0 - n_active / random.label_count
     replicates_B = []
     for _ in range(n_boot):
-        means = [float(rng.choice(p.ll_I, size=len(p.ll_I)).mean()) for p in active]
-        r_ll = float(rng.choice(random.ll_I, size=len(random.ll_I)).mean())
+        means = [_resampled_mean(p, rng) for p in active]
+        r_ll = _resampled_mean(random, rng)
         s = _share(active, means, r_ll, random.label_count)
         if s is not None:
             replicates_B.append(s)
@@ -238,8 +243,7 @@ def estimate_gain(
                     f"bracket the random-only learner's {n} labels", label_count=n)
     gain = _ll_at(active, [p.log_likelihood for p in active], n) - random.log_likelihood
     boot_B = [
-        _ll_at(active, [float(rng.choice(p.ll_I, size=len(p.ll_I)).mean()) for p in active], n)
-        - float(rng.choice(random.ll_I, size=len(random.ll_I)).mean())
+        _ll_at(active, [_resampled_mean(p, rng) for p in active], n) - _resampled_mean(random, rng)
         for _ in range(n_boot)
     ]
     low, high = np.percentile(boot_B, [2.5, 97.5])
@@ -289,7 +293,7 @@ def estimate_slope(active: Sequence[CurvePoint], rng: np.random.Generator, *, n_
         return Slope(False, "not estimable yet: the evaluated versions were trained on the same label count")
     slope = _fit_slope(counts_P, np.array([p.log_likelihood for p in pts]))
     boot_B = [
-        _fit_slope(counts_P, np.array([rng.choice(p.ll_I, size=len(p.ll_I)).mean() for p in pts]))
+        _fit_slope(counts_P, np.array([_resampled_mean(p, rng) for p in pts]))
         for _ in range(n_boot)
     ]
     low, high = np.percentile(boot_B, [2.5, 97.5])
