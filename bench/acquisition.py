@@ -24,7 +24,7 @@ holds a FEATURE_STORAGE_FLOAT16 / FLOAT32 pool, filled with Gaussian values chun
 call (HNSW above `--exact-threshold`, the server's default 200,000; every row a member);
 BALD scores of a random E-member ensemble on A - B, computed once (the server caches them
 per posterior version); then `--repeats` timings of the fast greedy `greedy_balpm` for a
-batch of `--batch` with n(x) kept by `AcquiredCounts` (as AcquireBatch does). Reported:
+batch of `--batch` from n(x) counted once (AcquireBatch keeps it current). Reported:
 build time, peak RSS of the process (ru_maxrss) after the arrays and after the build, the
 greedy's p50 / min / max, and the memory arithmetic of the same pool in float32. Progress
 lines go to stderr, so a run cut short by a time limit shows how far it got.
@@ -160,7 +160,7 @@ def run_pool(args: argparse.Namespace, n: int) -> dict[str, Any]:
     """One realistic-pool row (`--pool-storage`); see the module doc."""
     import faiss
 
-    from balpm_server.acquisition import AcquiredCounts, greedy_balpm
+    from balpm_server.acquisition import greedy_balpm
 
     t0 = time.perf_counter()
     dtype = np.float16 if args.pool_storage == "float16" else np.float32
@@ -208,7 +208,7 @@ def run_pool(args: argparse.Namespace, n: int) -> dict[str, Any]:
     _log(t0, f"graph built in {build_s:.1f} s ({graph.n_entries} ball entries, exact={graph.exact})")
 
     t_counts = time.perf_counter()
-    counts = AcquiredCounts(graph, acquired)
+    count_N = graph.counts_inside(acquired)
     counts_s = time.perf_counter() - t_counts
     times: list[float] = []
     picks: list[list[int]] = []
@@ -216,7 +216,7 @@ def run_pool(args: argparse.Namespace, n: int) -> dict[str, Any]:
         t = time.perf_counter()
         batch = greedy_balpm(
             graph, batch_size=args.batch, candidate_mask_N=candidate, acquired_mask_N=acquired,
-            epistemic_N=epi, beta=args.beta, d_ent=args.d_ent, count_N=counts.count_N.copy(),
+            epistemic_N=epi, beta=args.beta, d_ent=args.d_ent, count_N=count_N,
         )
         times.append(time.perf_counter() - t)
         picks.append(batch.indices_B.tolist())

@@ -206,36 +206,6 @@ class KnnGraph:
             )
 
 
-class AcquiredCounts:
-    """n(x) of a graph (acquired members inside each ball), kept current one row at a time.
-
-    A row turning acquired (leased or labelled) or free again changes n(x) only for the
-    x whose ball holds it, its reverse list: O(|reverse(row)|) per event instead of the
-    O(E) `KnnGraph.counts_inside` per acquisition.
-
-    Args:
-        graph: The graph.
-        acquired_mask_N: bool [N], the rows acquired now.
-    """
-
-    def __init__(self, graph: KnnGraph, acquired_mask_N: np.ndarray) -> None:
-        self.graph = graph
-        self.acquired_N = np.array(acquired_mask_N, dtype=bool, copy=True)
-        if self.acquired_N.shape != (graph.n_items,):
-            raise InvalidArgument(
-                f"acquired_mask_N must have shape ({graph.n_items},), got {self.acquired_N.shape}",
-                field="acquired_mask_N",
-            )
-        self.count_N = graph.counts_inside(self.acquired_N)
-
-    def set(self, row: int, acquired: bool) -> None:
-        """Record that `row` is now acquired (True) or free (False); a no-op when unchanged."""
-        if bool(self.acquired_N[row]) == acquired:
-            return
-        self.acquired_N[row] = acquired
-        self.count_N[self.graph.reverse(row)] += 1 if acquired else -1
-
-
 def feature_moments(feats_N_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and standard deviation (float64, std 0 replaced by 1)."""
     n, d = feats_N_D.shape

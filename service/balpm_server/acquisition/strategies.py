@@ -251,54 +251,189 @@ def _greedy(
     beta: float,
     d_ent: float,
 ) -> CandidateBatch:
-    """The greedy of `greedy_balpm` from a given log-radius term and initial n(x)."""
-    n = graph.n_items
-    candidate = np.array(candidate_mask_N, dtype=bool, copy=True)
-    acquired = np.array(acquired_mask_N, dtype=bool, copy=True)
-    count_N = np.array(count_N, dtype=np.int64, copy=True)
-    epi_N = (
-        np.zeros(n, dtype=np.float64)
-        if epistemic_N is None
-        else np.asarray(epistemic_N, dtype=np.float64)
-    )
-    ent_N = _entropy_from_log2r(log2r_N, count_N, d_ent)
-    tot_N = epi_N + beta * ent_N
+    """The greedy of `greedy_balpm` from a given log-radius term and initial n(x): one `GreedyState`, one pick."""
+    state = GreedyState(graph, log2r_N, acquired_N=acquired_mask_N, open_N=candidate_mask_N, count_N=count_N)
+    state.configure(epistemic_N, beta, d_ent)
+    batch = state.pick(batch_size)
+    if batch is None:
+        raise FailedPrecondition(
+            f"batch_size {batch_size} exceeds the {int(np.count_nonzero(state.open_N))} candidate items",
+            field="batch_size",
+            reason="BATCH_LARGER_THAN_POOL",
+        )
+    return batch
 
-    bs = 1 << max(6, math.ceil(math.log2(max(1.0, math.sqrt(n)))))
-    nb = -(-n // bs)
-    key = np.full(nb * bs, -np.inf)
-    key[:n] = np.where(candidate, tot_N, -np.inf)
-    key_blocks = key.reshape(nb, bs)
-    block_max = key_blocks.max(axis=1)
 
-    idx_B = np.empty(batch_size, dtype=np.int64)
-    tot_B = np.empty(batch_size, dtype=np.float64)
-    epi_B = np.empty(batch_size, dtype=np.float64)
-    ent_B = np.empty(batch_size, dtype=np.float64)
-    rev_ptr, rev_idx = graph.reverse_indptr, graph.reverse_indices
-    for t in range(batch_size):
-        b = int(np.argmax(block_max))
-        j = b * bs + int(np.argmax(key_blocks[b]))
-        idx_B[t], tot_B[t], epi_B[t], ent_B[t] = j, tot_N[j], epi_N[j], ent_N[j]
-        candidate[j] = False
-        key[j] = -np.inf
-        block_max[b] = key_blocks[b].max()
-        if acquired[j]:
-            continue
-        acquired[j] = True
-        xs = rev_idx[rev_ptr[j] : rev_ptr[j + 1]]
+_Undo = tuple[np.ndarray, "int | np.ndarray", np.ndarray]
+
+
+class GreedyState:
+    """BAL-PM's greedy over a kNN graph, its state kept current across batches.
+
+    Holds n(x) (acquired rows inside each ball), the entropy term and total score of
+    every row, a key per row (its score while it is open, i.e. may be picked; -inf
+    otherwise) and the largest key of each block of S ~ sqrt(N) rows. An event touches
+    one row's reverse list (`set_acquired`) or one row and its block (`set_open`), so a
+    pool whose leases and labels change between calls is never rescored as a whole;
+    `configure` rescores every row (O(N)) only when the BALD scores or beta / d_ent
+    change. `pick` runs the greedy of Melo et al. (NeurIPS 2024) from the current state
+    in O(B (N / S + S x touched blocks)): each step takes the largest key (lowest row on
+    ties), closes it, marks it acquired and rescores the rows whose ball holds it. It
+    then restores the state it found: the caller's leases of the picks update it
+    through the same events. Every value is computed by the same expressions as a fresh
+    state, so the batch equals that of a fresh greedy over the same masks (tested).
+
+    Args:
+        graph: kNN balls of the pool.
+        log2r_N: The log-radius term of every row (`_log2r` of the graph's radii).
+        acquired_N: bool [N], rows labelled or leased: they count in n(x).
+        open_N: bool [N], rows that may be picked.
+        count_N: n(x) under `acquired_N` when the caller has it; None counts it (O(E)).
+    """
+
+    def __init__(
+        self,
+        graph: KnnGraph,
+        log2r_N: np.ndarray,
+        *,
+        acquired_N: np.ndarray,
+        open_N: np.ndarray,
+        count_N: np.ndarray | None = None,
+    ) -> None:
+        n = graph.n_items
+        self.graph = graph
+        self.log2r_N = np.asarray(log2r_N, dtype=np.float64)
+        self.acquired_N = _mask(acquired_N, n, "acquired_mask_N").copy()
+        self.open_N = _mask(open_N, n, "candidate_mask_N").copy()
+        if count_N is None:
+            self.count_N = graph.counts_inside(self.acquired_N)
+        elif np.shape(count_N) != (n,):
+            raise InvalidArgument(f"count_N must have shape ({n},), got {np.shape(count_N)}", field="count_N")
+        else:
+            self.count_N = np.array(count_N, dtype=np.int64, copy=True)
+        self.members_N = graph.members()
+        self.block = 1 << max(6, math.ceil(math.log2(max(1.0, math.sqrt(n)))))
+        n_blocks = -(-n // self.block)
+        self._key = np.full(n_blocks * self.block, -np.inf)
+        self._key_blocks = self._key.reshape(n_blocks, self.block)
+        self._block_max = np.full(n_blocks, -np.inf)
+        self.epi_N = np.zeros(n, dtype=np.float64)
+        self.ent_N = np.zeros(n, dtype=np.float64)
+        self.tot_N = np.zeros(n, dtype=np.float64)
+        self._scored_by: tuple[np.ndarray | None, float, float] | None = None
+        self._undo: list[_Undo] | None = None  # while `pick` runs: old values, in write order
+
+    @classmethod
+    def standard(cls, graph: KnnGraph, *, acquired_N: np.ndarray, open_N: np.ndarray) -> GreedyState:
+        """The state of the STANDARD convention: log(2 max(r_k, R_MIN)) of the graph's radii."""
+        return cls(graph, _log2r(graph.radius_N, KnnConvention.STANDARD), acquired_N=acquired_N, open_N=open_N)
+
+    def configure(self, epistemic_N: np.ndarray | None, beta: float, d_ent: float) -> None:
+        """Score with these BALD scores (None: the entropy term alone) and parameters.
+
+        O(1) when they are the last call's (the same array object: a new posterior brings
+        a new one), else every row is rescored (O(N)).
+
+        Raises:
+            InvalidArgument: `epistemic_N` of the wrong shape or not finite on an open row.
+        """
+        last = self._scored_by
+        if last is not None and last[0] is epistemic_N and last[1] == beta and last[2] == d_ent:
+            return
+        n = self.graph.n_items
+        if epistemic_N is None:
+            epi_N = np.zeros(n, dtype=np.float64)
+        else:
+            epi_N = np.asarray(epistemic_N, dtype=np.float64)
+            if epi_N.shape != (n,):
+                raise InvalidArgument(f"epistemic_N must have shape ({n},), got {epi_N.shape}", field="epistemic_N")
+            if not np.isfinite(epi_N[self.open_N]).all():
+                raise InvalidArgument("epistemic scores of candidates must be finite", field="epistemic_N")
+        self.epi_N = epi_N
+        self.ent_N = _entropy_from_log2r(self.log2r_N, self.count_N, d_ent)
+        self.tot_N = epi_N + beta * self.ent_N
+        self._key[:n] = np.where(self.open_N, self.tot_N, -np.inf)
+        self._block_max[:] = self._key_blocks.max(axis=1)
+        self._scored_by = (epistemic_N, beta, d_ent)
+
+    def observe(self, row: int, acquired: bool, full: bool) -> None:
+        """An occupancy change of `row`: acquired (labelled or leased by anyone), full (nobody may be given it)."""
+        self.set_acquired(row, acquired)
+        self.set_open(row, bool(self.members_N[row]) and not full)
+
+    def set_acquired(self, row: int, acquired: bool) -> None:
+        """Record that `row` is acquired (True) or free (False): n(x) of its reverse list moves by one."""
+        if bool(self.acquired_N[row]) == acquired:
+            return
+        self._put(self.acquired_N, row, acquired)
+        xs = self.graph.reverse(row)
         if xs.size == 0:
-            continue
-        count_N[xs] += 1
-        ent_N[xs] = _entropy_from_log2r(log2r_N[xs], count_N[xs], d_ent)
-        tot_N[xs] = epi_N[xs] + beta * ent_N[xs]
-        live = xs[candidate[xs]]
-        if live.size == 0:
-            continue
-        key[live] = tot_N[live]
-        blocks = np.unique(live // bs)
-        block_max[blocks] = key_blocks[blocks].max(axis=1)
-    return CandidateBatch(idx_B, tot_B, epi_B, ent_B)
+            return
+        self._put(self.count_N, xs, self.count_N[xs] + (1 if acquired else -1))
+        if self._scored_by is None:
+            return
+        _epi, beta, d_ent = self._scored_by
+        ent_X = _entropy_from_log2r(self.log2r_N[xs], self.count_N[xs], d_ent)
+        self._put(self.ent_N, xs, ent_X)
+        self._put(self.tot_N, xs, self.epi_N[xs] + beta * ent_X)
+        live = xs[self.open_N[xs]]
+        if live.size:
+            self._put(self._key, live, self.tot_N[live])
+            self._refresh_blocks(np.unique(live // self.block))
+
+    def set_open(self, row: int, is_open: bool) -> None:
+        """Record that `row` may (True) or may not (False) be picked."""
+        if bool(self.open_N[row]) == is_open:
+            return
+        self._put(self.open_N, row, is_open)
+        if self._scored_by is not None:
+            self._put(self._key, row, self.tot_N[row] if is_open else -np.inf)
+            self._refresh_blocks(np.array([row // self.block]))
+
+    def pick(self, batch_size: int, closed_R: np.ndarray | None = None) -> CandidateBatch | None:
+        """The greedy batch from the current state, which is left unchanged.
+
+        Args:
+            batch_size: B.
+            closed_R: Rows this caller may not be given although others may (consensus
+                labelling: the ones it labelled or leases); closed for this pick only.
+
+        Returns:
+            The batch with total, epistemic and entropy components at pick time, or None
+            when fewer than B rows are open.
+        """
+        if self._scored_by is None:
+            raise FailedPrecondition("GreedyState.pick before configure", field="epistemic_N")
+        self._undo = []
+        try:
+            if closed_R is not None:
+                for row in np.asarray(closed_R, dtype=np.int64).tolist():
+                    self.set_open(row, False)
+            idx_B = np.empty(batch_size, dtype=np.int64)
+            tot_B = np.empty(batch_size, dtype=np.float64)
+            epi_B = np.empty(batch_size, dtype=np.float64)
+            ent_B = np.empty(batch_size, dtype=np.float64)
+            for t in range(batch_size):
+                b = int(np.argmax(self._block_max))
+                if self._block_max[b] == -np.inf:
+                    return None
+                j = b * self.block + int(np.argmax(self._key_blocks[b]))
+                idx_B[t], tot_B[t], epi_B[t], ent_B[t] = j, self.tot_N[j], self.epi_N[j], self.ent_N[j]
+                self.set_open(j, False)
+                self.set_acquired(j, True)
+            return CandidateBatch(idx_B, tot_B, epi_B, ent_B)
+        finally:
+            undo, self._undo = self._undo, None
+            for arr, idx, old in reversed(undo):
+                arr[idx] = old
+
+    def _put(self, arr: np.ndarray, idx: int | np.ndarray, values: object) -> None:
+        if self._undo is not None:
+            self._undo.append((arr, idx, np.array(arr[idx], copy=True)))
+        arr[idx] = values
+
+    def _refresh_blocks(self, blocks: np.ndarray) -> None:
+        self._put(self._block_max, blocks, self._key_blocks[blocks].max(axis=1))
 
 
 def _mask(x: np.ndarray, n: int | None, field: str) -> np.ndarray:
@@ -343,6 +478,42 @@ def first_open(
         pos += rows_R.size
         chunk *= 2
     return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+
+
+def sample_open(
+    rng: np.random.Generator,
+    rows_R: np.ndarray,
+    want: int,
+    is_open: Callable[[np.ndarray], np.ndarray],
+    *,
+    rounds: int = 4,
+) -> np.ndarray | None:
+    """`want` distinct rows drawn uniformly from those of `rows_R` for which `is_open` holds, by rejection.
+
+    Each round draws 2 x (still wanted) + 8 rows of `rows_R` uniformly with replacement and
+    keeps, in draw order, every open row not kept before: the first `want` distinct open
+    rows of an i.i.d. uniform sequence are a uniform sample without replacement from the
+    open rows. Costs O(draws) instead of the O(N) of a full mask.
+
+    Returns:
+        rows: int64 [want], in draw order, or None when `rounds` rounds did not find them
+        (few rows open, or `rows_R` empty): draw from the full mask instead.
+    """
+    kept: list[int] = []
+    seen: set[int] = set()
+    if want <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if rows_R.size == 0:
+        return None
+    for _ in range(rounds):
+        draws_D = rows_R[rng.integers(0, rows_R.size, size=2 * (want - len(kept)) + 8)]
+        for row, ok in zip(draws_D.tolist(), np.asarray(is_open(draws_D), dtype=bool).tolist(), strict=True):
+            if ok and row not in seen:
+                seen.add(row)
+                kept.append(row)
+                if len(kept) == want:
+                    return np.asarray(kept, dtype=np.int64)
+    return None
 
 
 def select_batch(

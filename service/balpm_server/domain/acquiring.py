@@ -3,7 +3,10 @@
 AcquireBatch picks under the pool lock from the in-memory occupancy, leases the picks
 in memory (so the next caller skips them), then makes the leases durable with a group
 commit before the reply; a failed or cancelled write takes them back. BALD over a
-fresh score cache walks the cached ranking (O(rows looked at)); every other case
+fresh score cache walks the cached ranking (O(rows looked at)); BAL-PM and
+ENTROPY_ONLY run the greedy on the pool's `GreedyState`, which the occupancy keeps
+current event by event (O(batch), not O(N)); the control arm draws by rejection
+from the pool rows. Every other case (and the first call, which builds the state)
 builds the full candidate masks and calls `acquisition.select_batch`.
 
 Shapes: N pool items (feature rows), B batch.
@@ -22,16 +25,17 @@ import numpy as np
 
 from balpm_server import errors, metrics
 from balpm_server.acquisition import (
-    AcquiredCounts,
     AcquisitionParams,
     AplInputs,
     CandidateBatch,
+    GreedyState,
     KnnConvention,
     Strategy,
     first_open,
+    sample_open,
     select_batch,
 )
-from balpm_server.acquisition.params import STOCHASTIC_BALD
+from balpm_server.acquisition.params import GRAPH_STRATEGIES, STOCHASTIC_BALD
 from balpm_server.domain import validation as v
 from balpm_server.domain.group_commit import GroupCommit
 from balpm_server.domain.models import (
@@ -52,6 +56,7 @@ from balpm_server.storage import SqlStore
 
 MAX_RELEASE_IDS = 10_000
 CONTROL_STREAM = 0xC0A7  # the control arm's generator: SeedSequence([seed, CONTROL_STREAM])
+GREEDY_ON_LOOP_MAX_BATCH = 64  # a kept-state BAL-PM greedy up to this batch runs on the event loop
 # Strategies that rank by the BALD scores of every pool row; the others score only their picks.
 SCORED_STRATEGIES = frozenset({Strategy.BALD, Strategy.BALPM, *STOCHASTIC_BALD})
 APL_STRATEGIES = frozenset({Strategy.APL_CERTAINTY, Strategy.APL_ENTROPY, Strategy.APL_HYBRID})
@@ -254,6 +259,8 @@ class Acquisition:
         batch = None
         if strat is Strategy.BALD and epistemic_N is not None and rt.bald_order_R is not None:
             batch = self._bald_fast(rt, epistemic_N, batch_size, annotator)
+        elif strat in GRAPH_STRATEGIES:
+            batch = await self._greedy_fast(rt, strat, params, epistemic_N, batch_size, annotator)
         if batch is None:
             batch = await self._select(info, rt, strat, batch_size, annotator, now, seed, params, epistemic_N)
         if info.posterior_version and strat not in SCORED_STRATEGIES:  # report the picks' BALD
@@ -278,6 +285,8 @@ class Acquisition:
 
         floor(f * B) of them, plus one with probability frac(f * B), from a generator seeded by
         the call's seed (apart from the strategy's own draws): the same call draws the same rows.
+        Drawn by rejection from the pool rows (`sample_open`, O(draws)); from the full
+        candidate mask when few rows are left open.
         """
         f = info.settings.control_fraction
         if f <= 0.0:
@@ -288,6 +297,10 @@ class Acquisition:
         want = int(np.floor(expected)) + int(rng.random() < expected - np.floor(expected))
         if want == 0:
             return np.zeros(0, dtype=np.int64)
+        occ = rt.occupancy
+        drawn = sample_open(rng, rt.pool_rows(), want, lambda rows_R: occ.open_among(rows_R, annotator))
+        if drawn is not None:
+            return drawn
         candidate_N, _acquired_N = rt.occupancy.masks(rt.split_N == int(Split.POOL), annotator, now)
         candidates_R = np.flatnonzero(candidate_N)
         if candidates_R.size == 0:
@@ -308,6 +321,31 @@ class Acquisition:
             return None  # the general path raises the precise error
         epi_B = epistemic_N[rows_B]
         return CandidateBatch(rows_B, epi_B, epi_B, np.full(batch_size, np.nan))
+
+    @staticmethod
+    async def _greedy_fast(
+        rt: PoolRuntime,
+        strat: Strategy,
+        params: AcquisitionParams,
+        epistemic_N: np.ndarray | None,
+        batch_size: int,
+        annotator: str,
+    ) -> CandidateBatch | None:
+        """BAL-PM / ENTROPY_ONLY from the pool's kept `GreedyState`; None without one or when it cannot fill the batch.
+
+        The same batch as `select_batch` over the full masks (tested): the occupancy has
+        kept n(x) and the keys current, so the call costs the greedy's own steps.
+        """
+        state = rt.current_greedy()
+        standard = KnnConvention(params.knn_convention) is KnnConvention.STANDARD
+        if state is None or state.graph.k != params.k or not standard:
+            return None
+        assert rt.occupancy is not None
+        state.configure(epistemic_N if strat is Strategy.BALPM else None, params.beta, params.d_ent)
+        closed_R = rt.occupancy.own_rows(annotator) if rt.occupancy.k > 1 else None
+        if batch_size <= GREEDY_ON_LOOP_MAX_BATCH:  # ~50 us a pick: cheaper than a thread hop
+            return state.pick(batch_size, closed_R)
+        return await asyncio.to_thread(state.pick, batch_size, closed_R)  # the pool lock is held
 
     async def _select(
         self,
@@ -358,12 +396,13 @@ class Acquisition:
         count_N = None
         if needs_graph:
             assert rt.graph is not None
-            if rt.knn_counts is None or rt.knn_counts.graph is not rt.graph:
-                # Built once per graph; from then on every lease, label, release and expiry
-                # updates n(x) through the occupancy, so a call skips the O(E) recount.
-                rt.knn_counts = AcquiredCounts(rt.graph, acquired_N)
-                rt.occupancy.on_acquired = rt.knn_counts.set
-            count_N = rt.knn_counts.count_N.copy()  # a snapshot: the greedy runs off the loop
+            if rt.current_greedy() is None:
+                # Built once per graph and occupancy; from then on every lease, label, release and expiry
+                # updates it through the occupancy, so later calls take `_greedy_fast`.
+                rt.greedy = GreedyState.standard(rt.graph, acquired_N=acquired_N, open_N=rt.occupancy.open_rows(pool_N))
+                rt.occupancy.on_change = rt.greedy.observe
+            assert rt.greedy is not None
+            count_N = rt.greedy.count_N.copy()  # a snapshot: the greedy runs off the loop
         apl = None
         if strat in APL_STRATEGIES:
             m = (await self.store.call(self.store.apl_scores, info.key))[: len(rt.split_N)]  # joined rows

@@ -33,8 +33,9 @@ class Occupancy:
         self.full_N = np.zeros(n_rows, dtype=bool)  # labels + leases >= k: nobody may be given it
         self.acquired_N = np.zeros(n_rows, dtype=bool)  # labelled or leased by anyone
         self.excluded_N = np.zeros(n_rows, dtype=bool)  # ExcludeItems: never a candidate
-        # Called with (row, acquired) whenever a row's acquired_N flips (e.g. AcquiredCounts.set).
-        self.on_acquired: Callable[[int, bool], None] | None = None
+        # Called with (row, acquired, full) whenever a row's acquired_N or full_N flips
+        # (GreedyState.observe keeps BAL-PM's n(x) and keys current).
+        self.on_change: Callable[[int, bool, bool], None] | None = None
         self._next_expiry_s = np.inf  # no lease expires before this (a lower bound)
         self._labellers: dict[int, set[str]] = {}
         self._leases: dict[int, dict[str, float]] = {}
@@ -70,12 +71,13 @@ class Occupancy:
             self._update_full(row)
 
     def _update_full(self, row: int) -> None:
-        self.full_N[row] = self.excluded_N[row] or self.labels_N[row] + self.lease_cnt_N[row] >= self.k
+        full = bool(self.excluded_N[row] or self.labels_N[row] + self.lease_cnt_N[row] >= self.k)
         acquired = bool(self.labels_N[row] > 0 or self.lease_cnt_N[row] > 0)
-        if acquired != self.acquired_N[row]:
+        if full != self.full_N[row] or acquired != self.acquired_N[row]:
+            self.full_N[row] = full
             self.acquired_N[row] = acquired
-            if self.on_acquired is not None:
-                self.on_acquired(row, acquired)
+            if self.on_change is not None:
+                self.on_change(row, acquired, full)
 
     def _refresh(self, row: int) -> None:
         holders = self._leases.get(row, {})
@@ -135,6 +137,15 @@ class Occupancy:
     def _mine(self, annotator: str) -> list[set[int]]:
         return [rows for rows in (self._labelled_by.get(annotator), self._leased_by.get(annotator)) if rows]
 
+    def own_rows(self, annotator: str) -> np.ndarray:
+        """Rows `annotator` labelled or leases: never given to it again (int64, unordered)."""
+        mine: set[int] = set().union(*self._mine(annotator))
+        return np.fromiter(mine, dtype=np.int64, count=len(mine))
+
+    def open_rows(self, in_pool_N: np.ndarray) -> np.ndarray:
+        """Rows of `in_pool_N` someone may still be given (not complete, not fully leased, not excluded)."""
+        return np.asarray(in_pool_N & ~self.full_N)
+
     def open_among(self, rows_R: np.ndarray, annotator: str) -> np.ndarray:
         """Which of `rows_R` the caller may be given now (call `purge_expired` first).
 
@@ -161,8 +172,7 @@ class Occupancy:
         """
         self.purge_expired(now_s)
         mine_N = np.zeros(len(in_pool_N), dtype=bool)
-        for rows in self._mine(annotator):
-            mine_N[np.fromiter(rows, dtype=np.int64, count=len(rows))] = True
-        candidate_N = in_pool_N & ~self.full_N & ~mine_N
+        mine_N[self.own_rows(annotator)] = True
+        candidate_N = self.open_rows(in_pool_N) & ~mine_N
         acquired_N = in_pool_N & self.acquired_N
         return candidate_N, acquired_N

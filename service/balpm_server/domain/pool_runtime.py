@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from balpm_server.acquisition import AcquiredCounts, KnnGraph
+from balpm_server.acquisition import GreedyState, KnnGraph
+from balpm_server.domain.models import Split
 from balpm_server.domain.occupancy import Occupancy
 
 
@@ -30,7 +31,7 @@ class PoolRuntime:
     a_N_D: np.ndarray | None = None
     b_N_D: np.ndarray | None = None
     graph: KnnGraph | None = None
-    knn_counts: AcquiredCounts | None = None  # n(x) of `graph`, kept current by `occupancy`
+    greedy: GreedyState | None = None  # BAL-PM's n(x) and keys over `graph`, kept current by `occupancy`
     posterior_version: int = 0
     posterior_state: Any = None
     occupancy: Occupancy | None = None
@@ -43,6 +44,21 @@ class PoolRuntime:
     label_seq: int = 0  # the occupancy holds every label up to this storage sequence number
     pending_rows: int = 0  # rows after `item_ids` still featurising: they join at a later load
     loaded_s: float = float("-inf")  # time.monotonic() of the last load of the items
+    _pool_rows: tuple[np.ndarray, np.ndarray] | None = None  # (split_N it was computed from, its pool rows)
+
+    def pool_rows(self) -> np.ndarray:
+        """pool_R: the SPLIT_POOL rows of the loaded index, ascending (cached per index)."""
+        assert self.split_N is not None
+        if self._pool_rows is None or self._pool_rows[0] is not self.split_N:
+            self._pool_rows = (self.split_N, np.flatnonzero(self.split_N == int(Split.POOL)))
+        return self._pool_rows[1]
+
+    def current_greedy(self) -> GreedyState | None:
+        """`greedy` when it belongs to the loaded graph and the loaded occupancy keeps it current, else None."""
+        state = self.greedy
+        if state is None or state.graph is not self.graph or self.occupancy is None:
+            return None
+        return state if self.occupancy.on_change == state.observe else None
 
     def apply_label(self, row: int | None, annotator_id: str) -> bool:
         """Count a stored label in the loaded occupancy; False when the runtime had to be dropped.
@@ -71,7 +87,8 @@ class PoolRuntime:
         self.split_N = self.heldout_target_N = None
         self.prompt_N_D = self.a_N_D = self.b_N_D = None
         self.graph = None
-        self.knn_counts = None
+        self.greedy = None
+        self._pool_rows = None
         self.occupancy = None
         self.label_seq = 0
         self.pending_rows = 0

@@ -351,8 +351,8 @@ class RuntimeCache:
         except errors.BalpmError as e:
             log.warning("kNN graph of pool %s not prebuilt: %s", info.pool_id, e.message)
             return
-        async with rt.lock:
-            if rt.item_ids is not None and len(rt.item_ids) == graph.n_items:
+        async with rt.lock:  # not over a graph an AcquireBatch built meanwhile (its GreedyState is bound to it)
+            if rt.graph is None and rt.item_ids is not None and len(rt.item_ids) == graph.n_items:
                 rt.graph = graph
 
     def schedule_graph(self, key: str) -> None:
