@@ -24,6 +24,7 @@ from balpm_server.errors import FailedPrecondition, InvalidArgument
 
 
 def _snapshot(state: GreedyState) -> list[np.ndarray]:
+    state.flush()
     return [state.count_N.copy(), state.acquired_N.copy(), state.open_N.copy(), state.ent_N.copy(),
             state.tot_N.copy(), state._key.copy(), state._block_max.copy()]
 
@@ -44,7 +45,7 @@ def test_a_kept_state_picks_the_fresh_greedy_batch_over_a_random_history(labels_
     now = 0.0
     pool_rows = np.flatnonzero(in_pool)
     checked = 0
-    for step in range(500):
+    for step in range(700):
         now += float(rng.random())
         event = rng.integers(0, 7)
         row = int(rng.choice(pool_rows))
@@ -62,16 +63,18 @@ def test_a_kept_state_picks_the_fresh_greedy_batch_over_a_random_history(labels_
         else:
             epi_N = rng.random(n)  # a new posterior: a new array
         candidate_N, acquired_N = occ.masks(in_pool, ann, now)  # also purges expired leases
-        np.testing.assert_array_equal(state.count_N, graph.counts_inside(acquired_N), err_msg=f"step {step}")
+        if step % 3:
+            continue  # several events (the same row back and forth too) wait for one flush
+        np.testing.assert_array_equal(state.counts(), graph.counts_inside(acquired_N), err_msg=f"step {step}")
         np.testing.assert_array_equal(state.open_N, occ.open_rows(in_pool), err_msg=f"step {step}")
         if state._scored_by is not None:  # every kept value is the fresh state's, bit for bit
             fresh_state = GreedyState.standard(graph, acquired_N=acquired_N, open_N=occ.open_rows(in_pool))
             fresh_state.configure(*state._scored_by)
             for got, want in zip(_snapshot(state), _snapshot(fresh_state), strict=True):
                 np.testing.assert_array_equal(got, want, err_msg=f"step {step}: kept state drifted")
-        if step % 10 or candidate_N.sum() < 8:
+        if step % 15 or candidate_N.sum() < 8:
             continue
-        strategy = Strategy.BALPM if step % 20 else Strategy.ENTROPY_ONLY
+        strategy = Strategy.BALPM if step % 30 else Strategy.ENTROPY_ONLY
         beta = float(rng.choice([0.01, 1.0]))
         params = AcquisitionParams(k=5, beta=beta)
         fresh = select_batch(strategy, batch_size=8, candidate_mask_N=candidate_N, acquired_mask_N=acquired_N,

@@ -272,9 +272,10 @@ class GreedyState:
 
     Holds n(x) (acquired rows inside each ball), the entropy term and total score of
     every row, a key per row (its score while it is open, i.e. may be picked; -inf
-    otherwise) and the largest key of each block of S ~ sqrt(N) rows. An event touches
-    one row's reverse list (`set_acquired`) or one row and its block (`set_open`), so a
-    pool whose leases and labels change between calls is never rescored as a whole;
+    otherwise) and the largest key of each block of S ~ sqrt(N) rows. An occupancy event
+    is recorded (`observe`, a dict write) and applied with the others at the next call
+    (`flush`: one pass over the reverse lists of the rows that flipped), so a pool whose
+    leases and labels change between calls is never rescored as a whole;
     `configure` rescores every row (O(N)) only when the BALD scores or beta / d_ent
     change. `pick` runs the greedy of Melo et al. (NeurIPS 2024) from the current state
     in O(B (N / S + S x touched blocks)): each step takes the largest key (lowest row on
@@ -322,6 +323,7 @@ class GreedyState:
         self.tot_N = np.zeros(n, dtype=np.float64)
         self._scored_by: tuple[np.ndarray | None, float, float] | None = None
         self._undo: list[_Undo] | None = None  # while `pick` runs: old values, in write order
+        self._pending: dict[int, tuple[bool, bool]] = {}  # row -> (acquired, open) observed, not yet applied
 
     @classmethod
     def standard(cls, graph: KnnGraph, *, acquired_N: np.ndarray, open_N: np.ndarray) -> GreedyState:
@@ -337,6 +339,7 @@ class GreedyState:
         Raises:
             InvalidArgument: `epistemic_N` of the wrong shape or not finite on an open row.
         """
+        self.flush()
         last = self._scored_by
         if last is not None and last[0] is epistemic_N and last[1] == beta and last[2] == d_ent:
             return
@@ -357,9 +360,43 @@ class GreedyState:
         self._scored_by = (epistemic_N, beta, d_ent)
 
     def observe(self, row: int, acquired: bool, full: bool) -> None:
-        """An occupancy change of `row`: acquired (labelled or leased by anyone), full (nobody may be given it)."""
-        self.set_acquired(row, acquired)
-        self.set_open(row, bool(self.members_N[row]) and not full)
+        """An occupancy change of `row`: acquired (labelled or leased by anyone), full (nobody may be given it).
+
+        Recorded, not applied: the next `flush` (every `pick`, `configure` and `counts`
+        starts with one) applies the net change of every recorded row at once.
+        """
+        self._pending[row] = (acquired, bool(self.members_N[row]) and not full)
+
+    def flush(self) -> None:
+        """Apply the recorded occupancy changes: n(x) of every net flip's reverse list, then one rescore."""
+        if not self._pending:
+            return
+        rows_R = np.fromiter(self._pending.keys(), dtype=np.int64, count=len(self._pending))
+        state_R2 = np.array(list(self._pending.values()), dtype=bool).reshape(-1, 2)
+        self._pending.clear()
+        acq_R, open_R = state_R2[:, 0], state_R2[:, 1]
+        reopened = open_R != self.open_N[rows_R]
+        self.open_N[rows_R] = open_R
+        flip = acq_R != self.acquired_N[rows_R]
+        flipped_F = rows_R[flip]
+        self.acquired_N[flipped_F] = acq_R[flip]
+        ptr = self.graph.reverse_indptr
+        len_F = ptr[flipped_F + 1] - ptr[flipped_F]
+        if len_F.sum():
+            # The reverse lists of the flipped rows, end to end, each entry with its row's sign.
+            at_X = np.repeat(ptr[flipped_F] - np.cumsum(len_F) + len_F, len_F) + np.arange(int(len_F.sum()))
+            np.add.at(self.count_N, self.graph.reverse_indices[at_X], np.repeat(np.where(acq_R[flip], 1, -1), len_F))
+            if self._scored_by is not None:
+                self._rescore(np.unique(self.graph.reverse_indices[at_X]))
+        if self._scored_by is not None and reopened.any():
+            moved = rows_R[reopened]
+            self._key[moved] = np.where(self.open_N[moved], self.tot_N[moved], -np.inf)
+            self._refresh_blocks(np.unique(moved // self.block))
+
+    def counts(self) -> np.ndarray:
+        """count_N: n(x) now (a copy)."""
+        self.flush()
+        return self.count_N.copy()
 
     def set_acquired(self, row: int, acquired: bool) -> None:
         """Record that `row` is acquired (True) or free (False): n(x) of its reverse list moves by one."""
@@ -370,8 +407,12 @@ class GreedyState:
         if xs.size == 0:
             return
         self._put(self.count_N, xs, self.count_N[xs] + (1 if acquired else -1))
-        if self._scored_by is None:
-            return
+        if self._scored_by is not None:
+            self._rescore(xs)
+
+    def _rescore(self, xs: np.ndarray) -> None:
+        """Entropy term, score and (open rows) key of the distinct rows `xs` from their n(x)."""
+        assert self._scored_by is not None
         _epi, beta, d_ent = self._scored_by
         ent_X = _entropy_from_log2r(self.log2r_N[xs], self.count_N[xs], d_ent)
         self._put(self.ent_N, xs, ent_X)
@@ -404,6 +445,7 @@ class GreedyState:
         """
         if self._scored_by is None:
             raise FailedPrecondition("GreedyState.pick before configure", field="epistemic_N")
+        self.flush()
         self._undo = []
         try:
             if closed_R is not None:

@@ -402,7 +402,7 @@ class Acquisition:
                 rt.greedy = GreedyState.standard(rt.graph, acquired_N=acquired_N, open_N=rt.occupancy.open_rows(pool_N))
                 rt.occupancy.on_change = rt.greedy.observe
             assert rt.greedy is not None
-            count_N = rt.greedy.count_N.copy()  # a snapshot: the greedy runs off the loop
+            count_N = rt.greedy.counts()  # a snapshot: the greedy runs off the loop
         apl = None
         if strat in APL_STRATEGIES:
             m = (await self.store.call(self.store.apl_scores, info.key))[: len(rt.split_N)]  # joined rows
