@@ -15,6 +15,7 @@ from balpm_server.posterior.savings import (
     estimate_slope,
     group_folds,
     labels_to_reach,
+    monotone_fit,
     point,
     recommend,
 )
@@ -45,6 +46,17 @@ def test_the_saving_and_its_interval_cover_the_truth() -> None:
     assert s.low < s.share < s.high and s.high - s.low < 0.3
     again = estimate_savings(active, random, np.random.default_rng(0), control_labels=250)
     assert (again.low, again.high) == (s.low, s.high)  # seeded: deterministic
+
+
+def test_the_saving_reads_the_monotone_fit_of_a_noisy_curve() -> None:
+    np.testing.assert_allclose(monotone_fit([-0.60, -0.66, -0.62, -0.58], [1, 1, 1, 1]), [-0.63, -0.63, -0.62, -0.58])
+    np.testing.assert_allclose(monotone_fit([-0.60, -0.66], [3, 1]), [-0.615, -0.615])
+    np.testing.assert_allclose(monotone_fit([-0.7, -0.6, -0.5], [1, 2, 3]), [-0.7, -0.6, -0.5])
+    assert monotone_fit([], []).size == 0
+    # Raw, the spike at 100 labels would already "reach" -0.61 (not estimable); the fit pools it with the dip at 150.
+    active = [_pt(100, -0.60), _pt(150, -0.66), _pt(200, -0.62), _pt(250, -0.58)]
+    s = estimate_savings(active, _pt(200, -0.61, items=300), np.random.default_rng(0), control_labels=250)
+    assert s.estimable and s.active_labels == pytest.approx(212.5) and s.share == pytest.approx(1 - 212.5 / 200)
 
 
 def test_not_estimable_below_the_minimum_or_before_the_curves_cross() -> None:

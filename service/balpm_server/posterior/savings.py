@@ -146,8 +146,35 @@ class Savings:
     log_likelihood: float = float("nan")
 
 
+def monotone_fit(ll_P: Sequence[float], weight_P: Sequence[float]) -> np.ndarray:
+    """The non-decreasing curve closest to `ll_P` in weighted least squares (isotonic regression).
+
+    Pool adjacent violators: a point below its predecessor is merged with it into their
+    weighted mean, repeatedly. A learning curve rises with labels in expectation; its
+    evaluation noise does not, and the first crossing of a noisy curve is decided by its
+    noisiest dip or spike, while the fit's crossing pools the neighbouring versions.
+
+    Args:
+        ll_P: Held-out log-likelihood per point, by increasing label count.
+        weight_P: Weight per point (its evaluation item count).
+
+    Returns:
+        fit_P: float64, non-decreasing.
+    """
+    blocks: list[tuple[float, float, int]] = []  # (weighted mean, weight, points)
+    for y, w in zip(ll_P, weight_P, strict=True):
+        mean, weight, count = float(y), float(w), 1
+        while blocks and blocks[-1][0] > mean:
+            m0, w0, c0 = blocks.pop()
+            mean, weight, count = (m0 * w0 + mean * weight) / (w0 + weight), w0 + weight, c0 + count
+        blocks.append((mean, weight, count))
+    return np.repeat([b[0] for b in blocks], [b[2] for b in blocks]).astype(np.float64)
+
+
 def _share(active: Sequence[CurvePoint], means_P: Sequence[float], random_ll: float, random_n: int) -> float | None:
-    n_active, _why = labels_to_reach([p.label_count for p in active], means_P, random_ll)
+    """1 - (labels at which the active learner's monotone fit first reaches `random_ll`) / random_n."""
+    fit_P = monotone_fit(means_P, [len(p.ll_I) for p in active])
+    n_active, _why = labels_to_reach([p.label_count for p in active], list(fit_P), random_ll)
     return None if n_active is None else 1.0 - n_active / random_n
 
 
@@ -156,6 +183,10 @@ def estimate_savings(
     control_labels: int, n_boot: int = BOOTSTRAP,
 ) -> Savings:
     """The saving of the active learner against the random-only learner, with a bootstrap 95% interval.
+
+    The active learner's label count at the random-only learner's log-likelihood is read
+    off the monotone (isotonic) fit of its curve (`monotone_fit`), in the estimate and in
+    every bootstrap replicate alike; never beyond the observed label counts.
 
     Args:
         active: The active learner's points, by increasing label count.
@@ -168,8 +199,8 @@ def estimate_savings(
         need = max(0, MIN_CONTROL_LABELS - control_labels)
         return Savings(False, f"not estimable yet: {control_labels} control labels, the random-only learner needs "
                        f"{MIN_CONTROL_LABELS} ({need} more)", control_labels_needed=need)
-    n_active, why = labels_to_reach([p.label_count for p in active], [p.log_likelihood for p in active],
-                                    random.log_likelihood)
+    fit_P = monotone_fit([p.log_likelihood for p in active], [len(p.ll_I) for p in active])
+    n_active, why = labels_to_reach([p.label_count for p in active], list(fit_P), random.log_likelihood)
     if n_active is None:
         return Savings(False, f"not estimable yet: {why}", random_labels=random.label_count,
                        log_likelihood=random.log_likelihood)
