@@ -726,6 +726,20 @@ def _at(labels_L: np.ndarray, values_L: np.ndarray, at_M: np.ndarray) -> np.ndar
     return values_L[np.searchsorted(labels_L, at_M)]
 
 
+Curves = dict[str, tuple[np.ndarray, dict[int, np.ndarray]]]
+
+
+def _reference_setup(
+    records: list[dict[str, Any]], reference: str, n_boot: int, rng_seed: int
+) -> tuple[Curves, tuple[np.ndarray, dict[int, np.ndarray]], np.ndarray] | None:
+    """The test-LL curves, the reference's, and one set of seed resamples for every strategy (None: no reference)."""
+    cur = curves(records, LL)
+    if reference not in cur:
+        return None
+    draws = seed_resamples(sorted(set().union(*(set(ps) for _, ps in cur.values()))), n_boot, rng_seed)
+    return cur, cur[reference], draws
+
+
 def auc_table(
     records: list[dict[str, Any]],
     *,
@@ -744,11 +758,10 @@ def auc_table(
     Returns:
         Rows in STRATEGIES order; [] without reference runs.
     """
-    cur = curves(records, LL)
-    if reference not in cur:
+    setup = _reference_setup(records, reference, n_boot, rng_seed)
+    if setup is None:
         return []
-    ref_L, ref_seeds = cur[reference]
-    draws = seed_resamples(sorted(set().union(*(set(ps) for _, ps in cur.values()))), n_boot, rng_seed)
+    cur, (ref_L, ref_seeds), draws = setup
     rows = []
     for strat in _ordered(cur):
         lab_L, per_seed = cur[strat]
@@ -802,15 +815,14 @@ def savings_table(
     Returns:
         Rows in STRATEGIES order; [] without reference runs.
     """
-    cur = curves(records, LL)
-    if reference not in cur:
+    setup = _reference_setup(records, reference, n_boot, rng_seed)
+    if setup is None:
         return []
-    ref_L, ref_seeds = cur[reference]
+    cur, (ref_L, ref_seeds), draws = setup
     r_seeds = sorted(ref_seeds)
     ref_final_K = np.array([ref_seeds[s][-1] for s in r_seeds])
     target = float(ref_final_K.mean())
     n_final = float(ref_L[-1])
-    draws = seed_resamples(sorted(set().union(*(set(ps) for _, ps in cur.values()))), n_boot, rng_seed)
     target_B = resampled_means(ref_final_K, r_seeds, draws)
     rows = []
     for strat in _ordered(cur):
