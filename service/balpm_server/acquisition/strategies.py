@@ -408,10 +408,16 @@ class GreedyState:
             return
         self._put(self.count_N, xs, self.count_N[xs] + (1 if acquired else -1))
         if self._scored_by is not None:
-            self._rescore(xs)
+            _epi, beta, d_ent = self._scored_by
+            # psi(n + 1) grows with n: with beta >= 0 and d_ent > 0 a row turning acquired only lowers keys.
+            self._rescore(xs, falling=acquired and beta >= 0.0 and d_ent > 0.0)
 
-    def _rescore(self, xs: np.ndarray) -> None:
-        """Entropy term, score and (open rows) key of the distinct rows `xs` from their n(x)."""
+    def _rescore(self, xs: np.ndarray, *, falling: bool = False) -> None:
+        """Entropy term, score and (open rows) key of the distinct rows `xs` from their n(x).
+
+        With `falling` (no key can have risen) only the blocks whose maximum was one of the
+        changed keys are recomputed; every other block keeps its maximum.
+        """
         assert self._scored_by is not None
         _epi, beta, d_ent = self._scored_by
         ent_X = _entropy_from_log2r(self.log2r_N[xs], self.count_N[xs], d_ent)
@@ -419,8 +425,12 @@ class GreedyState:
         self._put(self.tot_N, xs, self.epi_N[xs] + beta * ent_X)
         live = xs[self.open_N[xs]]
         if live.size:
+            blocks = live // self.block
+            if falling:
+                blocks = blocks[self._key[live] == self._block_max[blocks]]
             self._put(self._key, live, self.tot_N[live])
-            self._refresh_blocks(np.unique(live // self.block))
+            if blocks.size:
+                self._refresh_blocks(np.unique(blocks))
 
     def set_open(self, row: int, is_open: bool) -> None:
         """Record that `row` may (True) or may not (False) be picked."""
