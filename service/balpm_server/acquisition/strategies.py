@@ -166,7 +166,7 @@ def greedy_balpm(
         beta: Weight of the entropy term.
         d_ent: Divisor of psi(n + 1).
         count_N: n(x) of `graph` under `acquired_mask_N` when the caller keeps it current
-            (`AcquiredCounts`); None computes it from the mask (O(E)). Not modified.
+            (`GreedyState.counts`); None computes it from the mask (O(E)). Not modified.
 
     Returns:
         The batch with total, epistemic and entropy components at pick time.
@@ -613,7 +613,7 @@ def select_batch(
         standardize_prompt: AUTHORS only: z-score `prompt_N_D` per dimension with the
             candidates' mean and std first (the pool's standardize_features).
         count_N: STANDARD graph strategies only: n(x) of `graph` under `acquired_mask_N`,
-            kept current by the caller (`AcquiredCounts`); None computes it. The batch is
+            kept current by the caller (`GreedyState.counts`); None computes it. The batch is
             the same either way.
 
     Returns:
