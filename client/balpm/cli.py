@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     pools.add_argument("--epochs", type=int, help="create: max training epochs per update (default 30)")
     pools.add_argument(
         "--bootstrap", action=argparse.BooleanOptionalAction, default=None,
-        help="create: each ensemble member trains on its own bootstrap resample (default on)",
+        help="create: each ensemble member trains on its own bootstrap resample (default off)",
     )
     pools.add_argument("--patience", type=int, help="create: early-stopping patience in epochs (default 5)")
     pools.add_argument("--val-fraction", type=float, help="create: labels held out for early stopping (default 0.1)")

@@ -102,7 +102,9 @@ class PoolSettings:
     knn_convention: KnnConvention = KnnConvention.STANDARD
     auto_update_min_labels: int = 0  # retrain after this many new labels (0: off)
     auto_update_interval_s: float = 0.0  # or this long after the latest posterior, if new labels (0: off)
-    bootstrap: bool = True  # posterior training (EnsembleConfig), as a pool setting
+    # Posterior training (EnsembleConfig), as pool settings. bootstrap off since issue 18's sweep
+    # (bench/results/issue18/): members differ by init seed and shuffle order only.
+    bootstrap: bool = False
     patience: int = 5
     val_fraction: float = 0.1
     train_batch_size: int = 32  # small: early rounds have a few hundred labels

@@ -106,6 +106,7 @@ def settings_from_json(raw: str) -> PoolSettings:
     body["hidden_sizes"] = tuple(body["hidden_sizes"])
     body.setdefault("control_fraction", 0.0)  # pools created before the control arm existed keep none
     body.setdefault("feature_storage", "FLOAT32")  # pools created before the option existed: float32 files
+    body.setdefault("bootstrap", True)  # pools created before the setting existed trained with bootstrap
     return PoolSettings(**body)
 
 
