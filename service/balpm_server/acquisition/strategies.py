@@ -171,18 +171,13 @@ def greedy_balpm(
     Returns:
         The batch with total, epistemic and entropy components at pick time.
     """
-    acquired = np.asarray(acquired_mask_N, dtype=bool)
-    if count_N is None:
-        count_N = graph.counts_inside(acquired)
-    elif np.shape(count_N) != (graph.n_items,):
-        raise InvalidArgument(f"count_N must have shape ({graph.n_items},), got {np.shape(count_N)}", field="count_N")
     return _greedy(
         graph,
-        np.log(2.0 * np.maximum(graph.radius_N, R_MIN)),
-        count_N,
+        _log2r(graph.radius_N, KnnConvention.STANDARD),
+        count_N,  # GreedyState checks its shape, or counts it when None
         batch_size=batch_size,
         candidate_mask_N=candidate_mask_N,
-        acquired_mask_N=acquired,
+        acquired_mask_N=acquired_mask_N,
         epistemic_N=epistemic_N,
         beta=beta,
         d_ent=d_ent,
@@ -242,7 +237,7 @@ def greedy_balpm_authors(
 def _greedy(
     graph: KnnGraph,
     log2r_N: np.ndarray,
-    count_N: np.ndarray,
+    count_N: np.ndarray | None,
     *,
     batch_size: int,
     candidate_mask_N: np.ndarray,
@@ -385,9 +380,10 @@ class GreedyState:
         if len_F.sum():
             # The reverse lists of the flipped rows, end to end, each entry with its row's sign.
             at_X = np.repeat(ptr[flipped_F] - np.cumsum(len_F) + len_F, len_F) + np.arange(int(len_F.sum()))
-            np.add.at(self.count_N, self.graph.reverse_indices[at_X], np.repeat(np.where(acq_R[flip], 1, -1), len_F))
+            xs_X = self.graph.reverse_indices[at_X]
+            np.add.at(self.count_N, xs_X, np.repeat(np.where(acq_R[flip], 1, -1), len_F))
             if self._scored_by is not None:
-                self._rescore(np.unique(self.graph.reverse_indices[at_X]))
+                self._rescore(np.unique(xs_X))
         if self._scored_by is not None and reopened.any():
             moved = rows_R[reopened]
             self._key[moved] = np.where(self.open_N[moved], self.tot_N[moved], -np.inf)
