@@ -90,7 +90,7 @@ from typing import Any
 import numpy as np
 
 from balpm.client import Client
-from balpm.data import HiddenPair
+from balpm.data import HiddenPair, read_jsonl
 from balpm.oracles import ORACLES, TEACHERS, OracleData, PairFeatures, prepare_oracle
 from balpm.simulate import SimulationConfig, load_split, parse_rows, run_simulation
 
@@ -505,9 +505,7 @@ def _completed_runs(path: Path) -> dict[RunKey, list[dict[str, Any]]]:
 
 def read_jsonl_records(path: Path) -> list[dict[str, Any]]:
     """The JSON lines of a file ([] if it does not exist)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return list(read_jsonl(path)) if path.exists() else []
 
 
 def run_many(
